@@ -1,0 +1,164 @@
+"""`vincie data ...`: synthetic data, the session index, contact sheets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from vincie.cli_common import add_config_arguments, config_from_args
+
+SYNTH_FLAGS = {  # command-line flag -> config key it overrides
+    "resolution": "synth.resolution",
+    "turns": "synth.max_turns",
+    "min_turns": "synth.min_turns",
+    "pairs": "synth.pairs",
+    "noise": "synth.noise_std",
+    "jitter": "synth.jitter_px",
+    "image_format": "synth.image_format",
+    "shard_size": "synth.shard_size",
+}
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from data_index.synth import SynthJob, run_synth
+
+    flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in SYNTH_FLAGS.items()
+             if getattr(args, flag) not in (None, False)]
+    cfg = config_from_args(args, extra=flags)
+    job = SynthJob(out=args.out, sessions=args.sessions, split=args.split, seed=args.seed, synth=cfg.synth,
+                   videos=args.videos or "", video_codecs=args.video_codecs.split(","))
+    summary = run_synth(job, cfg.storage, workers=args.workers, overwrite=args.overwrite)
+    print(f"synth: {summary['sessions']} sessions in {summary['shards']} shards at {args.out} "
+          f"({summary['made']} made in {summary['seconds']:.1f}s, {summary['sessions_per_s']:.1f} sessions/s; "
+          f"{summary['skipped_shards']} shards already complete)")
+    if args.videos:
+        print(f"synth: videos and ground truth under {args.videos}")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from data_index.index import build_index, index_url
+
+    cfg = config_from_args(args)
+    table = build_index(args.url, cfg.storage)
+    print(f"index build: {table.num_rows} sessions -> {index_url(args.url)}")
+    return 0
+
+
+def cmd_index_verify(args: argparse.Namespace) -> int:
+    from data_index.index import verify
+
+    cfg = config_from_args(args)
+    sessions, problems = verify(args.url, cfg.storage, decode=not args.quick)
+    for line in problems:
+        print(f"verify: {line}")
+    if problems:
+        print(f"verify: {len(problems)} problem(s) in {args.url} ({sessions} sessions in the index)")
+        return 1
+    print(f"verify: OK: {sessions} sessions, index and shards agree"
+          + ("" if args.quick else ", every image and mask decodes"))
+    return 0
+
+
+def cmd_index_stats(args: argparse.Namespace) -> int:
+    from data_index.index import plot_stats, read_index, summarize
+
+    cfg = config_from_args(args)
+    table = read_index(args.url, cfg.storage)
+    summary = summarize(table)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"{summary['sessions']} sessions in {summary['shards']} shards, {summary['turns_total']} turns, "
+              f"{summary['images_total']} images, {summary['with_masks']} with masks")
+        for name in ("turns_histogram", "split", "source", "resolution"):
+            print(f"  {name.replace('_', ' ')}: " + ", ".join(f"{k}: {v}" for k, v in summary[name].items()))
+        print(f"  instruction words (mean): {summary['instruction_words_mean']:.2f}")
+        if summary["mask_area_mean"] is not None:
+            print(f"  mask area (mean share of image): {summary['mask_area_mean']:.3f}")
+    plot = args.plot or (os.path.join(args.url, "stats.png") if "://" not in args.url else None)
+    if plot and table.num_rows:
+        plot_stats(table, plot)
+        print(f"stats: histograms -> {plot}")
+    return 0
+
+
+def cmd_index_split(args: argparse.Namespace) -> int:
+    from data_index.index import assign_splits, read_index, summarize, write_index
+
+    cfg = config_from_args(args)
+    table = assign_splits(read_index(args.url, cfg.storage), args.val, args.test)
+    write_index(args.url, table, cfg.storage)
+    print("split: " + ", ".join(f"{k}: {v}" for k, v in summarize(table)["split"].items()))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from data_index.show import write_contact_sheet
+
+    cfg = config_from_args(args)
+    count = write_contact_sheet(args.url, args.out, args.sessions, cfg.storage, cell=args.cell)
+    print(f"show: {count} sessions -> {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="make, index and inspect session shards",
+                                 description="Make, index and inspect session shards (local paths or s3:// URLs).")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,index,show}")
+
+    p = sub.add_parser("synth", help="generate synthetic video-world sessions into shards",
+                       description="Generate sessions of the synthetic video world (exact instructions and "
+                                   "region masks) into WebDataset shards at --out, then index them. Deterministic "
+                                   "for a seed; rerunning the same command resumes an interrupted run.")
+    p.add_argument("--out", required=True, metavar="URL", help="output directory: a local path or s3://bucket/prefix")
+    p.add_argument("--sessions", required=True, type=int, metavar="N", help="number of sessions")
+    p.add_argument("--resolution", type=int, metavar="R", help="frame size in pixels (default 64)")
+    p.add_argument("--turns", type=int, metavar="K", help="most turns per session (default 6)")
+    p.add_argument("--min-turns", type=int, metavar="K", help="fewest turns per session (default 2)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"],
+                   help="split; each split draws from its own seed stream (default train)")
+    p.add_argument("--pairs", action="store_true", help="one-turn sessions (the paper's pair-data ablation)")
+    p.add_argument("--noise", type=float, metavar="STD", help="sensor noise, std in 0..255 units (default 0)")
+    p.add_argument("--jitter", type=int, metavar="PX", help="camera jitter, pixels (default 0)")
+    p.add_argument("--image-format", choices=["jpg", "png"], help="image encoding (default jpg)")
+    p.add_argument("--shard-size", type=int, metavar="N", help="sessions per shard (default 256)")
+    p.add_argument("--videos", metavar="URL", help="also write each scene as video files with ground truth here")
+    p.add_argument("--video-codecs", default="vp9,h264", metavar="LIST",
+                   help="video codecs, comma-separated from vp9 (webm), mjpeg (avi), h264 (mp4); default vp9,h264")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run with other settings at --out")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_synth)
+
+    index = sub.add_parser("index", help="build, verify, split and summarise the session index",
+                           description="The session index: URL/index.parquet, one row per session.")
+    isub = index.add_subparsers(dest="index_command", required=True, metavar="{build,stats,verify,split}")
+    for name, func, text in (("build", cmd_index_build, "scan the shards under URL and write URL/index.parquet"),
+                             ("stats", cmd_index_stats, "print counts and write histograms (PNG)"),
+                             ("verify", cmd_index_verify, "check index and shards agree; name every disagreement"),
+                             ("split", cmd_index_split, "assign train/val/test by scene, deterministically")):
+        q = isub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        q.add_argument("url", metavar="URL", help="dataset root: a local path or s3://bucket/prefix")
+        if name == "verify":
+            q.add_argument("--quick", action="store_true", help="check structure only, do not decode images")
+        if name == "stats":
+            q.add_argument("--plot", metavar="PNG", help="histogram file (default URL/stats.png for local data)")
+            q.add_argument("--json", action="store_true", help="print the summary as JSON")
+        if name == "split":
+            q.add_argument("--val", type=float, default=0.05, help="share of scenes for val (default 0.05)")
+            q.add_argument("--test", type=float, default=0.05, help="share of scenes for test (default 0.05)")
+        add_config_arguments(q)
+        q.set_defaults(func=func)
+
+    p = sub.add_parser("show", help="draw sessions as a contact sheet PNG",
+                       description="Draw the first sessions of a dataset as a PNG: one row per session, "
+                                   "instructions under the images, masks as outlines (white: cur, red: next).")
+    p.add_argument("url", metavar="URL", help="dataset root or one shard")
+    p.add_argument("--out", required=True, metavar="PNG")
+    p.add_argument("--sessions", type=int, default=6, help="how many sessions (default 6)")
+    p.add_argument("--cell", type=int, default=128, help="pixels per image (default 128)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_show)

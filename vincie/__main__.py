@@ -1,0 +1,5 @@
+import sys
+
+from vincie.cli import main
+
+sys.exit(main())

@@ -1,0 +1,281 @@
+"""Run configuration: plain dataclasses, loaded from YAML, overridden with `key.sub=value`, validated in one place.
+
+A config source is a preset name (`tiny` -> launch/configs/tiny.yaml, shipped inside the package) or a YAML path.
+Keys the file leaves out keep the dataclass defaults below. Every problem (bad YAML, unknown key, wrong type,
+inconsistent values) raises `ConfigError` with one line naming the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vincie.errors import VincieError
+
+TRANSITIONS = ("move", "recolour", "resize", "add", "remove")
+Transition = Literal["move", "recolour", "resize", "add", "remove"]
+
+
+class ConfigError(VincieError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"  # any fsspec URL; the resolved config is written here as config.yaml
+    seed: int = 0
+
+
+@dataclass
+class StorageConfig:
+    # S3 endpoint and region; empty means: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS_DEFAULT_REGION from the
+    # environment, else the AWS defaults. Credentials come only from the environment (or the AWS config files),
+    # never from this config, so a dumped config never holds a secret.
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    connect_timeout_s: float = 5.0
+    max_attempts: int = 3
+
+
+@dataclass
+class SynthConfig:
+    resolution: int = 64  # square frames, pixels
+    min_turns: int = 2
+    max_turns: int = 6
+    min_objects: int = 1
+    max_objects: int = 5
+    transitions: list[Transition] = field(default_factory=lambda: list(TRANSITIONS))
+    pairs: bool = False  # one-turn sessions (the paper's "pair data" ablation)
+    noise_std: float = 0.0  # sensor noise, in 0..255 pixel units; never touches labels
+    jitter_px: int = 0  # camera jitter: per-frame random shift of up to this many pixels; masks follow it
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = 95
+    shard_size: int = 256  # sessions per shard
+
+
+@dataclass
+class DataConfig:
+    train_url: str = "runs/run/data/train"
+    eval_url: str = "runs/run/data/eval"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def preset_dir() -> Path:
+    return Path(str(importlib.resources.files("launch") / "configs"))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def resolve_source(source: str) -> Path:
+    """A preset name or a YAML path -> the file to read."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {source} does not exist (expected a YAML file or a preset: "
+                              f"{', '.join(preset_names())})")
+        return path
+    preset = preset_dir() / f"{source}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown config preset '{source}' (expected one of: {', '.join(preset_names())}, "
+                          "or a path ending in .yaml)")
+    return preset
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"cannot parse {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (run:, data:, ...), got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML: 3 -> int, true -> bool, [1, 2] -> list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. synth.resolution=32)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(source: str = "tiny", overrides: typing.Sequence[str] = ()) -> Config:
+    path = resolve_source(source)
+    raw = read_yaml(path)
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    cfg = from_dict(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed construction from plain data
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        hint = typing.get_type_hints(cls)[f.name]
+        keys += all_keys(hint, name + ".") if dataclasses.is_dataclass(hint) else [name]
+    return keys
+
+
+def unknown_key_error(cls: type, prefix: str, key: str) -> ConfigError:
+    full = prefix + str(key)
+    candidates = all_keys(Config)
+    near = difflib.get_close_matches(full, candidates, n=3, cutoff=0.6)
+    if not near:  # compare the last part alone, so `synth.resolutoin` and `resolutoin` both find a match
+        local = [prefix + f.name for f in dataclasses.fields(cls)]
+        near = difflib.get_close_matches(full, local, n=3, cutoff=0.4)
+    hint = f"did you mean {' or '.join(repr(n) for n in near)}?" if near else \
+        f"valid keys here: {', '.join(f.name for f in dataclasses.fields(cls))}"
+    return ConfigError(f"unknown config key '{full}' ({hint})")
+
+
+def type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {type_name(typing.get_args(hint)[0])}"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    expected = f"config key '{key}' expects {type_name(hint)}, got {type(value).__name__} {value!r}"
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(expected)
+        return from_dict(hint, value, prefix=key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(expected)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(expected)
+        (item,) = typing.get_args(hint)
+        return [convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+        option = next(o for o in typing.get_args(hint) if o is not type(None))
+        return convert(option, value, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(expected)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(expected)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(expected)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(expected)
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise unknown_key_error(cls, prefix, key)
+    values = {name: convert(hints[name], raw[name], prefix + name) for name in names if name in raw}
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation: every rule that spans more than one value's type lives here.
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def validate_synth(s: SynthConfig, prefix: str = "synth.") -> None:
+    require(16 <= s.resolution <= 1024 and s.resolution % 8 == 0, prefix + "resolution",
+            f"must be a multiple of 8 between 16 and 1024, got {s.resolution}")
+    require(s.min_turns >= 1, prefix + "min_turns", f"must be >= 1, got {s.min_turns}")
+    require(s.max_turns >= s.min_turns, prefix + "max_turns",
+            f"must be >= min_turns ({s.min_turns}), got {s.max_turns}")
+    require(s.max_turns <= 63, prefix + "max_turns", f"must be <= 63 (64 images), got {s.max_turns}")
+    require(1 <= s.min_objects <= s.max_objects, prefix + "min_objects",
+            f"must be between 1 and max_objects ({s.max_objects}), got {s.min_objects}")
+    require(s.max_objects <= 6, prefix + "max_objects", f"must be <= 6 (one colour each), got {s.max_objects}")
+    require(len(s.transitions) > 0, prefix + "transitions", "must name at least one transition")
+    require(len(set(s.transitions)) == len(s.transitions), prefix + "transitions", "must not repeat a transition")
+    require(s.noise_std >= 0, prefix + "noise_std", f"must be >= 0, got {s.noise_std}")
+    require(0 <= s.jitter_px <= s.resolution // 8, prefix + "jitter_px",
+            f"must be between 0 and resolution/8 ({s.resolution // 8}), got {s.jitter_px}")
+    require(1 <= s.jpeg_quality <= 100, prefix + "jpeg_quality", f"must be in 1..100, got {s.jpeg_quality}")
+    require(s.shard_size >= 1, prefix + "shard_size", f"must be >= 1, got {s.shard_size}")
+
+
+def validate(cfg: Config) -> None:
+    validate_synth(cfg.synth)
+    require(cfg.run.name != "", "run.name", "must not be empty")
+    require(cfg.run.out_dir != "", "run.out_dir", "must not be empty")
+    require(cfg.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
+    require(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
