@@ -79,7 +79,7 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
             print(f"  mask area (mean share of image): {summary['mask_area_mean']:.3f}")
     plot = args.plot or (os.path.join(args.url, "stats.png") if "://" not in args.url else None)
     if plot and table.num_rows:
-        plot_stats(table, plot)
+        plot_stats(table, plot, cfg.storage)
         print(f"stats: histograms -> {plot}")
     return 0
 

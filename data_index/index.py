@@ -239,7 +239,7 @@ def summarize(table: pa.Table) -> dict:
         "turns_histogram": {str(k): v for k, v in sorted(counts("turns").items(), key=lambda kv: int(kv[0]))},
         "split": counts("split"),
         "source": counts("source"),
-        "resolution": {f"{w}x{h}": c for (w, h), c in
+        "resolution": {f"{w}x{h}": int(c) for (w, h), c in
                        zip(*np.unique(np.stack([rows["width"], rows["height"]], 1), axis=0, return_counts=True))}
         if n else {},
         "with_masks": int(np.sum(rows["has_masks"])),
@@ -248,7 +248,7 @@ def summarize(table: pa.Table) -> dict:
     }
 
 
-def plot_stats(table: pa.Table, path: str) -> None:
+def plot_stats(table: pa.Table, path: str, cfg: StorageConfig | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,4 +271,4 @@ def plot_stats(table: pa.Table, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    storage.write_bytes_atomic(path, buf.getvalue())
+    storage.write_bytes_atomic(path, buf.getvalue(), cfg)

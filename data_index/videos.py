@@ -22,7 +22,7 @@ from vincie.config import StorageConfig
 
 CODECS = {  # name -> (container suffix, PyAV codec, pixel format, options)
     "vp9": (".webm", "libvpx-vp9", "yuv420p", {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}),
-    "mjpeg": (".avi", "mjpeg", "yuvj420p", {"q:v": "3"}),
+    "mjpeg": (".avi", "mjpeg", "yuvj420p", {"qmin": "1", "qmax": "2"}),
     "h264": (".mp4", "libx264", "yuv420p", {"preset": "veryfast", "crf": "18"}),
 }
 

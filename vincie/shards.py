@@ -113,8 +113,11 @@ def scan_shard(url: str, cfg: StorageConfig | None = None) -> Iterator[ScannedSa
     """Streams a shard's samples in order with their byte ranges. Raises ShardError on a truncated or
     malformed tar, after yielding every complete sample before the damage."""
     fs, path = storage.filesystem(url, cfg)
+    with storage.storage_errors(url, cfg):
+        total = fs.size(path)
+    current: ScannedSample | None = None
+    end = 0
     with storage.storage_errors(url, cfg), fs.open(path, "rb") as f:
-        current: ScannedSample | None = None
         try:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 for info in tar:
@@ -122,6 +125,8 @@ def scan_shard(url: str, cfg: StorageConfig | None = None) -> Iterator[ScannedSa
                         continue
                     key, suffix = split_member_name(info.name)
                     data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} has {len(data)} of {info.size} bytes")
                     end = info.offset_data + info.size
                     if current is not None and current.key == key:
                         current.members[suffix] = data
@@ -133,8 +138,12 @@ def scan_shard(url: str, cfg: StorageConfig | None = None) -> Iterator[ScannedSa
         except (tarfile.ReadError, EOFError) as exc:
             raise ShardError(f"{url}: truncated or corrupt tar after sample "
                              f"{current.key if current else '(none)'} ({exc})") from None
-        if current is not None:
-            yield current
+    # tarfile ends quietly at a cut header; a whole tar ends with two zero blocks after its last member
+    if total < -(-end // 512) * 512 + 1024:
+        raise ShardError(f"{url}: truncated or corrupt tar after sample {current.key if current else '(none)'} "
+                         f"(no end-of-archive marker)")
+    if current is not None:
+        yield current
 
 
 def register_s3_with_webdataset(cfg: StorageConfig | None = None) -> None:

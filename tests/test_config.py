@@ -1,0 +1,101 @@
+import yaml
+import pytest
+
+from vincie.config import Config, ConfigError, SynthConfig, load_config, to_yaml
+
+from conftest import error_line, run_vincie
+
+
+def test_preset_loads_and_matches_its_file():
+    cfg = load_config("tiny")
+    assert isinstance(cfg, Config)
+    assert cfg.run.name == "tiny"
+    assert cfg.synth.resolution == 64
+
+
+def test_overrides_parse_typed_values():
+    cfg = load_config("tiny", ["synth.resolution=32", "synth.pairs=true", "synth.noise_std=2",
+                               "synth.transitions=[move, add]", "run.name=abc"])
+    assert cfg.synth.resolution == 32 and cfg.synth.pairs is True
+    assert cfg.synth.noise_std == 2.0 and isinstance(cfg.synth.noise_std, float)
+    assert cfg.synth.transitions == ["move", "add"]
+    assert cfg.run.name == "abc"
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config("tiny", ["synth.max_turns=4"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("override, names", [
+    ("synth.resolutoin=32", ["synth.resolutoin", "synth.resolution"]),
+    ("sytnh.resolution=32", ["sytnh", "synth"]),
+    ("synth.max_turns=many", ["synth.max_turns", "int", "str"]),
+    ("synth.pairs=1", ["synth.pairs", "bool"]),
+    ("synth.image_format=gif", ["synth.image_format", "'jpg'", "'png'"]),
+    ("synth.transitions=[move, fly]", ["synth.transitions[1]", "'move'"]),
+    ("synth.min_turns=5", None),  # valid alone
+    ("synth.max_turns=1", ["synth.max_turns", "min_turns"]),
+    ("synth.resolution=30", ["synth.resolution", "multiple of 8"]),
+    ("noequals", ["noequals", "section.key=value"]),
+])
+def test_bad_overrides_name_the_key(override, names):
+    if names is None:
+        load_config("tiny", [override, "synth.max_turns=6"])
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", [override])
+    message = str(info.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message, message
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  name: x\n   seed: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml at line 3"):
+        load_config(str(path))
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("tinyy")
+
+
+def test_cli_config_errors_exit_nonzero_with_one_line(tmp_path):
+    result = run_vincie("config", "show", "synth.resolutoin=32")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "synth.resolution" in error_line(result)
+
+    result = run_vincie("config", "show", "synth.max_turns=x")
+    assert result.returncode == 2 and "synth.max_turns" in error_line(result)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: [unclosed\n")
+    result = run_vincie("config", "show", "--config", str(bad))
+    assert result.returncode == 2 and "bad.yaml" in error_line(result)
+
+    bad.write_text("synth:\n  resolution: 64\n  shard_sise: 3\n")
+    result = run_vincie("config", "show", "--config", str(bad))
+    assert result.returncode == 2 and "synth.shard_size" in error_line(result)
+
+
+def test_synth_stops_before_any_work_on_bad_config(tmp_path):
+    out = tmp_path / "data"
+    result = run_vincie("data", "synth", "--out", str(out), "--sessions", "4", "synth.max_objectz=3")
+    assert result.returncode == 2 and "synth.max_objects" in error_line(result)
+    assert not out.exists()
+
+
+def test_cli_show_prints_resolved_config():
+    result = run_vincie("config", "show", "synth.resolution=32", check=True)
+    assert yaml.safe_load(result.stdout)["synth"]["resolution"] == 32
+
+
+def test_dataclass_defaults_validate():
+    from vincie.config import validate_synth
+
+    validate_synth(SynthConfig())
