@@ -20,6 +20,10 @@ SYNTH_FLAGS = {  # command-line flag -> config key it overrides
 }
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from data_index.synth import SynthJob, run_synth
 
@@ -29,9 +33,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     job = SynthJob(out=args.out, sessions=args.sessions, split=args.split, seed=args.seed, synth=cfg.synth,
                    videos=args.videos or "", video_codecs=args.video_codecs.split(","))
     summary = run_synth(job, cfg.storage, workers=args.workers, overwrite=args.overwrite)
-    print(f"synth: {summary['sessions']} sessions in {summary['shards']} shards at {args.out} "
+    print(f"synth: {summary['sessions']} sessions in {plural(summary['shards'], 'shard')} at {args.out} "
           f"({summary['made']} made in {summary['seconds']:.1f}s, {summary['sessions_per_s']:.1f} sessions/s; "
-          f"{summary['skipped_shards']} shards already complete)")
+          f"{plural(summary['skipped_shards'], 'shard')} already complete)")
     if args.videos:
         print(f"synth: videos and ground truth under {args.videos}")
     return 0

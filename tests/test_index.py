@@ -102,7 +102,7 @@ def test_killed_writer_leaves_no_half_shard_in_the_index(tmp_path):
     # the same command again resumes: shard 0 is kept, the temp file is cleaned, the rest is made
     before = (out / "shard-000000.tar").stat().st_mtime_ns
     result = run_vincie(*args[3:], check=True)
-    assert "1 shards already complete" in result.stdout
+    assert "1 shard already complete" in result.stdout
     assert (out / "shard-000000.tar").stat().st_mtime_ns == before
     assert not [n for n in os.listdir(out) if ".tmp-" in n]
     assert read_index(str(out)).num_rows == 600

@@ -63,6 +63,19 @@ class SynthConfig:
 
 
 @dataclass
+class SequenceConfig:
+    # block_causal: teacher forcing, every turn trained in one pass; full: one target, all-to-all attention
+    # (the attention of the released VINCIE checkpoints)
+    mode: Literal["block_causal", "full"] = "block_causal"
+    # context composition (per turn), the paper's probabilities; a dropped block is removed from the sequence
+    drop_current_image: float = 0.2
+    drop_current_mask: float = 0.7
+    drop_next_mask: float = 0.7
+    masks_present: float = 0.8  # per sequence: masks (and so CSP/NSP targets) present at all
+    drop_text: float = 0.1  # instruction dropped, for classifier-free guidance
+
+
+@dataclass
 class DataConfig:
     train_url: str = "runs/run/data/train"
     eval_url: str = "runs/run/data/eval"
@@ -73,6 +86,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
@@ -275,6 +289,9 @@ def validate_synth(s: SynthConfig, prefix: str = "synth.") -> None:
 
 def validate(cfg: Config) -> None:
     validate_synth(cfg.synth)
+    for name in ("drop_current_image", "drop_current_mask", "drop_next_mask", "masks_present", "drop_text"):
+        value = getattr(cfg.sequence, name)
+        require(0.0 <= value <= 1.0, f"sequence.{name}", f"must be a probability in [0, 1], got {value}")
     require(cfg.run.name != "", "run.name", "must not be empty")
     require(cfg.run.out_dir != "", "run.out_dir", "must not be empty")
     require(cfg.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
