@@ -181,20 +181,3 @@ def pack(layouts: list[Layout]) -> Layout:
         positions=torch.cat([l.positions for l in layouts]),
         full_attention=layouts[0].full_attention,
     )
-
-
-def allowed(layout: Layout, q_index: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
-    """The attention rule for token index tensors (broadcasting): True where query may attend to key.
-    Written with tensor ops only so the same function serves as a flex-attention mask_mod."""
-    q_block, kv_block = layout.token_block[q_index], layout.token_block[kv_index]
-    same_sample = layout.token_sample[q_index] == layout.token_sample[kv_index]
-    if layout.full_attention:
-        return same_sample
-    earlier_context = (kv_block < q_block) & ~layout.block_noisy[kv_block]
-    return same_sample & ((q_block == kv_block) | earlier_context)
-
-
-def dense_mask(layout: Layout) -> torch.Tensor:
-    """(T, T) bool: the attention rule as a dense mask (SDPA backend, and the reference in tests)."""
-    index = torch.arange(layout.num_tokens)
-    return allowed(layout, index[:, None], index[None, :])

@@ -1,0 +1,118 @@
+"""Attention over block layouts, one rule and two backends (DESIGN.md "Sequence and attention").
+
+- `flex`: torch flex attention with a BlockMask built from the block ids, so tiles the rule masks out are
+  skipped (GPU training and inference). PyTorch 2.13 has no flex-attention backward on CPU.
+- `sdpa`: scaled_dot_product_attention with a dense boolean mask (CPU training, and the reference in tests).
+
+Both read the rule from one function, `allowed`, written with tensor indexing only so that it serves as the
+flex `mask_mod` and, broadcast over all index pairs, builds the dense mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from vincie.sequence import Layout
+
+Backend = Literal["flex", "sdpa"]
+
+
+@dataclass
+class MaskSpec:
+    """The attention rule's inputs for a batch of rows padded to T tokens."""
+    token_block: torch.Tensor  # (B, T) int64: block index per token (padding: a block of its own)
+    token_sample: torch.Tensor  # (B, T) int64: packed sample per token (padding: -1 - token index, unique)
+    block_noisy: torch.Tensor  # (B, NB) bool: NOISY blocks (padding blocks are not)
+    full_attention: bool
+
+    @property
+    def batch(self) -> int:
+        return int(self.token_block.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_block.shape[1])
+
+    @staticmethod
+    def from_layouts(layouts: list[Layout], num_tokens: int | None = None) -> "MaskSpec":
+        T = num_tokens or max(l.num_tokens for l in layouts)
+        NB = max(len(l.blocks) for l in layouts) + 1
+        B = len(layouts)
+        token_block = torch.full((B, T), NB - 1, dtype=torch.int64)
+        token_sample = -1 - torch.arange(T).repeat(B, 1)
+        block_noisy = torch.zeros((B, NB), dtype=torch.bool)
+        for row, l in enumerate(layouts):
+            if l.num_tokens > T:
+                raise ValueError(f"row {row} has {l.num_tokens} tokens, more than the {T} allowed")
+            token_block[row, :l.num_tokens] = l.token_block
+            token_sample[row, :l.num_tokens] = l.token_sample
+            block_noisy[row, :len(l.blocks)] = l.block_noisy
+        if any(l.full_attention != layouts[0].full_attention for l in layouts):
+            raise ValueError("all rows of a batch must use the same attention mode")
+        return MaskSpec(token_block, token_sample, block_noisy, layouts[0].full_attention)
+
+    def to(self, device: torch.device | str) -> "MaskSpec":
+        return MaskSpec(self.token_block.to(device), self.token_sample.to(device), self.block_noisy.to(device),
+                        self.full_attention)
+
+
+def allowed(spec: MaskSpec, b: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """True where query token q of row b may attend to key token kv (broadcasting index tensors).
+
+    Block-causal: kv is in q's own block, or in an earlier block that is not NOISY (see vincie.sequence).
+    Full: any token of the same packed sample. Never across packed samples; padding sees only itself."""
+    same_sample = spec.token_sample[b, q] == spec.token_sample[b, kv]
+    if spec.full_attention:
+        return same_sample
+    q_block, kv_block = spec.token_block[b, q], spec.token_block[b, kv]
+    earlier_context = (kv_block < q_block) & ~spec.block_noisy[b, kv_block]
+    return same_sample & ((q_block == kv_block) | earlier_context)
+
+
+def dense_mask(spec: MaskSpec) -> torch.Tensor:
+    """(B, 1, T, T) bool, for SDPA."""
+    index = torch.arange(spec.num_tokens, device=spec.token_block.device)
+    b = torch.arange(spec.batch, device=spec.token_block.device)[:, None, None]
+    return allowed(spec, b, index[None, :, None], index[None, None, :])[:, None]
+
+
+def flex_block_mask(spec: MaskSpec, block_size: int = 128):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(spec, b, q_idx, kv_idx)
+
+    return create_block_mask(mask_mod, spec.batch, None, spec.num_tokens, spec.num_tokens,
+                             device=spec.token_block.device, BLOCK_SIZE=block_size)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, compiled: bool = True):
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    global _compiled_flex
+    if not compiled:
+        return flex(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: Backend) -> torch.Tensor:
+    """q, k, v: (B, H, T, D) -> (B, H, T, D). `mask` is what `prepare_mask` returned for this backend."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if backend == "flex":
+        return flex_attention(q, k, v, mask, compiled=True)
+    raise ValueError(f"unknown attention backend {backend!r} (expected 'flex' or 'sdpa')")
+
+
+def prepare_mask(spec: MaskSpec, backend: Backend, block_size: int = 128):
+    """Built once per batch and shared by every layer."""
+    return dense_mask(spec) if backend == "sdpa" else flex_block_mask(spec, block_size)
