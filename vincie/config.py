@@ -76,9 +76,72 @@ class SequenceConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The MM-DiT. Presets set these (launch/configs/*.yaml); 3b follows the released VINCIE-3B shape."""
+    hidden_size: int = 256
+    num_layers: int = 6
+    dual_stream_layers: int = 2  # the first N layers keep separate text and image weights
+    num_heads: int = 4
+    mlp_ratio: float = 4.0  # SwiGLU hidden size = mlp_ratio * hidden_size
+    patch_size: int = 1  # latent patch (1 x p x p)
+    latent_channels: int = 48  # channels of the latent space (VAE output)
+    text_dim: int = 256  # width of the text encoder's output
+    max_turns: int = 64  # learned turn-index embeddings
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    spec: Literal["local", "te"] = "local"  # layer implementations: pure PyTorch, or Transformer Engine
+    attention_backend: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex on GPU, sdpa on CPU
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: Literal["hashed_words", "hf"] = "hashed_words"  # built-in learned word embeddings, or a HF model
+    path: str = ""  # local directory of a `transformers` model (kind: hf); never downloaded
+    vocab_size: int = 4096  # hashed_words: hash buckets
+    max_tokens: int = 32  # per instruction, turn token included
+
+
+@dataclass
+class VAEConfig:
+    kind: Literal["space_to_depth", "diffusers"] = "space_to_depth"  # built-in pixel-space latent, or AutoencoderKL
+    path: str = ""  # local directory of a `diffusers` AutoencoderKL (kind: diffusers)
+    factor: int = 4  # space_to_depth: pixels per latent cell along each side
+
+
+@dataclass
+class DiffusionConfig:
+    logit_normal_loc: float = 0.0
+    logit_normal_scale: float = 1.0
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"nip": 1.0, "csp": 0.5, "nsp": 0.5})
+    sample_steps: int = 30
+    sample_shift: float = 3.0  # timestep shift of the Euler sampler (the release: 12 for 3B at 256px)
+    cfg_scale: float = 3.0  # text classifier-free guidance
+
+
+@dataclass
 class DataConfig:
     train_url: str = "runs/run/data/train"
     eval_url: str = "runs/run/data/eval"
+    mode: Literal["sessions", "pairs"] = "sessions"  # pairs: train on one-turn pairs only (the paper's ablation)
+    max_turns: int = 6  # longer sessions are cut to their first turns
+    max_tokens: int = 4096  # sequence cap per sample; whole trailing turns are dropped to fit
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # sessions per optimizer step, over all data-parallel ranks
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype for the forward pass
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -87,6 +150,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
@@ -195,6 +263,8 @@ def type_name(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin is list:
         return f"a list of {type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return f"a mapping of {type_name(typing.get_args(hint)[1])}"
     if dataclasses.is_dataclass(hint):
         return "a mapping"
     return getattr(hint, "__name__", str(hint))
@@ -216,6 +286,11 @@ def convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(expected)
         (item,) = typing.get_args(hint)
         return [convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(expected)
+        key_type, value_type = typing.get_args(hint)
+        return {convert(key_type, k, key): convert(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
             if option is type(None) and value is None:
@@ -294,5 +369,37 @@ def validate(cfg: Config) -> None:
         require(0.0 <= value <= 1.0, f"sequence.{name}", f"must be a probability in [0, 1], got {value}")
     require(cfg.run.name != "", "run.name", "must not be empty")
     require(cfg.run.out_dir != "", "run.out_dir", "must not be empty")
+    m = cfg.model
+    require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+            f"must divide model.hidden_size ({m.hidden_size}), got {m.num_heads}")
+    require((m.hidden_size // m.num_heads) % 8 == 0, "model.num_heads",
+            f"must leave a head dimension divisible by 8 (3D RoPE), got {m.hidden_size // m.num_heads}")
+    require(0 <= m.dual_stream_layers <= m.num_layers, "model.dual_stream_layers",
+            f"must be between 0 and model.num_layers ({m.num_layers}), got {m.dual_stream_layers}")
+    require(m.spec == "local", "model.spec", "'te' needs Transformer Engine, which arrives with issue [7/8]; "
+            "use 'local'")
+    require(set(cfg.diffusion.loss_weights) == {"nip", "csp", "nsp"}, "diffusion.loss_weights",
+            f"must give weights for exactly nip, csp and nsp, got {sorted(cfg.diffusion.loss_weights)}")
+    require(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
+    require(cfg.diffusion.sample_shift > 0, "diffusion.sample_shift", "must be > 0")
+    if cfg.vae.kind == "space_to_depth":
+        require(m.latent_channels == 3 * cfg.vae.factor ** 2, "model.latent_channels",
+                f"must be 3 * vae.factor^2 = {3 * cfg.vae.factor ** 2} for the space_to_depth VAE, "
+                f"got {m.latent_channels}")
+    if cfg.text_encoder.kind == "hashed_words":
+        require(m.text_dim == m.hidden_size, "model.text_dim",
+                f"must equal model.hidden_size ({m.hidden_size}) for the hashed_words text encoder, got {m.text_dim}")
+    for kind, path, name in ((cfg.text_encoder.kind, cfg.text_encoder.path, "text_encoder"),
+                             (cfg.vae.kind, cfg.vae.path, "vae")):
+        if kind in ("hf", "diffusers"):
+            require(path != "", f"{name}.path", f"must name a local model directory when {name}.kind is {kind}")
+    t = cfg.train
+    require(t.steps >= 1, "train.steps", "must be >= 1")
+    require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
+    require(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+    require(t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.checkpoint_every",
+            "and train.keep_checkpoints must be >= 1")
+    require(cfg.data.max_turns >= 1, "data.max_turns", "must be >= 1")
     require(cfg.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
     require(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")

@@ -1,0 +1,190 @@
+"""From sessions to model inputs: encode images, masks and text; lay out blocks; noise the targets; collate rows.
+
+Randomness comes only from the generators passed in (numpy for context dropout, torch for timesteps and noise),
+which the trainer seeds from (seed, step, rank): a step's batch is a pure function of its data and that seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vincie.attention import MaskSpec
+from vincie.config import Config
+from vincie.diffusion import noisy, sample_timesteps, velocity_target
+from vincie.model import ModelInputs
+from vincie.sequence import TASKS, Block, BlockType, Role, build_blocks, full_attention_blocks, layout
+from vincie.session import Session
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
+    return torch.tensor(image).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
+    """(H, W) bool -> (3, H, W) in {-1, 1}: the mask rendered as an image (white region on black)."""
+    return torch.tensor(mask).float().mul(2).sub(1)[None].expand(3, -1, -1).contiguous()
+
+
+def tensor_to_image(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, h, w) -> (N, h/p * w/p, C*p*p), row-major over the token grid."""
+    n, c, h, w = latents.shape
+    x = latents.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, c: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, gh*gw, C*p*p) -> (N, C, gh*p, gw*p)."""
+    n = tokens.shape[0]
+    gh, gw = grid
+    x = tokens.reshape(n, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, c, gh * p, gw * p)
+
+
+@dataclass
+class SampleTokens:
+    """One sequence, ready to collate. Latent lists follow the order of the latent blocks in `blocks`."""
+    blocks: list[Block]
+    text: list[torch.Tensor]  # per TEXT block: (L, D_text)
+    latents: list[torch.Tensor]  # per latent block: (n, P) model input (noisy for NOISY blocks)
+    targets: list[torch.Tensor | None]  # per latent block: velocity target for NOISY blocks
+    block_t: torch.Tensor  # (NB,)
+    grid: tuple[int, int]
+    full_attention: bool
+
+
+@dataclass
+class Batch:
+    inputs: ModelInputs
+    target: torch.Tensor  # (N_target, P) velocity targets of the NOISY latent tokens
+    target_select: torch.Tensor  # (N_lat,) bool: which latent tokens are NOISY (carry the loss)
+    target_task: torch.Tensor  # (N_target,) int: index into TASKS
+    num_samples: int
+
+
+def element_key(block: Block) -> tuple[str, int]:
+    return {BlockType.IMAGE: "image", BlockType.CUR_MASK: "cur", BlockType.NEXT_MASK: "next"}[block.type], \
+        block.source
+
+
+class SessionEncoder:
+    """Encodes sessions with the configured VAE and text encoder into training sequences."""
+
+    def __init__(self, cfg: Config, vae, text_encoder, device: torch.device):
+        self.cfg, self.vae, self.text_encoder, self.device = cfg, vae, text_encoder, device
+        self.p = cfg.model.patch_size
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        f = self.vae.factor * self.p
+        return height // f, width // f
+
+    @torch.no_grad()
+    def encode_elements(self, session: Session) -> dict[tuple[str, int], torch.Tensor]:
+        """Every image and mask of a session -> patch tokens (n, P), one VAE call."""
+        pixels = [image_to_tensor(im) for im in session.images]
+        keys = [("image", i) for i in range(len(session.images))]
+        if session.has_masks:
+            for i in range(session.turns):
+                pixels += [mask_to_tensor(session.cur_masks[i]), mask_to_tensor(session.next_masks[i])]
+                keys += [("cur", i), ("next", i)]
+        latents = self.vae.encode(torch.stack(pixels).to(self.device))
+        tokens = patchify(latents.float(), self.p)
+        return dict(zip(keys, tokens))
+
+    def fit_blocks(self, session: Session, rng: np.random.Generator, text_lengths: list[int],
+                   tokens_per_element: int) -> list[Block]:
+        """Block-causal blocks with context dropout, keeping whole turns from the start until the token cap."""
+        for turns in range(session.turns, 0, -1):
+            blocks = build_blocks(turns, session.has_masks, self.cfg.sequence, rng)
+            if self.cfg.sequence.mode == "full":
+                blocks = full_attention_blocks(blocks, rng)
+            count = sum(text_lengths[b.source] if b.type == BlockType.TEXT else tokens_per_element for b in blocks)
+            if count <= self.cfg.data.max_tokens:
+                return blocks
+        raise ValueError(f"session {session.key}: even one turn needs more than data.max_tokens="
+                         f"{self.cfg.data.max_tokens} tokens")
+
+    def training_sample(self, session: Session, rng: np.random.Generator, generator: torch.Generator) -> SampleTokens:
+        elements = self.encode_elements(session)
+        texts = self.text_encoder.encode(session.instructions)
+        grid = self.grid(session.height, session.width)
+        blocks = self.fit_blocks(session, rng, [len(t) for t in texts], grid[0] * grid[1])
+        d = self.cfg.diffusion
+        t_noisy = sample_timesteps(len(blocks), d.logit_normal_loc, d.logit_normal_scale, generator)
+        block_t = torch.where(torch.tensor([b.role == Role.NOISY for b in blocks]), t_noisy, torch.zeros(()))
+        text, latents, targets = [], [], []
+        for j, block in enumerate(blocks):
+            if block.type == BlockType.TEXT:
+                text.append(texts[block.source])
+                continue
+            x0 = elements[element_key(block)]
+            if block.role == Role.NOISY:
+                noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+                latents.append(noisy(x0, noise, block_t[j]))
+                targets.append(velocity_target(x0, noise))
+            else:
+                latents.append(x0)
+                targets.append(None)
+        return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full")
+
+
+def collate(samples: list[SampleTokens], device: torch.device, text_dim: int) -> Batch:
+    """Rows of one sample each, padded to the longest (padding tokens attend only to themselves)."""
+    layouts = []
+    for s in samples:
+        text_lengths = [len(t) for t in s.text]
+        # layout() indexes text lengths by block.source; map each TEXT block's source to its own length
+        by_source = {b.source: n for b, n in zip([b for b in s.blocks if b.type == BlockType.TEXT], text_lengths)}
+        lengths = [by_source.get(i, 0) for i in range(max(by_source, default=-1) + 1)]
+        layouts.append(layout(s.blocks, lengths, s.grid, full_attention=s.full_attention))
+    spec = MaskSpec.from_layouts(layouts)
+    B, T = spec.token_block.shape
+    NB = spec.block_noisy.shape[1]
+    text_index, latent_index, text_tokens, latent_tokens = [], [], [], []
+    targets, select, tasks = [], [], []
+    positions = torch.zeros(T, B, 3, dtype=torch.int64)
+    block_t = torch.zeros(B, NB)
+    block_type = torch.zeros(B, NB, dtype=torch.int64)
+    block_turn = torch.zeros(B, NB, dtype=torch.int64)
+    for b, (s, l) in enumerate(zip(samples, layouts)):
+        positions[:l.num_tokens, b] = l.positions
+        nb = len(s.blocks)
+        block_t[b, :nb] = s.block_t
+        block_type[b, :nb] = torch.tensor([int(x.type) for x in s.blocks])
+        block_turn[b, :nb] = torch.tensor([x.turn for x in s.blocks])
+        texts, latents = iter(s.text), iter(zip(s.latents, s.targets))
+        for j, block in enumerate(s.blocks):
+            start, n = int(l.block_start[j]), int(l.block_length[j])
+            flat = torch.arange(start, start + n) * B + b
+            if block.type == BlockType.TEXT:
+                text_index.append(flat)
+                text_tokens.append(next(texts))
+            else:
+                x, target = next(latents)
+                latent_index.append(flat)
+                latent_tokens.append(x)
+                select.append(torch.full((n,), target is not None))
+                if target is not None:
+                    targets.append(target)
+                    tasks.append(torch.full((n,), TASKS.index(block.task)))
+    inputs = ModelInputs(
+        text_tokens=torch.cat(text_tokens) if text_tokens else torch.zeros(0, text_dim),
+        latent_tokens=torch.cat(latent_tokens),
+        text_index=torch.cat(text_index) if text_index else torch.zeros(0, dtype=torch.int64),
+        latent_index=torch.cat(latent_index),
+        positions=positions, block_t=block_t, block_type=block_type, block_turn=block_turn, mask=spec,
+    ).to(device)
+    return Batch(inputs=inputs,
+                 target=torch.cat(targets).to(device) if targets else torch.zeros(0, 1, device=device),
+                 target_select=torch.cat(select).to(device),
+                 target_task=torch.cat(tasks).to(device) if tasks else torch.zeros(0, dtype=torch.int64,
+                                                                                     device=device),
+                 num_samples=len(samples))

@@ -1,0 +1,347 @@
+"""The block-causal MM-DiT, built from megatron-core parts.
+
+Tokens of a batch are laid out sequence-first, [T, B, H] (megatron-core's convention), with text and latent
+tokens interleaved in sequence order. `text_index` / `latent_index` are flat indices into the T*B tokens, so the
+dual-stream layers can send each stream through its own weights and the joint attention sees one sequence.
+
+    text tokens   [N_txt, D_text] --text_proj-->  \\
+                                                   h [T, B, H] -- N dual-stream layers -- shared layers --
+    latent tokens [N_lat, C*p*p] --patch_embed-->  /                                                   |
+                                                         final layer (adaLN, zero-init) -> v [N_lat, C*p*p]
+
+Conditioning is per block: c_b = timestep_embed(t_b) + type_embed(type_b) + turn_embed(turn_b) (clean blocks
+have t = 0), gathered per token and projected once into adaLN shift/scale/gate (adaLN-single, as PixArt-alpha);
+each layer adds its own learned offsets per stream. Modulations and the final layer are zero-initialised
+(adaLN-Zero, as DiT), so every layer starts as the identity.
+
+Linear layers come from a megatron-core ModuleSpec (`local`: megatron's tensor-parallel linears in pure
+PyTorch); heads are counted per tensor-parallel partition so the same code splits under TP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from vincie.attention import MaskSpec, attend, prepare_mask
+from vincie.config import ModelConfig
+from vincie.sequence import BlockType
+
+NUM_BLOCK_TYPES = len(BlockType)
+
+
+def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: bool = True) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        ffn_hidden_size=ffn_hidden_size(cfg),
+        use_cpu_initialization=True,
+        perform_initialization=init,
+        params_dtype=dtype,
+        add_bias_linear=True,
+        gated_linear_unit=True,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+    )
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    """SwiGLU hidden width: 2/3 of mlp_ratio x hidden (the LLaMA convention, same FLOPs as a plain x4 MLP),
+    rounded up to a multiple of 64."""
+    return -(-int(2 * cfg.mlp_ratio * cfg.hidden_size / 3) // 64) * 64
+
+
+def tp_world_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
+        else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specs: which linear implementation each projection uses
+
+
+@dataclass
+class StreamSubmodules:
+    linear_qkv: type | ModuleSpec
+    linear_proj: type | ModuleSpec
+    linear_fc1: type | ModuleSpec
+    linear_fc2: type | ModuleSpec
+
+
+def local_spec() -> StreamSubmodules:
+    return StreamSubmodules(linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear,
+                            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def layer_spec(spec: str) -> StreamSubmodules:
+    if spec == "local":
+        return local_spec()
+    raise ValueError(f"unknown layer spec {spec!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """t in [0, 1] (any shape) -> sinusoidal features (..., dim) of 1000 t (as DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (1000.0 * t.float())[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_frequencies(t, self.freq_dim))
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Split of the head dimension over (time, row, col) for 3D RoPE; each part even."""
+    spatial = (head_dim // 3) // 2 * 2
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """positions (..., 3) int -> angles (..., head_dim // 2). Text tokens carry (p, p, p): 1D RoPE."""
+    parts = []
+    for axis, dim in enumerate(rope_axes(head_dim)):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+        parts.append(positions[..., axis:axis + 1].float() * freqs)
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (T, B, heads, D), rope = (cos, sin) of the angles, each (T, B, 1, D/2): rotate pairs (x[2i], x[2i+1])."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    cos, sin = rope
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class StreamWeights(nn.Module):
+    """One stream's projections in a layer: attention qkv/out, SwiGLU MLP, QK-RMSNorm, adaLN modulation."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, sub: StreamSubmodules):
+        super().__init__()
+        h, f = cfg.hidden_size, ffn_hidden_size(cfg)
+        head_dim = h // cfg.num_heads
+        init = nn.init.xavier_uniform_
+        self.linear_qkv = build_module(sub.linear_qkv, h, 3 * h, config=mcfg, init_method=init, bias=True,
+                                       gather_output=False, skip_bias_add=False)
+        self.linear_proj = build_module(sub.linear_proj, h, h, config=mcfg, init_method=init, bias=True,
+                                        input_is_parallel=True, skip_bias_add=False)
+        self.linear_fc1 = build_module(sub.linear_fc1, h, 2 * f, config=mcfg, init_method=init, bias=True,
+                                       gather_output=False, skip_bias_add=False)
+        self.linear_fc2 = build_module(sub.linear_fc2, f, h, config=mcfg, init_method=init, bias=True,
+                                       input_is_parallel=True, skip_bias_add=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
+        self.k_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
+        # this layer's offsets to the shared adaLN modulation (shift, scale, gate for attention and MLP)
+        self.modulation = nn.Parameter(torch.zeros(6, h))
+
+
+def run_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out, _ = linear(x)
+    return out
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class Streams:
+    """Routes flat tokens through per-stream weights: text tokens to one module, latent tokens to another
+    (dual-stream layers), or all tokens through one (shared layers)."""
+
+    def __init__(self, text_index: torch.Tensor, latent_index: torch.Tensor, num_tokens: int):
+        self.text_index, self.latent_index, self.num_tokens = text_index, latent_index, num_tokens
+
+    def apply(self, fn_text, fn_latent, x: torch.Tensor) -> torch.Tensor:
+        """x [N, ...] flat over T*B -> fn(x) per stream, reassembled [N, ...]; padding tokens give zeros."""
+        out_text = fn_text(x[self.text_index])
+        out_latent = fn_latent(x[self.latent_index])
+        out = out_text.new_zeros((self.num_tokens,) + tuple(out_text.shape[1:]))
+        out[self.text_index] = out_text
+        out[self.latent_index] = out_latent
+        return out
+
+
+class MMDiTLayer(nn.Module):
+    """Pre-norm transformer layer with adaLN-Zero modulation per token. `dual`: separate text and latent
+    weights (joint attention over both); otherwise one set of weights for all tokens."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, sub: StreamSubmodules, dual: bool):
+        super().__init__()
+        self.dual = dual
+        self.hidden = cfg.hidden_size
+        self.heads_local = cfg.num_heads // tp_world_size()
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.eps = cfg.norm_eps
+        self.latent = StreamWeights(cfg, mcfg, sub)
+        self.text = StreamWeights(cfg, mcfg, sub) if dual else None
+
+    def per_stream(self, streams: Streams, x: torch.Tensor, fn) -> torch.Tensor:
+        """x [T, B, ...] -> fn applied with each stream's weights -> [T, B, ...]."""
+        T, B = x.shape[:2]
+        flat = x.reshape(T * B, *x.shape[2:])
+        if self.dual:
+            out = streams.apply(lambda t: fn(self.text, t), lambda l: fn(self.latent, l), flat)
+        else:
+            out = fn(self.latent, flat)
+        return out.reshape(T, B, *out.shape[1:])
+
+    def modulation(self, shared: torch.Tensor, token_is_text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shared [T, B, 6H] + this layer's offsets (per stream) -> 6 tensors [T, B, H]."""
+        offsets = self.latent.modulation.flatten()
+        if self.dual:
+            offsets = torch.where(token_is_text[..., None], self.text.modulation.flatten(), offsets)
+        return (shared + offsets).chunk(6, dim=-1)
+
+    def forward(self, h: torch.Tensor, shared_mod: torch.Tensor, token_is_text: torch.Tensor, rope: tuple,
+                mask, backend: str, streams: Streams) -> torch.Tensor:
+        T, B, H = h.shape
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(shared_mod, token_is_text)
+        x = modulate(F.rms_norm(h, (H,), eps=self.eps), shift_a, scale_a)
+
+        def qkv(w: StreamWeights, t: torch.Tensor) -> torch.Tensor:
+            q, k, v = run_linear(w.linear_qkv, t).view(t.shape[0], 3, self.heads_local, self.head_dim).unbind(1)
+            return torch.stack([w.q_norm(q), w.k_norm(k), v], dim=1)
+
+        q, k, v = self.per_stream(streams, x, qkv).unbind(2)  # each [T, B, heads, D]
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = attend(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), mask, backend)  # (B, heads, T, D)
+        out = out.permute(2, 0, 1, 3).reshape(T, B, self.heads_local * self.head_dim)
+        h = h + gate_a * self.per_stream(streams, out, lambda w, t: run_linear(w.linear_proj, t))
+
+        x = modulate(F.rms_norm(h, (H,), eps=self.eps), shift_m, scale_m)
+
+        def mlp(w: StreamWeights, t: torch.Tensor) -> torch.Tensor:
+            gate, up = run_linear(w.linear_fc1, t).chunk(2, dim=-1)
+            return run_linear(w.linear_fc2, F.silu(gate) * up)
+
+        return h + gate_m * self.per_stream(streams, x, mlp)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.adaln = nn.Linear(hidden, 2 * hidden)
+        self.linear = nn.Linear(hidden, out_dim)
+        for layer in (self.adaln, self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor, cond_token: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaln(F.silu(cond_token)).chunk(2, dim=-1)
+        return self.linear(modulate(F.rms_norm(h, (h.shape[-1],), eps=self.eps), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class ModelInputs:
+    """One batch as the model sees it (see the module docstring). T tokens per row, B rows, NB blocks per row."""
+    text_tokens: torch.Tensor  # [N_txt, D_text]
+    latent_tokens: torch.Tensor  # [N_lat, C*p*p]: noisy for NOISY blocks, clean otherwise
+    text_index: torch.Tensor  # [N_txt] flat index into T*B (t * B + b)
+    latent_index: torch.Tensor  # [N_lat]
+    positions: torch.Tensor  # [T, B, 3] RoPE coordinates
+    block_t: torch.Tensor  # (B, NB) float: timestep per block (0 for clean and text blocks)
+    block_type: torch.Tensor  # (B, NB) int
+    block_turn: torch.Tensor  # (B, NB) int
+    mask: MaskSpec  # token_block (B, T) and the attention rule's other inputs
+
+    def to(self, device) -> "ModelInputs":
+        fields = {k: (v.to(device) if isinstance(v, (torch.Tensor, MaskSpec)) else v) for k, v in self.__dict__.items()}
+        return ModelInputs(**fields)
+
+
+class MMDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        mcfg = megatron_config(cfg, dtype, init)
+        sub = layer_spec(cfg.spec)
+        h = cfg.hidden_size
+        self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2
+        self.patch_embed = nn.Linear(self.patch_dim, h)
+        self.text_proj = nn.Linear(cfg.text_dim, h)
+        self.t_embedder = TimestepEmbedder(h)
+        self.type_embed = nn.Embedding(NUM_BLOCK_TYPES, h)
+        self.turn_embed = nn.Embedding(cfg.max_turns, h)
+        # adaLN-single (as PixArt-alpha): one projection of the block conditioning serves every layer, each layer
+        # adds its own learned offsets; zero-initialised, so every layer starts as the identity
+        self.adaln = nn.Linear(h, 6 * h)
+        nn.init.zeros_(self.adaln.weight)
+        nn.init.zeros_(self.adaln.bias)
+        self.layers = nn.ModuleList(MMDiTLayer(cfg, mcfg, sub, dual=i < cfg.dual_stream_layers)
+                                    for i in range(cfg.num_layers))
+        self.final = FinalLayer(h, self.patch_dim, cfg.norm_eps)
+        if init:
+            nn.init.normal_(self.type_embed.weight, std=0.02)
+            nn.init.normal_(self.turn_embed.weight, std=0.02)
+            for m in self.t_embedder.mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+
+    def attention_backend(self, device: torch.device) -> str:
+        if self.cfg.attention_backend != "auto":
+            return self.cfg.attention_backend
+        return "flex" if device.type == "cuda" else "sdpa"
+
+    def forward(self, inputs: ModelInputs) -> torch.Tensor:
+        """-> predicted velocity for every latent token [N_lat, C*p*p] (the loss uses the NOISY ones)."""
+        spec = inputs.mask
+        B, T = spec.token_block.shape
+        H = self.cfg.hidden_size
+        streams = Streams(inputs.text_index, inputs.latent_index, T * B)
+        h = self.patch_embed.weight.new_zeros(T * B, H)
+        h[inputs.text_index] = self.text_proj(inputs.text_tokens).to(h.dtype)
+        h[inputs.latent_index] = self.patch_embed(inputs.latent_tokens).to(h.dtype)
+        h = h.view(T, B, H)
+        cond_block = self.t_embedder(inputs.block_t) + self.type_embed(inputs.block_type) \
+            + self.turn_embed(inputs.block_turn)  # (B, NB, H)
+        cond_token = torch.gather(cond_block, 1, spec.token_block[..., None].expand(-1, -1, H)).transpose(0, 1)
+        shared_mod = self.adaln(F.silu(cond_token))  # [T, B, 6H]
+        token_is_text = torch.gather(inputs.block_type == int(BlockType.TEXT), 1, spec.token_block).transpose(0, 1)
+        head_dim = H // self.cfg.num_heads
+        angles = rope_angles(inputs.positions, head_dim, self.cfg.rope_theta)[:, :, None, :]  # [T, B, 1, D/2]
+        rope = (torch.cos(angles), torch.sin(angles))
+        backend = self.attention_backend(h.device)
+        mask = prepare_mask(spec, backend)
+        for layer in self.layers:
+            h = layer(h, shared_mod, token_is_text, rope, mask, backend, streams)
+        out = self.final(h, cond_token)  # [T, B, C*p*p]
+        return out.reshape(T * B, -1)[inputs.latent_index]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_on_meta(cfg: ModelConfig) -> MMDiT:
+    """The model without memory: for sizes and FLOPs of the 3b/7b presets on a CPU."""
+    with torch.device("meta"):
+        return MMDiT(cfg, init=False)
