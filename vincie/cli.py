@@ -40,6 +40,44 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from vincie.inference import Editor, load_image
+    from vincie.strip import strip_png
+
+    editor = Editor.from_run(args.model, use_ema=not args.raw_weights)
+    image, size = load_image(args.image, editor.resolution)
+    results = editor.edit([image], [args.instruction], steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+                          chain_masks=args.chain_masks)[0]
+    os.makedirs(args.out, exist_ok=True)
+    for k, result in enumerate(results, start=1):
+        path = os.path.join(args.out, f"turn-{k:02d}.png")
+        Image.fromarray(result.image).resize(size, Image.BICUBIC).save(path)
+        if result.cur_mask is not None:
+            for name, mask in (("cur", result.cur_mask), ("next", result.next_mask)):
+                Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST).save(
+                    os.path.join(args.out, f"turn-{k:02d}-{name}-mask.png"))
+    with open(os.path.join(args.out, "strip.png"), "wb") as f:
+        f.write(strip_png(image, [r.image for r in results], args.instruction))
+    print(f"edit: {len(results)} turns -> {args.out}/turn-*.png, {args.out}/strip.png")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vincie.evaluate import evaluate_synth, format_table
+    from vincie.inference import Editor
+
+    editor = Editor.from_run(args.model)
+    data = args.data or editor.cfg.data.eval_url
+    report = evaluate_synth(editor, data, args.out, sessions=args.sessions, turns=args.turns, steps=args.steps,
+                            cfg_scale=args.cfg, seed=args.seed)
+    print(format_table(report))
+    print(f"eval: {report['sessions']} sessions; report {args.out}/report.json, pictures {args.out}/grid.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_index import cli as data_cli
     from vincie import bench
@@ -47,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vincie",
         description="vincie: train in-context multi-turn image editing from video (after VINCIE, arXiv 2506.10941).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{config,data,train,launch,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{config,data,train,launch,edit,eval,bench}")
 
     config = sub.add_parser("config", help="show a resolved, validated config",
                             description="Load a preset or YAML file, apply overrides, validate, print the result.")
@@ -57,6 +95,35 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_show)
 
     data_cli.register(sub)
+
+    edit = sub.add_parser("edit", help="edit an image turn by turn with a trained model",
+                          description="Apply instructions one after another; each output is the next turn's "
+                                      "input. Writes turn-NN.png per turn and strip.png.")
+    edit.add_argument("--model", required=True, metavar="DIR", help="training run directory (config.yaml, checkpoints/)")
+    edit.add_argument("--image", required=True, metavar="PATH")
+    edit.add_argument("--instruction", required=True, action="append", metavar="TEXT",
+                      help="one per turn; repeat for several turns")
+    edit.add_argument("--out", required=True, metavar="DIR")
+    edit.add_argument("--steps", type=int, help="Euler steps (default: diffusion.sample_steps)")
+    edit.add_argument("--cfg", type=float, help="text guidance scale (default: diffusion.cfg_scale)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--chain-masks", action="store_true", help="generate current mask, next mask, then image")
+    edit.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    edit.set_defaults(func=cmd_edit)
+
+    evaluate = sub.add_parser("eval", help="multi-turn editing benchmark",
+                              description="Edit held-out sessions turn by turn and score them (see vincie/evaluate.py "
+                                          "for the judge). Writes report.json and grid.png.")
+    evaluate.add_argument("--model", required=True, metavar="DIR")
+    evaluate.add_argument("--bench", default="synth", choices=["synth"], help="benchmark (default synth)")
+    evaluate.add_argument("--data", metavar="URL", help="held-out sessions (default: the run's data.eval_url)")
+    evaluate.add_argument("--out", required=True, metavar="DIR")
+    evaluate.add_argument("--sessions", type=int, default=32)
+    evaluate.add_argument("--turns", type=int, default=5)
+    evaluate.add_argument("--steps", type=int)
+    evaluate.add_argument("--cfg", type=float)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=cmd_eval)
 
     train = sub.add_parser("train", help="train the MM-DiT (single process, or one rank under torchrun)",
                            description="Train on the shards of data.train_url. Writes run.out_dir/config.yaml, "

@@ -123,6 +123,7 @@ class DataConfig:
     train_url: str = "runs/run/data/train"
     eval_url: str = "runs/run/data/eval"
     mode: Literal["sessions", "pairs"] = "sessions"  # pairs: train on one-turn pairs only (the paper's ablation)
+    resolution: int = 64  # square working size: sessions of another size are resized; `vincie edit` resizes to it
     max_turns: int = 6  # longer sessions are cut to their first turns
     max_tokens: int = 4096  # sequence cap per sample; whole trailing turns are dropped to fit
 
@@ -401,5 +402,8 @@ def validate(cfg: Config) -> None:
     require(t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.checkpoint_every",
             "and train.keep_checkpoints must be >= 1")
     require(cfg.data.max_turns >= 1, "data.max_turns", "must be >= 1")
+    cell = cfg.vae.factor * m.patch_size
+    require(cfg.data.resolution % cell == 0, "data.resolution",
+            f"must be a multiple of vae.factor x model.patch_size ({cell}), got {cfg.data.resolution}")
     require(cfg.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
     require(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")

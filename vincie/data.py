@@ -14,6 +14,7 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from data_index.index import read_index
 from vincie import storage
@@ -23,9 +24,27 @@ from vincie.session import Session, sample_to_session
 from vincie.shards import split_member_name
 
 
+def resize_session(session: Session, size: int) -> Session:
+    """Images bicubic, masks nearest, to size x size."""
+    if session.height == size and session.width == size:
+        return session
+
+    def image(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC))
+
+    def mask(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) >= 128
+
+    return Session(key=session.key, images=[image(a) for a in session.images], instructions=session.instructions,
+                   cur_masks=[mask(a) for a in session.cur_masks] if session.has_masks else None,
+                   next_masks=[mask(a) for a in session.next_masks] if session.has_masks else None,
+                   meta=session.meta)
+
+
 class SessionDataset:
-    def __init__(self, root: str, cfg: StorageConfig | None = None, split: str | None = None):
-        self.root, self.cfg = root, cfg
+    def __init__(self, root: str, cfg: StorageConfig | None = None, split: str | None = None,
+                 resolution: int | None = None):
+        self.root, self.cfg, self.resolution = root, cfg, resolution
         rows = read_index(root, cfg).to_pylist()
         if split is not None:
             rows = [r for r in rows if r["split"] == split]
@@ -51,7 +70,8 @@ class SessionDataset:
                     raise VincieError(f"{url}: offset {row['offset']} holds {key}, the index says {row['id']} "
                                       f"(run: vincie data index verify {self.root})")
                 sample[suffix] = tar.extractfile(info).read()
-        return sample_to_session(sample)
+        session = sample_to_session(sample)
+        return resize_session(session, self.resolution) if self.resolution else session
 
 
 def truncate(session: Session, turns: int) -> Session:

@@ -101,7 +101,7 @@ class Trainer:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ema = EMA(self.model, t.ema_decay)
-        self.dataset = SessionDataset(cfg.data.train_url, cfg.storage)
+        self.dataset = SessionDataset(cfg.data.train_url, cfg.storage, resolution=cfg.data.resolution)
         self.sampler = EpochSampler(len(self.dataset), cfg.run.seed, t.batch_size)
         self.encoder = SessionEncoder(cfg, self.vae, self.text_encoder, dist_info.device)
         self.step = 0
