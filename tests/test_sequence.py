@@ -130,8 +130,15 @@ def test_positions_twins_share_and_text_is_1d():
             twin = [i for i, c in enumerate(blocks) if (c.type, c.source) == (b.type, b.source) and i != j]
             for i in twin:
                 assert torch.equal(l.positions[l.token_block == i], tokens)
-    times = [int(l.positions[l.token_block == j][0, 0]) for j in range(len(blocks))]
-    assert times == sorted(times)  # positions never go back along the sequence
+    latent_time = {(b.type, b.source): int(l.positions[l.token_block == j][0, 0]) for j, b in enumerate(blocks)
+                   if b.type != BlockType.TEXT}
+    # images at consecutive times whatever the text between them; masks at the time of the image they cover
+    assert latent_time[(BlockType.IMAGE, 1)] - latent_time[(BlockType.IMAGE, 0)] == 1
+    assert latent_time[(BlockType.IMAGE, 2)] - latent_time[(BlockType.IMAGE, 1)] == 1
+    assert latent_time[(BlockType.CUR_MASK, 1)] == latent_time[(BlockType.IMAGE, 1)]
+    assert latent_time[(BlockType.NEXT_MASK, 1)] == latent_time[(BlockType.IMAGE, 2)]
+    text_max = int(l.positions[torch.tensor([blocks[int(j)].type == BlockType.TEXT for j in l.token_block])].max())
+    assert text_max < min(latent_time.values())
 
 
 def attention_inputs(seed, B=2, H=2, D=16):

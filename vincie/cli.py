@@ -35,7 +35,7 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                f"--max-restarts={args.max_restarts}", "-m", "vincie", "train", "--config", args.config,
-               *args.overrides]
+               *(["--no-progress"] if args.no_progress else []), *args.overrides]
     print("launch: " + " ".join(command[2:]), flush=True)
     return subprocess.call(command)
 
@@ -69,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vincie.evaluate import evaluate_synth, format_table
     from vincie.inference import Editor
 
-    editor = Editor.from_run(args.model)
+    editor = Editor.from_run(args.model, use_ema=not args.raw_weights)
     data = args.data or editor.cfg.data.eval_url
     report = evaluate_synth(editor, data, args.out, sessions=args.sessions, turns=args.turns, steps=args.steps,
                             cfg_scale=args.cfg, seed=args.seed)
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int)
     evaluate.add_argument("--cfg", type=float)
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     evaluate.set_defaults(func=cmd_eval)
 
     train = sub.add_parser("train", help="train the MM-DiT (single process, or one rank under torchrun)",
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "same entry point as on Kubernetes.")
     local.add_argument("--nproc", type=int, required=True, metavar="N", help="processes")
     local.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
+    local.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(local)
     local.set_defaults(func=cmd_launch_local)
     bench.register(sub)

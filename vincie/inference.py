@@ -77,7 +77,7 @@ class Editor:
         model, vae, text_encoder = build_components(cfg, device)
         state = checkpoint.load(path)
         if use_ema:  # the EMA holds every parameter; buffers (none today) would keep their initial values
-            missing = model.load_state_dict(state["ema"], strict=False).missing_keys
+            missing = model.load_state_dict(state["ema"]["weights"], strict=False).missing_keys
             params = {n for n, _ in model.named_parameters()}
             if params & set(missing):
                 raise VincieError(f"{path}: EMA weights lack {sorted(params & set(missing))[:3]}")

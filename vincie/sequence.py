@@ -45,6 +45,7 @@ class Role(enum.IntEnum):
 
 TASK_OF = {BlockType.IMAGE: "nip", BlockType.CUR_MASK: "csp", BlockType.NEXT_MASK: "nsp"}
 TASKS = ("nip", "csp", "nsp")
+LATENT_TIME_OFFSET = 4096  # latent time positions start past any text position (64 turns x 64 tokens)
 
 
 @dataclass(frozen=True)
@@ -118,15 +119,16 @@ def layout(blocks: list[Block], text_lengths: list[int], grid: tuple[int, int], 
     """Blocks -> token layout. `text_lengths[i]` is the token count of instruction i; every latent block
     (image or mask) has grid[0] x grid[1] tokens.
 
-    Positions: a running counter p advances over text tokens (each gets (p, p, p), i.e. 1D RoPE) and by one per
-    latent block, whose tokens get (p, row, col) (3D RoPE: time, height, width). A NOISY copy and its CLEAN twin
-    share their positions: they are the same element of the session."""
+    Positions: text tokens count up from 0 over the sequence and get (p, p, p), i.e. 1D RoPE. Latent tokens get
+    (LATENT_TIME_OFFSET + time, row, col) (3D RoPE), where time is the index of the image the block shows or is
+    aligned with: I_k -> k, C_i -> i (a region of I_i), N_i -> i + 1 (a region of I_{i+1}). So the offset between
+    two images does not depend on how long the instructions between them are, and a NOISY copy shares its
+    positions with its CLEAN twin."""
     gh, gw = grid
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     rows, cols = rows.reshape(-1), cols.reshape(-1)
     starts, lengths, token_block, positions = [], [], [], []
     p, start = 0, 0
-    twin_time: dict[tuple, int] = {}
     for index, block in enumerate(blocks):
         if block.type == BlockType.TEXT:
             n = text_lengths[block.source]
@@ -135,11 +137,7 @@ def layout(blocks: list[Block], text_lengths: list[int], grid: tuple[int, int], 
             p += n
         else:
             n = gh * gw
-            key = (block.type, block.source)
-            if key not in twin_time:
-                twin_time[key] = p
-                p += 1
-            time = torch.full((n,), twin_time[key])
+            time = torch.full((n,), LATENT_TIME_OFFSET + block.source + (block.type == BlockType.NEXT_MASK))
             positions.append(torch.stack([time, rows, cols], dim=1))
         starts.append(start)
         lengths.append(n)

@@ -31,30 +31,40 @@ from vincie.parallel import DistInfo, init_distributed
 from vincie.sequence import TASKS
 
 
-def flow_loss(pred: torch.Tensor, batch: Batch, weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
-    """Mean over target tokens of the task-weighted squared velocity error; also the unweighted loss per task."""
+def flow_loss_sums(pred: torch.Tensor, batch: Batch, weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
+    """Task-weighted sum of the per-token squared velocity error over this batch's target tokens, and per task
+    (sum, count) of the unweighted error. The trainer divides by the target-token count of the whole global
+    batch, so the loss (and the gradient) does not depend on how the batch is split over ranks."""
     err = ((pred[batch.target_select].float() - batch.target) ** 2).mean(dim=-1)  # (N_target,)
     table = torch.tensor([weights[t] for t in TASKS], device=err.device)
-    loss = (table[batch.target_task] * err).sum() / max(err.numel(), 1)
-    per_task = {t: err[batch.target_task == k].detach() for k, t in enumerate(TASKS)}
-    return loss, per_task
+    weighted_sum = (table[batch.target_task] * err).sum()
+    per_task = {t: (float(err.detach()[batch.target_task == k].sum()), int((batch.target_task == k).sum()))
+                for k, t in enumerate(TASKS)}
+    return weighted_sum, per_task
 
 
 class EMA:
+    """Exponential moving average of the weights, with the usual warmup: the decay at update n is
+    min(decay, (1 + n) / (10 + n)), so short runs do not average in their random initialisation."""
+
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+            self.shadow[n].lerp_(p.detach(), 1 - decay)
 
     def state_dict(self) -> dict:
-        return self.shadow
+        return {"updates": self.updates, "weights": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.shadow = {n: t.clone() for n, t in state.items()}
+        self.updates = state["updates"]
+        self.shadow = {n: t.clone() for n, t in state["weights"].items()}
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -65,8 +75,10 @@ def lr_factor(step: int, cfg: Config) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def step_generators(seed: int, step: int, rank: int) -> tuple[np.random.Generator, torch.Generator]:
-    sequence = np.random.SeedSequence([seed, step, rank])
+def sample_generators(seed: int, step: int, index: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The random streams of sample `index` (its position in the global batch) of step `step`: the same on
+    any number of data-parallel ranks."""
+    sequence = np.random.SeedSequence([seed, step, index])
     torch_seed = int(sequence.generate_state(1, dtype=np.uint64)[0] % (2 ** 63))
     return np.random.default_rng(sequence), torch.Generator().manual_seed(torch_seed)
 
@@ -129,25 +141,33 @@ class Trainer:
             dist.barrier()
 
     # -- one step -------------------------------------------------------------------------------------------
-    def sessions_for_step(self, rng: np.random.Generator) -> list:
+    def make_batch(self) -> Batch:
+        """This rank's share of the step's global batch: sample i of the global batch goes to rank i % dp_size
+        and draws its randomness from (seed, step, i)."""
         rows = self.sampler.next_rows(self.info.dp_rank, self.info.dp_size)
-        sessions = [truncate(self.dataset.load(r), self.cfg.data.max_turns) for r in rows]
-        if self.cfg.data.mode == "pairs":
-            sessions = [sub_session(s, int(rng.integers(0, s.turns)), 1) for s in sessions]
-        return sessions
+        samples = []
+        for j, row in enumerate(rows):
+            rng, generator = sample_generators(self.cfg.run.seed, self.step, self.info.dp_rank + j * self.info.dp_size)
+            session = truncate(self.dataset.load(row), self.cfg.data.max_turns)
+            if self.cfg.data.mode == "pairs":
+                session = sub_session(session, int(rng.integers(0, session.turns)), 1)
+            samples.append(self.encoder.training_sample(session, rng, generator))
+        return collate(samples, self.info.device, self.cfg.model.text_dim)
 
     def train_step(self) -> dict:
         cfg = self.cfg
         start = time.perf_counter()
-        rng, generator = step_generators(cfg.run.seed, self.step, self.info.rank)
-        sessions = self.sessions_for_step(rng)
-        batch = collate([self.encoder.training_sample(s, rng, generator) for s in sessions], self.info.device,
-                        cfg.model.text_dim)
+        batch = self.make_batch()
         data_s = time.perf_counter() - start
         model = self.ddp or self.model
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
             pred = model(batch.inputs)
-        loss, per_task = flow_loss(pred, batch, cfg.diffusion.loss_weights)
+        weighted_sum, per_task = flow_loss_sums(pred, batch, cfg.diffusion.loss_weights)
+        count = torch.tensor(float(batch.target.shape[0]))
+        if dist.is_initialized() and self.info.dp_size > 1:
+            dist.all_reduce(count)  # target tokens of the global batch
+        # DDP averages gradients over ranks; scale so the result is the global token mean
+        loss = weighted_sum * self.info.dp_size / count.clamp(min=1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
@@ -157,25 +177,24 @@ class Trainer:
             self.ema.update(self.model)
         self.scheduler.step()
         self.step += 1
-        return {"step": self.step, "loss": loss.item(), "grad_norm": float(grad_norm), "finite": finite,
-                "lr": self.scheduler.get_last_lr()[0], "samples": len(sessions),
-                "tokens": int(batch.inputs.mask.token_block.numel()),
-                "task_sums": {t: (float(v.sum()), int(v.numel())) for t, v in per_task.items()},
+        return {"step": self.step, "loss_sum": float(weighted_sum.detach()), "count": float(count), "grad_norm": float(grad_norm),
+                "finite": finite, "lr": self.scheduler.get_last_lr()[0], "samples": batch.num_samples,
+                "tokens": int(batch.inputs.mask.token_block.numel()), "task_sums": per_task,
                 "data_s": data_s, "step_s": time.perf_counter() - start}
 
 
 def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
     """Averages a window of step logs over steps and ranks (one all-reduce per log line)."""
-    sums = [sum(l["loss"] for l in logs), sum(l["samples"] for l in logs), sum(l["tokens"] for l in logs),
+    sums = [sum(l["loss_sum"] / l["count"] for l in logs), sum(l["samples"] for l in logs),
+            sum(l["tokens"] for l in logs),
             sum(l["step_s"] for l in logs), sum(l["data_s"] for l in logs)]
     for t in TASKS:
         sums += [sum(l["task_sums"][t][0] for l in logs), sum(l["task_sums"][t][1] for l in logs)]
     values = torch.tensor(sums, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(values)
-    n = len(logs) * info.world_size
     seconds = float(values[3]) / info.world_size
-    out = {"step": logs[-1]["step"], "loss": float(values[0]) / n, "lr": logs[-1]["lr"],
+    out = {"step": logs[-1]["step"], "loss": float(values[0]) / len(logs), "lr": logs[-1]["lr"],
            "grad_norm": logs[-1]["grad_norm"], "samples_per_s": float(values[1]) / seconds,
            "tokens_per_s": float(values[2]) / seconds, "step_s": seconds / len(logs),
            "data_wait_share": float(values[4]) / float(values[3]),

@@ -1,0 +1,38 @@
+"""Small runs for tests: a micro model on 32x32 synthetic sessions."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from data_index.synth import SynthJob, run_synth
+from vincie.config import StorageConfig, SynthConfig
+
+MICRO_MODEL = {"hidden_size": 64, "num_heads": 2, "num_layers": 2, "dual_stream_layers": 1, "patch_size": 2,
+               "latent_channels": 48, "text_dim": 64}
+
+
+def make_data(root, sessions=32, split="train", turns=(2, 4), image_format="jpg"):
+    job = SynthJob(out=str(root), sessions=sessions, split=split, seed=0,
+                   synth=SynthConfig(resolution=32, min_turns=turns[0], max_turns=turns[1], shard_size=16,
+                                     image_format=image_format))
+    run_synth(job, StorageConfig(), workers=1, progress=False)
+    return str(root)
+
+
+def write_config(path, out_dir, train_url, eval_url="", **sections) -> str:
+    config = {
+        "run": {"name": "test", "out_dir": str(out_dir), "seed": 0},
+        "data": {"train_url": train_url, "eval_url": eval_url, "resolution": 32, "max_turns": 4},
+        "model": dict(MICRO_MODEL),
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+                  "checkpoint_every": 2},
+        "diffusion": {"sample_steps": 3},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return str(path)

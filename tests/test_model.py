@@ -1,0 +1,108 @@
+"""The MM-DiT: shapes for every preset (3b/7b on the meta device), zero init, and the attention rule as the
+whole model sees it."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vincie.batch import SessionEncoder, collate
+from vincie.components import build_components
+from vincie.config import load_config
+from vincie.model import build_on_meta, count_parameters
+from vincie.parallel import init_distributed
+from vincie.sequence import BlockType, Role
+
+from data_index.world import generate_session
+from helpers import MICRO_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dist():
+    init_distributed()
+
+
+def micro_batch(n=2, seed=0, **overrides):
+    cfg = load_config("tiny", ["data.resolution=32", *[f"model.{k}={v}" for k, v in MICRO_MODEL.items()],
+                               *[f"{k}={v}" for k, v in overrides.items()]])
+    torch.manual_seed(seed)
+    model, vae, text = build_components(cfg, torch.device("cpu"))
+    encoder = SessionEncoder(cfg, vae, text, torch.device("cpu"))
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    synth = load_config("tiny", ["synth.resolution=32"]).synth
+    samples = [encoder.training_sample(generate_session(synth, "train", 0, i).session, rng, gen) for i in range(n)]
+    return cfg, model, samples
+
+
+def test_output_is_one_velocity_per_latent_token_and_zero_at_init():
+    cfg, model, samples = micro_batch()
+    batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
+    out = model(batch.inputs)
+    assert out.shape == batch.inputs.latent_tokens.shape == (batch.inputs.latent_index.numel(), 192)
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the final layer starts at zero
+
+
+@pytest.mark.parametrize("preset, low, high", [("tiny", 1e6, 5e7), ("small", 5e7, 5e8), ("3b", 3.0e9, 3.6e9),
+                                               ("7b", 6.5e9, 7.5e9)])
+def test_presets_build_and_match_the_documented_sizes(preset, low, high):
+    cfg = load_config(preset)
+    model = build_on_meta(cfg.model)
+    count = count_parameters(model)
+    assert low < count < high
+    if preset in ("3b", "7b"):
+        doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+        assert f"{count:,}" in doc, f"docs/ARCHITECTURE.md must state the {preset} parameter count {count:,}"
+
+
+def test_3b_forward_shapes_on_meta():
+    cfg = load_config("3b")
+    model = build_on_meta(cfg.model)
+    small, _, samples = micro_batch(n=1)
+    batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
+    inputs = batch.inputs
+    n_lat = inputs.latent_index.numel()
+    inputs.text_tokens = torch.zeros(inputs.text_tokens.shape[0], cfg.model.text_dim)
+    inputs.latent_tokens = torch.zeros(n_lat, cfg.model.latent_channels * cfg.model.patch_size ** 2)
+    out = model(inputs.to("meta"))
+    assert out.shape == (n_lat, 64)
+
+
+def perturb_and_compare(model, cfg, samples, block_index: int):
+    """Changes one block's input tokens; returns which blocks' outputs changed."""
+    batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
+    base = model(batch.inputs)
+    sample = samples[0]
+    latent_blocks = [j for j, b in enumerate(sample.blocks) if b.type != BlockType.TEXT]
+    k = latent_blocks.index(block_index)
+    sample.latents[k] = sample.latents[k] + torch.randn_like(sample.latents[k])
+    moved = model(collate(samples, torch.device("cpu"), cfg.model.text_dim).inputs)
+    changed = (moved - base).abs().amax(dim=-1) > 1e-6  # per latent token
+    sizes = [s.latents[0].shape[0] for s in [sample]][0]
+    per_block = changed[:len(latent_blocks) * sizes].reshape(len(latent_blocks), sizes).any(dim=1)
+    return {latent_blocks[i] for i in range(len(latent_blocks)) if per_block[i]}
+
+
+def test_model_respects_block_causal_attention():
+    cfg, model, samples = micro_batch(n=1, seed=3)
+    for p in model.parameters():  # leave adaLN-Zero so information flows
+        torch.nn.init.normal_(p, std=0.05)
+    blocks = samples[0].blocks
+    for j, block in enumerate(blocks):
+        if block.type == BlockType.TEXT:
+            continue
+        changed = perturb_and_compare(model, cfg, samples, j)
+        if block.role == Role.NOISY:
+            assert changed == {j}, (j, block, changed)  # nothing attends to a NOISY block but itself
+        else:
+            assert min(changed) == j and j in changed  # no earlier block sees it
+            later_context = {i for i in range(j + 1, len(blocks)) if blocks[i].type != BlockType.TEXT}
+            assert later_context <= changed  # every later latent block sees it
+
+
+def test_architecture_doc_names_the_release_values():
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    assert re.search(r"hidden 2560, 32 layers, 20 heads", doc)

@@ -1,0 +1,137 @@
+"""Training: a micro model overfits one batch, resume repeats the uninterrupted run exactly, data parallel over
+two processes equals one process, and edit/eval run end to end on a checkpoint made here."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vincie import checkpoint
+from vincie.config import load_config
+from vincie.data import SamplerState
+from vincie.parallel import init_distributed
+from vincie.train import Trainer, flow_loss_sums, train
+
+from conftest import REPO, run_vincie
+from helpers import make_data, write_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"train": make_data(root / "train", sessions=32),
+            "eval": make_data(root / "eval", sessions=4, split="test", turns=(3, 3), image_format="png")}
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def test_overfits_one_batch(tmp_path, data):
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
+                      ["train.lr=0.005", "train.warmup_steps=1", "train.steps=1000", "train.batch_size=2",
+                       "data.max_turns=1"])
+    trainer = Trainer(cfg, init_distributed(), progress=False)
+    losses = []
+    for _ in range(100):
+        trainer.sampler.state = SamplerState()  # the same sessions, noise and timesteps every step
+        batch = trainer.make_batch()
+        total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights)
+        loss = total / batch.target.shape[0]
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
+    train_cfg = {"steps": 16, "checkpoint_every": 4}
+    full = write_config(tmp_path / "full.yaml", tmp_path / "full", data["train"], train=train_cfg)
+    run_vincie("train", "--config", full, "--no-progress", check=True)
+    part = write_config(tmp_path / "part.yaml", tmp_path / "part", data["train"], train=train_cfg)
+    # kill a run right after its first checkpoint, then run the same command again
+    proc = subprocess.Popen([sys.executable, "-m", "vincie", "train", "--config", part, "--no-progress"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "part/checkpoints/latest").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = checkpoint.latest(str(tmp_path / "part"))
+    assert killed_at is not None and not killed_at.endswith("step-000016")
+    result = run_vincie("train", "--config", part, "--no-progress", check=True)
+    assert "resuming from" in result.stdout
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [m["step"] for m in b] == list(range(1, 17))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]  # exactly, not approximately
+    state_a = torch.load(tmp_path / "full/checkpoints/step-000016/state.pt", weights_only=False)
+    state_b = torch.load(tmp_path / "part/checkpoints/step-000016/state.pt", weights_only=False)
+    for name, tensor in state_a["model"].items():
+        if isinstance(tensor, torch.Tensor):  # megatron-core's _extra_state entries are None
+            assert torch.equal(tensor, state_b["model"][name]), name
+    assert state_a["sampler"] == state_b["sampler"]
+
+
+def test_two_data_parallel_processes_equal_one(tmp_path, data):
+    one = write_config(tmp_path / "one.yaml", tmp_path / "one", data["train"], train={"steps": 3})
+    two = write_config(tmp_path / "two.yaml", tmp_path / "two", data["train"], train={"steps": 3})
+    run_vincie("train", "--config", one, "--no-progress", check=True)
+    result = run_vincie("launch", "local", "--nproc", "2", "--config", two, "--no-progress", check=True)
+    assert "nproc_per_node=2" in result.stdout
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-4)
+    wa = torch.load(tmp_path / "one/checkpoints/step-000003/state.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "two/checkpoints/step-000003/state.pt", weights_only=False)["model"]
+    for name in wa:
+        if isinstance(wa[name], torch.Tensor):
+            torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+
+
+def test_pairs_mode_trains_on_one_turn(tmp_path, data):
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]), ["data.mode=pairs"])
+    trainer = Trainer(cfg, init_distributed(), progress=False)
+    batch = trainer.make_batch()
+    assert int(batch.inputs.block_turn.max()) == 0  # every block belongs to turn 0
+
+
+def test_edit_and_eval_end_to_end(tmp_path, data):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"], data["eval"], train={"steps": 2})
+    run_vincie("train", "--config", config, "--no-progress", check=True)
+    from PIL import Image
+
+    Image.fromarray(np.full((48, 80, 3), 120, np.uint8)).save(tmp_path / "in.png")
+    result = run_vincie("edit", "--model", str(tmp_path / "run"), "--image", str(tmp_path / "in.png"),
+                        "--instruction", "add a red circle in the middle", "--instruction", "make the red circle bigger",
+                        "--out", str(tmp_path / "edit"), "--steps", "2", "--chain-masks", check=True)
+    assert "2 turns" in result.stdout
+    for name in ("turn-01.png", "turn-02.png", "turn-01-cur-mask.png", "turn-02-next-mask.png", "strip.png"):
+        assert (tmp_path / "edit" / name).exists(), name
+    with Image.open(tmp_path / "edit" / "turn-01.png") as im:
+        assert im.size == (80, 48)  # restored to the input's size
+
+    result = run_vincie("eval", "--model", str(tmp_path / "run"), "--bench", "synth", "--out", str(tmp_path / "eval"),
+                        "--turns", "3", "--sessions", "4", "--steps", "2", check=True)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["sessions"] == 4 and report["success"]["ground_truth"] == [1.0, 1.0, 1.0]
+    assert report["success"]["copy_input"] == [0.0, 0.0, 0.0]
+    assert (tmp_path / "eval" / "grid.png").stat().st_size > 1000
+    assert "ground_truth" in result.stdout
+
+
+def test_edit_names_a_missing_image(tmp_path, data):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"], train={"steps": 1})
+    run_vincie("train", "--config", config, "--no-progress", check=True)
+    result = run_vincie("edit", "--model", str(tmp_path / "run"), "--image", str(tmp_path / "nope.png"),
+                        "--instruction", "x", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "nope.png" in result.stderr.strip().splitlines()[-1]
