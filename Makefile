@@ -16,15 +16,21 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-# The main job on the embedded default (tiny config, synthetic video world, local storage). Until the training
-# spine lands it is the data part: synthesize, index, verify, summarise and draw sessions.
+# The main job on the embedded default (tiny config, synthetic video world, local storage): make sessions,
+# train the tiny MM-DiT with 2 processes, evaluate multi-turn editing, edit a picture turn by turn.
 demo: venv
-	$(VINCIE) data synth --out $(DEMO)/data/train --sessions 2048 --split train --seed 0
-	$(VINCIE) data synth --out $(DEMO)/data/eval --sessions 64 --split test --seed 0 --videos $(DEMO)/videos
-	$(VINCIE) data index verify $(DEMO)/data/train
-	$(VINCIE) data index stats $(DEMO)/data/train --plot $(DEMO)/stats.png
+	$(VINCIE) data synth --out $(DEMO)/data/train --sessions 8192 --resolution 32 --split train --seed 0
+	$(VINCIE) data synth --out $(DEMO)/data/eval --sessions 64 --resolution 32 --split test --seed 0 \
+		--min-turns 5 --turns 5 --image-format png --videos $(DEMO)/videos
+	$(VINCIE) data index verify $(DEMO)/data/train --quick
 	$(VINCIE) data show $(DEMO)/data/eval --out $(DEMO)/sessions.png --sessions 6
-	@echo "demo: sessions in $(DEMO)/data, pictures: $(DEMO)/sessions.png $(DEMO)/stats.png, videos: $(DEMO)/videos"
+	$(VINCIE) launch local --nproc 2 --config tiny run.out_dir=$(DEMO)/tiny \
+		data.train_url=$(DEMO)/data/train data.eval_url=$(DEMO)/data/eval
+	$(VINCIE) eval --model $(DEMO)/tiny --bench synth --out $(DEMO)/eval --sessions 32 --turns 5
+	$(VINCIE) edit --model $(DEMO)/tiny --image docs/images/demo-source.png --out $(DEMO)/edit \
+		--instruction "turn the cyan circle orange" --instruction "the pink triangle grows" \
+		--instruction "delete the pink triangle"
+	@echo "demo: success per turn above; pictures: $(DEMO)/eval/grid.png $(DEMO)/edit/strip.png $(DEMO)/sessions.png"
 
 test: venv
 	$(PY) -m pytest -q -m "not slow"

@@ -105,13 +105,19 @@ def test_pairs_mode_trains_on_one_turn(tmp_path, data):
     assert int(batch.inputs.block_turn.max()) == 0  # every block belongs to turn 0
 
 
-def test_edit_and_eval_end_to_end(tmp_path, data):
-    config = write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"], data["eval"], train={"steps": 2})
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("trained")
+    config = write_config(root / "c.yaml", root / "run", data["train"], data["eval"], train={"steps": 2})
     run_vincie("train", "--config", config, "--no-progress", check=True)
+    return root / "run"
+
+
+def test_edit_and_eval_end_to_end(tmp_path, trained_run):
     from PIL import Image
 
     Image.fromarray(np.full((48, 80, 3), 120, np.uint8)).save(tmp_path / "in.png")
-    result = run_vincie("edit", "--model", str(tmp_path / "run"), "--image", str(tmp_path / "in.png"),
+    result = run_vincie("edit", "--model", str(trained_run), "--image", str(tmp_path / "in.png"),
                         "--instruction", "add a red circle in the middle", "--instruction", "make the red circle bigger",
                         "--out", str(tmp_path / "edit"), "--steps", "2", "--chain-masks", check=True)
     assert "2 turns" in result.stdout
@@ -120,7 +126,7 @@ def test_edit_and_eval_end_to_end(tmp_path, data):
     with Image.open(tmp_path / "edit" / "turn-01.png") as im:
         assert im.size == (80, 48)  # restored to the input's size
 
-    result = run_vincie("eval", "--model", str(tmp_path / "run"), "--bench", "synth", "--out", str(tmp_path / "eval"),
+    result = run_vincie("eval", "--model", str(trained_run), "--bench", "synth", "--out", str(tmp_path / "eval"),
                         "--turns", "3", "--sessions", "4", "--steps", "2", check=True)
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["sessions"] == 4 and report["success"]["ground_truth"] == [1.0, 1.0, 1.0]
@@ -129,9 +135,7 @@ def test_edit_and_eval_end_to_end(tmp_path, data):
     assert "ground_truth" in result.stdout
 
 
-def test_edit_names_a_missing_image(tmp_path, data):
-    config = write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"], train={"steps": 1})
-    run_vincie("train", "--config", config, "--no-progress", check=True)
-    result = run_vincie("edit", "--model", str(tmp_path / "run"), "--image", str(tmp_path / "nope.png"),
+def test_edit_names_a_missing_image(tmp_path, trained_run):
+    result = run_vincie("edit", "--model", str(trained_run), "--image", str(tmp_path / "nope.png"),
                         "--instruction", "x", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "nope.png" in result.stderr.strip().splitlines()[-1]

@@ -44,11 +44,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from vincie.inference import Editor, load_image
+    from vincie.inference import Editor, load_image, load_run_config
     from vincie.strip import strip_png
 
+    image, size = load_image(args.image, load_run_config(args.model).data.resolution)  # bad input fails fast
     editor = Editor.from_run(args.model, use_ema=not args.raw_weights)
-    image, size = load_image(args.image, editor.resolution)
     results = editor.edit([image], [args.instruction], steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                           chain_masks=args.chain_masks)[0]
     os.makedirs(args.out, exist_ok=True)

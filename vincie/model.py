@@ -21,19 +21,26 @@ PyTorch); heads are counted per tensor-parallel partition so the same code split
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+# megatron-core warns at import and per layer about things that do not apply here (no TE/Apex on CPU, a config
+# default it deprecates, a tp_group argument vincie leaves to parallel_state); keep users' terminals readable
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+warnings.filterwarnings("ignore", message=".*tp_group is None.*")
 
-from vincie.attention import MaskSpec, attend, prepare_mask
-from vincie.config import ModelConfig
-from vincie.sequence import BlockType
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
+
+from vincie.attention import MaskSpec, attend, prepare_mask  # noqa: E402
+from vincie.config import ModelConfig  # noqa: E402
+from vincie.sequence import BlockType  # noqa: E402
 
 NUM_BLOCK_TYPES = len(BlockType)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+import vincie.model  # noqa: F401  (its warning filters must precede megatron-core's import)
 from megatron.core import parallel_state
 
 from vincie.errors import VincieError
