@@ -1,12 +1,10 @@
 """The text-encoder and VAE loaders, on real model files in local directories (no hub)."""
 
-import os
 
-import numpy as np
 import pytest
 import torch
 
-from vincie.config import TextEncoderConfig, VAEConfig
+from vincie.config import TextEncoderConfig
 from vincie.errors import VincieError
 from vincie.text_encoder import HashedWordEncoder, HFTextEncoder
 from vincie.vae import DiffusersVAE, SpaceToDepthVAE

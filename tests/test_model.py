@@ -61,7 +61,7 @@ def test_presets_build_and_match_the_documented_sizes(preset, low, high):
 def test_3b_forward_shapes_on_meta():
     cfg = load_config("3b")
     model = build_on_meta(cfg.model)
-    small, _, samples = micro_batch(n=1)
+    _, _, samples = micro_batch(n=1)
     batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
     inputs = batch.inputs
     n_lat = inputs.latent_index.numel()
@@ -81,8 +81,8 @@ def perturb_and_compare(model, cfg, samples, block_index: int):
     sample.latents[k] = sample.latents[k] + torch.randn_like(sample.latents[k])
     moved = model(collate(samples, torch.device("cpu"), cfg.model.text_dim).inputs)
     changed = (moved - base).abs().amax(dim=-1) > 1e-6  # per latent token
-    sizes = [s.latents[0].shape[0] for s in [sample]][0]
-    per_block = changed[:len(latent_blocks) * sizes].reshape(len(latent_blocks), sizes).any(dim=1)
+    size = sample.latents[0].shape[0]  # tokens per latent block; one row, so its latent tokens come in block order
+    per_block = changed.reshape(len(latent_blocks), size).any(dim=1)
     return {latent_blocks[i] for i in range(len(latent_blocks)) if per_block[i]}
 
 

@@ -16,7 +16,7 @@ from vincie import checkpoint
 from vincie.config import load_config
 from vincie.data import SamplerState
 from vincie.parallel import init_distributed
-from vincie.train import Trainer, flow_loss_sums, train
+from vincie.train import Trainer, flow_loss_sums
 
 from conftest import REPO, run_vincie
 from helpers import make_data, write_config

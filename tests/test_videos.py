@@ -4,7 +4,6 @@ import json
 
 import av
 import numpy as np
-import pytest
 
 from data_index.world import generate_session
 from vincie.config import SynthConfig

@@ -1,6 +1,5 @@
 """The synthetic world: determinism, and masks checked against the rendered pixels themselves."""
 
-import io
 
 import numpy as np
 import pytest
