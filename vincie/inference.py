@@ -118,7 +118,7 @@ class Editor:
         shape = (len(contexts), g * g, self.vae.channels * self.p * self.p)
         noise = torch.randn(shape, generator=generator).to(self.device)
         guided = cfg_scale != 1.0
-        rows_context = [c for c in contexts] + ([c.without_text_of(target.turn) for c in contexts] if guided else [])
+        rows_context = list(contexts) + ([c.without_text_of(target.turn) for c in contexts] if guided else [])
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             xs = list(x) + (list(x) if guided else [])
