@@ -68,6 +68,16 @@ def cumulative_success(scores: list[list[TurnScore]], turns: int) -> list[float]
     return rates
 
 
+def success_by_kind(sessions: list[Session], scores: list[list[TurnScore]]) -> dict[str, dict]:
+    """Per transition kind (move, recolour, ...): how many turns of that kind were edited and the share that
+    succeeded on their own (not cumulative), so a report shows which edits a model has learned."""
+    table: dict[str, list[bool]] = {}
+    for session, score in zip(sessions, scores):
+        for transition, turn in zip(session.meta.get("transitions", []), score):
+            table.setdefault(transition["kind"], []).append(turn.success)
+    return {kind: {"turns": len(v), "success": float(np.mean(v))} for kind, v in sorted(table.items())}
+
+
 def grid_png(sessions: list[Session], outputs: list[list[np.ndarray]], scores: list[list[TurnScore]],
              cell: int = 96) -> bytes:
     """Per session two rows: ground truth, then the model's edits framed green (success) or red (failure)."""
@@ -128,6 +138,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
         "per_turn_mean": {"followed": [float(np.mean([s[k].followed for s in model_scores])) for k in range(turns)],
                           "consistent": [float(np.mean([s[k].consistent for s in model_scores]))
                                          for k in range(turns)]},
+        "by_kind": {"model": success_by_kind(chosen, model_scores), "copy_input": success_by_kind(chosen, copy_scores)},
     }
     os.makedirs(out_dir, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
@@ -141,4 +152,7 @@ def format_table(report: dict) -> str:
     lines = ["turn            " + "".join(f"{k + 1:>7d}" for k in range(turns))]
     for name in ("model", "copy_input", "ground_truth"):
         lines.append(f"{name:16s}" + "".join(f"{v:7.2f}" for v in report["success"][name]))
+    kinds = report["by_kind"]["model"]
+    lines.append("success per edit kind, over all turns (turns): "
+                 + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
     return "\n".join(lines)
