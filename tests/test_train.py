@@ -15,6 +15,7 @@ import torch
 from vincie import checkpoint
 from vincie.config import load_config
 from vincie.data import SamplerState
+from vincie.diffusion import X0_MIN_T, output_to_velocity
 from vincie.parallel import init_distributed
 from vincie.train import Trainer, flow_loss_sums
 
@@ -42,13 +43,34 @@ def test_overfits_one_batch(tmp_path, data):
     for _ in range(100):
         trainer.sampler.state = SamplerState()  # the same sessions, noise and timesteps every step
         batch = trainer.make_batch()
-        total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights)
+        total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights,
+                                  cfg.diffusion.prediction)
         loss = total / batch.target.shape[0]
         trainer.optimizer.zero_grad()
         loss.backward()
         trainer.optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_x0_prediction_reads_the_clean_latent_as_the_velocity_target(tmp_path, data):
+    """x0 prediction: an output equal to the true clean latent of every target token must give exactly the
+    velocity targets the batch was built with (a check that target_t and the noisy inputs line up)."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
+                      ["diffusion.prediction=x0", "train.batch_size=4"])
+    batch = Trainer(cfg, init_distributed(), progress=False).make_batch()
+    x_t, t, velocity = batch.target_inputs, batch.target_t, batch.target
+    x0 = x_t - t * velocity  # x_t = (1 - t) x0 + t noise and velocity = noise - x0
+    recovered = output_to_velocity(x0, x_t, t, "x0")
+    usable = t[:, 0] >= X0_MIN_T
+    assert usable.sum() > 0 and len(set(t[:, 0].tolist())) > 3  # several target blocks, each with its own t
+    torch.testing.assert_close(recovered[usable], velocity[usable], atol=1e-4, rtol=1e-4)
+    output = torch.zeros(batch.inputs.latent_tokens.shape)
+    wrong, _ = flow_loss_sums(output, batch, cfg.diffusion.loss_weights, "x0")
+    output[batch.target_select] = x0
+    right, _ = flow_loss_sums(output, batch, cfg.diffusion.loss_weights, "x0")
+    assert right.item() < 1e-3 * wrong.item()
+    assert output_to_velocity(x0, x_t, t, "velocity") is x0
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
@@ -131,6 +153,8 @@ def test_edit_and_eval_end_to_end(tmp_path, trained_run):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["sessions"] == 4 and report["success"]["ground_truth"] == [1.0, 1.0, 1.0]
     assert report["success"]["copy_input"] == [0.0, 0.0, 0.0]
+    kinds = report["by_kind"]["copy_input"]
+    assert sum(v["turns"] for v in kinds.values()) == 4 * 3 and all(v["success"] == 0.0 for v in kinds.values())
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 1000
     assert "ground_truth" in result.stdout
 

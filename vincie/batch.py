@@ -67,7 +67,13 @@ class Batch:
     target: torch.Tensor  # (N_target, P) velocity targets of the NOISY latent tokens
     target_select: torch.Tensor  # (N_lat,) bool: which latent tokens are NOISY (carry the loss)
     target_task: torch.Tensor  # (N_target,) int: index into TASKS
+    target_t: torch.Tensor  # (N_target, 1) float: the timestep of each NOISY latent token
     num_samples: int
+
+    @property
+    def target_inputs(self) -> torch.Tensor:
+        """(N_target, P): the noisy latents x_t of the target tokens."""
+        return self.inputs.latent_tokens[self.target_select]
 
 
 def element_key(block: Block) -> tuple[str, int]:
@@ -149,7 +155,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int) ->
     B, T = spec.token_block.shape
     NB = spec.block_noisy.shape[1]
     text_index, latent_index, text_tokens, latent_tokens = [], [], [], []
-    targets, select, tasks = [], [], []
+    targets, select, tasks, target_t = [], [], [], []
     positions = torch.zeros(T, B, 3, dtype=torch.int64)
     block_t = torch.zeros(B, NB)
     block_type = torch.zeros(B, NB, dtype=torch.int64)
@@ -175,6 +181,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int) ->
                 if target is not None:
                     targets.append(target)
                     tasks.append(torch.full((n,), TASKS.index(block.task)))
+                    target_t.append(torch.full((n, 1), float(s.block_t[j])))
     inputs = ModelInputs(
         text_tokens=torch.cat(text_tokens) if text_tokens else torch.zeros(0, text_dim),
         latent_tokens=torch.cat(latent_tokens),
@@ -187,4 +194,5 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int) ->
                  target_select=torch.cat(select).to(device),
                  target_task=torch.cat(tasks).to(device) if tasks else torch.zeros(0, dtype=torch.int64,
                                                                                      device=device),
+                 target_t=torch.cat(target_t).to(device) if target_t else torch.zeros(0, 1, device=device),
                  num_samples=len(samples))

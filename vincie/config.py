@@ -110,8 +110,11 @@ class VAEConfig:
 
 @dataclass
 class DiffusionConfig:
-    logit_normal_loc: float = 0.0
+    logit_normal_loc: float = 0.0  # training t ~ sigmoid(N(loc, scale)); loc > 0 trains more at high noise
     logit_normal_scale: float = 1.0
+    # what the network outputs: the velocity itself, or the clean latent x0 turned into a velocity (JiT, for
+    # pixel-space latents whose patches are about as wide as the hidden state); the loss is on the velocity either way
+    prediction: Literal["velocity", "x0"] = "velocity"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"nip": 1.0, "csp": 0.5, "nsp": 0.5})
     sample_steps: int = 30
     sample_shift: float = 3.0  # timestep shift of the Euler sampler (the release: 12 for 3B at 256px)
@@ -381,6 +384,7 @@ def validate(cfg: Config) -> None:
             "use 'local'")
     require(set(cfg.diffusion.loss_weights) == {"nip", "csp", "nsp"}, "diffusion.loss_weights",
             f"must give weights for exactly nip, csp and nsp, got {sorted(cfg.diffusion.loss_weights)}")
+    require(cfg.diffusion.logit_normal_scale > 0, "diffusion.logit_normal_scale", "must be > 0")
     require(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
     require(cfg.diffusion.sample_shift > 0, "diffusion.sample_shift", "must be > 0")
     if cfg.vae.kind == "space_to_depth":

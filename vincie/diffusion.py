@@ -1,7 +1,8 @@
-"""Rectified flow: x_t = (1 - t) x0 + t noise, the model predicts the velocity noise - x0.
+"""Rectified flow: x_t = (1 - t) x0 + t noise, velocity noise - x0.
 
-Training draws t per target block from a logit-normal; sampling integrates from t = 1 (noise) to t = 0 with
-Euler steps on shifted timesteps (more steps at high noise, as SD3 and the VINCIE release do).
+Training draws t per target block from a logit-normal; the network predicts the velocity or the clean latent
+(`diffusion.prediction`), and the loss is on the velocity either way. Sampling integrates from t = 1 (noise) to
+t = 0 with Euler steps on shifted timesteps (more steps at high noise, as SD3 and the VINCIE release do).
 """
 
 from __future__ import annotations
@@ -21,6 +22,20 @@ def noisy(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tenso
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
+
+
+X0_MIN_T = 0.05  # x0 prediction: velocity = (x_t - x0) / max(t, X0_MIN_T), so t -> 0 does not divide by zero
+
+
+def output_to_velocity(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The network's output for noisy tokens x_t at time t (broadcastable to x_t) -> their velocity.
+
+    "velocity": the output is the velocity. "x0": the output is the clean latent; since x_t = (1 - t) x0 + t noise,
+    the velocity noise - x0 equals (x_t - x0) / t. Predicting x0 lets a narrow network leave the noise out of its
+    hidden state (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise")."""
+    if prediction == "velocity":
+        return output
+    return (x_t - output) / t.clamp(min=X0_MIN_T)
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:

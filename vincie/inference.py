@@ -23,7 +23,7 @@ from vincie import checkpoint
 from vincie.batch import SampleTokens, collate, image_to_tensor, patchify, tensor_to_image, unpatchify
 from vincie.components import build_components
 from vincie.config import Config, from_dict, validate
-from vincie.diffusion import euler_sample
+from vincie.diffusion import euler_sample, output_to_velocity
 from vincie.errors import VincieError
 from vincie.sequence import Block, BlockType, Role
 
@@ -124,7 +124,9 @@ class Editor:
             xs = list(x) + (list(x) if guided else [])
             samples = [self.sample_rows(c, target, xi, t) for c, xi in zip(rows_context, xs)]
             batch = collate(samples, self.device, self.cfg.model.text_dim)
-            pred = self.model(batch.inputs)[batch.target_select].reshape(len(samples), *shape[1:])
+            output = self.model(batch.inputs)[batch.target_select]
+            pred = output_to_velocity(output, batch.target_inputs, batch.target_t, self.cfg.diffusion.prediction)
+            pred = pred.reshape(len(samples), *shape[1:])
             if not guided:
                 return pred
             cond, uncond = pred[:len(contexts)], pred[len(contexts):]

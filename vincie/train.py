@@ -26,16 +26,21 @@ from vincie.batch import Batch, SessionEncoder, collate
 from vincie.components import build_components
 from vincie.config import Config, ConfigError, to_dict, to_yaml
 from vincie.data import EpochSampler, SamplerState, SessionDataset, sub_session, truncate
+from vincie.diffusion import output_to_velocity
 from vincie.errors import VincieError
 from vincie.parallel import DistInfo, init_distributed
 from vincie.sequence import TASKS
 
 
-def flow_loss_sums(pred: torch.Tensor, batch: Batch, weights: dict[str, float]) -> tuple[torch.Tensor, dict]:
+def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float],
+                   prediction: str) -> tuple[torch.Tensor, dict]:
     """Task-weighted sum of the per-token squared velocity error over this batch's target tokens, and per task
-    (sum, count) of the unweighted error. The trainer divides by the target-token count of the whole global
-    batch, so the loss (and the gradient) does not depend on how the batch is split over ranks."""
-    err = ((pred[batch.target_select].float() - batch.target) ** 2).mean(dim=-1)  # (N_target,)
+    (sum, count) of the unweighted error. `output` is the model's output for every latent token [N_lat, P],
+    read as `prediction` (diffusion.output_to_velocity). The trainer divides by the target-token count of the
+    whole global batch, so the loss (and the gradient) does not depend on how the batch is split over ranks."""
+    velocity = output_to_velocity(output[batch.target_select].float(), batch.target_inputs, batch.target_t,
+                                  prediction)
+    err = ((velocity - batch.target) ** 2).mean(dim=-1)  # (N_target,)
     table = torch.tensor([weights[t] for t in TASKS], device=err.device)
     weighted_sum = (table[batch.target_task] * err).sum()
     per_task = {t: (float(err.detach()[batch.target_task == k].sum()), int((batch.target_task == k).sum()))
@@ -161,8 +166,8 @@ class Trainer:
         data_s = time.perf_counter() - start
         model = self.ddp or self.model
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-            pred = model(batch.inputs)
-        weighted_sum, per_task = flow_loss_sums(pred, batch, cfg.diffusion.loss_weights)
+            output = model(batch.inputs)
+        weighted_sum, per_task = flow_loss_sums(output, batch, cfg.diffusion.loss_weights, cfg.diffusion.prediction)
         count = torch.tensor(float(batch.target.shape[0]))
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(count)  # target tokens of the global batch
