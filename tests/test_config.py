@@ -40,6 +40,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("synth.max_turns=1", ["synth.max_turns", "min_turns"]),
     ("synth.resolution=30", ["synth.resolution", "multiple of 8"]),
     ("noequals", ["noequals", "section.key=value"]),
+    ("data.turn_curriculum={100: 2}", ["data.turn_curriculum", "step 0"]),
+    ("data.turn_curriculum={0: 9}", ["data.turn_curriculum", "1..data.max_turns"]),
+    ("diffusion.prediction=noise", ["diffusion.prediction", "'x0'"]),
 ])
 def test_bad_overrides_name_the_key(override, names):
     if names is None:

@@ -73,6 +73,16 @@ def test_x0_prediction_reads_the_clean_latent_as_the_velocity_target(tmp_path, d
     assert output_to_velocity(x0, x_t, t, "velocity") is x0
 
 
+def test_turn_curriculum_cuts_sessions_until_its_step(tmp_path, data):
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
+                      ["data.turn_curriculum={0: 1, 3: 4}", "data.max_turns=4", "train.batch_size=4"])
+    trainer = Trainer(cfg, init_distributed(), progress=False)
+    turns_in = lambda batch: int(batch.inputs.block_turn.max()) + 1  # noqa: E731
+    assert turns_in(trainer.make_batch()) == 1
+    trainer.step = 3
+    assert turns_in(trainer.make_batch()) > 1  # make_data sessions have 2-4 turns
+
+
 def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
     train_cfg = {"steps": 16, "checkpoint_every": 4}
     full = write_config(tmp_path / "full.yaml", tmp_path / "full", data["train"], train=train_cfg)

@@ -128,6 +128,9 @@ class DataConfig:
     mode: Literal["sessions", "pairs"] = "sessions"  # pairs: train on one-turn pairs only (the paper's ablation)
     resolution: int = 64  # square working size: sessions of another size are resized; `vincie edit` resizes to it
     max_turns: int = 6  # longer sessions are cut to their first turns
+    # a curriculum over session length: {from_step: max_turns}, e.g. {0: 2, 500: 6} trains on sessions cut to
+    # 2 turns until step 500 (short sequences, cheap steps), then on up to 6; empty: data.max_turns throughout
+    turn_curriculum: dict[int, int] = field(default_factory=dict)
     max_tokens: int = 4096  # sequence cap per sample; whole trailing turns are dropped to fit
 
 
@@ -406,6 +409,10 @@ def validate(cfg: Config) -> None:
     require(t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.checkpoint_every",
             "and train.keep_checkpoints must be >= 1")
     require(cfg.data.max_turns >= 1, "data.max_turns", "must be >= 1")
+    curriculum = cfg.data.turn_curriculum
+    require(not curriculum or 0 in curriculum, "data.turn_curriculum", f"must start at step 0, got {curriculum}")
+    require(all(1 <= k <= cfg.data.max_turns for k in curriculum.values()), "data.turn_curriculum",
+            f"turns must be in 1..data.max_turns ({cfg.data.max_turns}), got {curriculum}")
     cell = cfg.vae.factor * m.patch_size
     require(cfg.data.resolution % cell == 0, "data.resolution",
             f"must be a multiple of vae.factor x model.patch_size ({cell}), got {cfg.data.resolution}")

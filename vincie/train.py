@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vincie import checkpoint, storage
 from vincie.batch import Batch, SessionEncoder, collate
 from vincie.components import build_components
-from vincie.config import Config, ConfigError, to_dict, to_yaml
+from vincie.config import Config, ConfigError, DataConfig, to_dict, to_yaml
 from vincie.data import EpochSampler, SamplerState, SessionDataset, sub_session, truncate
 from vincie.diffusion import output_to_velocity
 from vincie.errors import VincieError
@@ -78,6 +78,12 @@ def lr_factor(step: int, cfg: Config) -> float:
         return (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def max_turns_at(step: int, data: DataConfig) -> int:
+    """The session length cap in effect at `step` (data.turn_curriculum, else data.max_turns)."""
+    started = [k for k in data.turn_curriculum if k <= step]
+    return data.turn_curriculum[max(started)] if started else data.max_turns
 
 
 def sample_generators(seed: int, step: int, index: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -153,7 +159,7 @@ class Trainer:
         samples = []
         for j, row in enumerate(rows):
             rng, generator = sample_generators(self.cfg.run.seed, self.step, self.info.dp_rank + j * self.info.dp_size)
-            session = truncate(self.dataset.load(row), self.cfg.data.max_turns)
+            session = truncate(self.dataset.load(row), max_turns_at(self.step, self.cfg.data))
             if self.cfg.data.mode == "pairs":
                 session = sub_session(session, int(rng.integers(0, session.turns)), 1)
             samples.append(self.encoder.training_sample(session, rng, generator))
