@@ -19,7 +19,8 @@ venv: $(STAMP)
 # The main job on the embedded default (tiny config, synthetic video world, local storage): make sessions,
 # train the tiny MM-DiT with 2 processes, evaluate multi-turn editing, edit a picture turn by turn.
 demo: venv
-	$(VINCIE) data synth --out $(DEMO)/data/train --sessions 8192 --resolution 32 --split train --seed 0
+	$(VINCIE) data synth --out $(DEMO)/data/train --sessions 8192 --resolution 32 --split train --seed 0 \
+		--image-format png
 	$(VINCIE) data synth --out $(DEMO)/data/eval --sessions 64 --resolution 32 --split test --seed 0 \
 		--min-turns 5 --turns 5 --image-format png --videos $(DEMO)/videos
 	$(VINCIE) data index verify $(DEMO)/data/train --quick
