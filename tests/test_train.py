@@ -166,6 +166,13 @@ def test_edit_and_eval_end_to_end(tmp_path, trained_run):
     kinds = report["by_kind"]["copy_input"]
     assert sum(v["turns"] for v in kinds.values()) == 4 * 3 and all(v["success"] == 0.0 for v in kinds.values())
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 1000
+    # the denoising probe's copy-input baseline, recomputed from the pixels (the space-to-depth latent is the
+    # image in [-1, 1], rearranged)
+    from vincie.data import SessionDataset
+    sessions = [SessionDataset(str(report["data"]), resolution=32).load(i) for i in range(4)]
+    expected = np.mean([np.mean(((s.images[0].astype(np.float64) - s.images[1]) / 127.5) ** 2) for s in sessions])
+    assert report["denoising"]["copy_input"] == pytest.approx(expected, rel=1e-4)
+    assert set(report["denoising"]["x0_mse"]) == {"0.9", "0.5", "0.2", "0.05"}
     assert "ground_truth" in result.stdout
 
 

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from vincie import storage
@@ -76,6 +77,41 @@ def success_by_kind(sessions: list[Session], scores: list[list[TurnScore]]) -> d
         for transition, turn in zip(session.meta.get("transitions", []), score):
             table.setdefault(transition["kind"], []).append(turn.success)
     return {kind: {"turns": len(v), "success": float(np.mean(v))} for kind, v in sorted(table.items())}
+
+
+PROBE_TIMES = (0.9, 0.5, 0.2, 0.05)
+
+
+@torch.no_grad()
+def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
+    """How well the model predicts the clean turn-1 image from [I0, T0, noisy I1] at fixed noise levels: mean
+    squared error of its x0 estimate (latent units) at each t in PROBE_TIMES, beside two baselines computed
+    without the model: the source image I0 ("copy_input") and the target's mean value ("mean"). A model that
+    uses its context beats copy_input at high t; one that does not stays near or above it."""
+    from vincie.batch import collate
+    from vincie.diffusion import output_to_velocity
+    from vincie.inference import Context
+    from vincie.sequence import Block, BlockType, Role
+
+    generator = torch.Generator().manual_seed(seed)
+    errors: dict[float, list[float]] = {t: [] for t in PROBE_TIMES}
+    copy, mean = [], []
+    target = Block(BlockType.IMAGE, Role.NOISY, 0, 1)
+    for session in sessions:
+        source, x0 = editor.encode_images(session.images[:2])
+        context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
+        context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0),
+                               editor.text_encoder.encode(session.instructions[:1])[0])
+        copy.append(float(((source - x0) ** 2).mean()))
+        mean.append(float(((x0 - x0.mean()) ** 2).mean()))
+        for t in PROBE_TIMES:
+            x_t = (1 - t) * x0 + t * torch.randn(x0.shape, generator=generator).to(x0.device)
+            batch = collate([editor.sample_rows(context, target, x_t, t)], editor.device, editor.cfg.model.text_dim)
+            velocity = output_to_velocity(editor.model(batch.inputs)[batch.target_select], batch.target_inputs,
+                                          batch.target_t, editor.cfg.diffusion.prediction)
+            errors[t].append(float(((x_t - t * velocity - x0) ** 2).mean()))
+    return {"x0_mse": {str(t): float(np.mean(v)) for t, v in errors.items()},
+            "copy_input": float(np.mean(copy)), "mean": float(np.mean(mean))}
 
 
 def grid_png(sessions: list[Session], outputs: list[list[np.ndarray]], scores: list[list[TurnScore]],
@@ -139,6 +175,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
                           "consistent": [float(np.mean([s[k].consistent for s in model_scores]))
                                          for k in range(turns)]},
         "by_kind": {"model": success_by_kind(chosen, model_scores), "copy_input": success_by_kind(chosen, copy_scores)},
+        "denoising": denoising_probe(editor, chosen, seed),
     }
     os.makedirs(out_dir, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
@@ -152,6 +189,9 @@ def format_table(report: dict) -> str:
     lines = ["turn            " + "".join(f"{k + 1:>7d}" for k in range(turns))]
     for name in ("model", "copy_input", "ground_truth"):
         lines.append(f"{name:16s}" + "".join(f"{v:7.2f}" for v in report["success"][name]))
+    probe = report["denoising"]
+    lines.append("turn-1 x0 error by noise level t: " + ", ".join(f"t={t} {v:.4f}" for t, v in probe["x0_mse"].items())
+                 + f" (copy-input {probe['copy_input']:.4f}, mean {probe['mean']:.4f})")
     kinds = report["by_kind"]["model"]
     lines.append("success per edit kind, over all turns (turns): "
                  + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
