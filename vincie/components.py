@@ -26,7 +26,10 @@ class EditModel(MegatronModule):
         stage = stage or {}
         dit = MMDiT(cfg.model, **stage)
         super().__init__(dit.config)
-        self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's pipeline schedules
+        # read by megatron-core's pipeline schedules and finalize_model_grads (no word embedding tied to an output)
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = dit.pre_process, dit.post_process
+        self.share_embeddings_and_output_weights = False
         self.dit = dit
         trainable = getattr(text_encoder, "trainable", False) and stage.get("pre_process", True)
         self.text_encoder = text_encoder if trainable else None

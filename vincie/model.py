@@ -75,10 +75,10 @@ def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: 
         sequence_parallel=sequence_parallel,
         tensor_model_parallel_size=tp_world_size(),
         pipeline_model_parallel_size=pp_world_size(),
+        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized() else None,
         pipeline_dtype=dtype,
         calculate_per_token_loss=True,  # the loss is a sum; finalize_model_grads divides by the global count
-        variable_seq_lengths=True,  # sequence length differs between micro-batches: p2p sends shapes first
-        moe_token_dispatcher_type="alltoall",  # no MoE here; the default refuses variable_seq_lengths
         batch_p2p_comm=False,  # batched isend/irecv over gloo gives silently wrong interleaved-PP gradients
     )
     mcfg.has_cond_embedder = True  # read by finalize_model_grads: conditioning embedders on every stage

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vincie import checkpoint, storage
-from vincie.batch import Batch, SessionEncoder, collate
+from vincie.batch import Batch, SessionEncoder, collate, num_tokens
 from vincie.components import build_components
 from vincie.config import Config, ConfigError, check_world, to_dict, to_yaml
 from vincie.data import EpochSampler, SamplerState, SessionDataset, sub_session, truncate
@@ -208,8 +208,11 @@ class Trainer:
             if self.cfg.data.mode == "pairs":
                 session = sub_session(session, int(rng.integers(0, session.turns)), 1)
             samples.append(self.encoder.training_sample(session, rng, generator))
-        pad_to = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
-        return [collate(samples[k:k + self.micro_batch_size], self.info.device, self.cfg.model.text_dim, pad_to)
+        # one length for all micro-batches of the step (megatron's pipeline schedules send fixed-shape tensors),
+        # a multiple of TP under sequence parallel (the tokens split evenly over TP ranks)
+        multiple = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
+        length = -(-max(num_tokens(s) for s in samples) // multiple) * multiple
+        return [collate(samples[k:k + self.micro_batch_size], self.info.device, self.cfg.model.text_dim, length)
                 for k in range(0, len(samples), self.micro_batch_size)]
 
     def make_batch(self) -> Batch:
