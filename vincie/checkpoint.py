@@ -29,7 +29,7 @@ from vincie import storage
 LATEST = "latest"
 STATE = "state.pt"
 # megatron's optimizer state in a layout that reshards across TP, PP and DP
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def checkpoint_dir(out_dir: str) -> str:
@@ -155,9 +155,10 @@ def load_sharded(trainer, path: str) -> None:
             trainer.ema.shadow[v][name].copy_(loaded["ema"][f"chunk{v}"][name])
     if step > 0:
         optimizer = loaded["optimizer"]
-        # the param groups (lr, betas, member lists) are common state written by rank 0 of the saving layout;
-        # the member lists only fit that layout, and lr is set every step, so this rank's own groups are kept
-        optimizer["param_groups"] = trainer.optimizer.state_dict()["param_groups"]
+        # the param groups are common state written by rank 0 of the saving layout: their member lists only fit
+        # that layout, so each group takes this rank's members (groups come in the same order in every layout)
+        for saved, own in zip(optimizer["param_groups"], trainer.optimizer.state_dict()["param_groups"]):
+            saved["params"] = own["params"]
         trainer.optimizer.load_state_dict(optimizer)
     trainer.ema.updates = loaded["ema_updates"]
     trainer.load_common(loaded["common"])
