@@ -78,6 +78,23 @@ def load(path: str) -> dict:
     return torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=False)
 
 
+def load_weights(path: str, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The full model (or EMA) weights of a checkpoint of either format as one state dict, by parameter name.
+    Sharded checkpoints are read with torch.distributed.checkpoint directly (no process group, no megatron
+    runtime): each key holds the global tensor, whatever layout saved it."""
+    if os.path.exists(os.path.join(path, STATE)):
+        state = load(path)
+        return state["ema"]["weights"] if use_ema else state["model"]
+    import torch.distributed.checkpoint as dcp
+
+    prefix = "ema." if use_ema else "model."
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    weights = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in metadata.items()
+               if key.startswith(prefix)}
+    dcp.load(weights, checkpoint_id=path, no_dist=True)
+    return {key[len(prefix):]: tensor for key, tensor in weights.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sharded (megatron runtime)
 
