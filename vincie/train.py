@@ -1,8 +1,9 @@
-"""`vincie train`: the training loop (single process, or data parallel under torchrun).
+"""`vincie train`: the training loop (single process, or one rank of a TP/PP/DP layout under torchrun).
 
-Each step: the sampler hands this rank its sessions -> SessionEncoder builds block-causal sequences (context
-dropout, logit-normal timesteps, noise) -> the MM-DiT predicts velocities -> per-task weighted flow loss ->
-AdamW with warmup + cosine, gradient clipping, EMA. Every random draw of step s comes from generators seeded by
+Each step: the sampler hands this data-parallel rank its sessions -> SessionEncoder builds block-causal
+sequences (context dropout, logit-normal timesteps, noise), in micro-batches -> the MM-DiT (or this rank's
+pipeline stage of it) predicts velocities -> per-task weighted flow loss -> AdamW with warmup + cosine, gradient
+clipping, EMA. Every random draw of step s comes from generators seeded by
 (seed, s, rank), so a resumed run repeats the uninterrupted one exactly.
 
 Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per log step), checkpoints/.
