@@ -100,7 +100,9 @@ def test_pipeline_parallel_gives_the_single_process_loss_and_gradients(tmp_path,
 @pytest.mark.slow
 def test_data_parallel_with_distributed_optimizer_trains_like_one_process(tmp_path, data):
     """Two steps: `vincie train` in one plain process (torch AdamW) against two processes with megatron-core DDP
-    and the distributed optimizer, gradients accumulated over two micro-batches per rank."""
+    and the distributed optimizer, gradients accumulated over two micro-batches per rank. Parameters are compared
+    per tensor (relative norm of the difference): from the adaLN-Zero init, Adam's first update of an element
+    whose gradient is zero up to rounding is lr x the sign of that rounding, in both runs alike."""
     one = write_config(tmp_path / "one.yaml", tmp_path / "one", data, train={"steps": 2})
     two = write_config(tmp_path / "two.yaml", tmp_path / "two", data, train={"steps": 2},
                        parallel={"distributed_optimizer": True, "micro_batch_size": 1})
@@ -110,26 +112,30 @@ def test_data_parallel_with_distributed_optimizer_trains_like_one_process(tmp_pa
                                [m["loss"] for m in metrics(tmp_path / "two")], rtol=RTOL)
     wa = checkpoint.load_weights(checkpoint.latest(str(tmp_path / "one")), use_ema=False)
     wb = checkpoint.load_weights(checkpoint.latest(str(tmp_path / "two")), use_ema=False)
-    params = [n for n, t in wb.items()]
-    assert len(params) > 40
-    for name in params:
-        torch.testing.assert_close(wb[name], wa[name], rtol=RTOL, atol=1e-7)
+    assert wa.keys() == wb.keys() and len(wa) > 40
+    for name, tensor in wa.items():
+        assert float((wb[name] - tensor).norm()) <= RTOL * float(tensor.norm()), name
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("saved, loaded", [("parallel.tensor=2", "parallel.tensor=1"),
                                            ("parallel.pipeline=2", "parallel.pipeline=1")], ids=["tp2-tp1", "pp2-pp1"])
-def test_checkpoint_saved_in_one_layout_continues_in_another(tmp_path, data, saved, loaded):
-    """Train 5 steps with a checkpoint at step 2; resume a copy of the run from step 2 in the other layout: steps
-    3-5 give the same losses (weights, EMA, Adam moments and data position all carried over)."""
-    config = write_config(tmp_path / "c.yaml", tmp_path / "a", data,
-                          train={"steps": 5, "checkpoint_every": 2, "keep_checkpoints": 5})
-    torchrun(2, config, "-", "train", saved)
+def test_checkpoint_saved_in_one_layout_continues_in_another(tmp_path, two_layers, saved, loaded):
+    """From random weights (step 0 of the reference run), train 5 steps with a checkpoint at step 2; resume a
+    copy of the run from step 2 in the other layout: steps 3-5 give the same losses (weights, EMA, Adam moments
+    and data position carried over). Random weights, not the adaLN-Zero init: from zero-initialised layers,
+    Adam's first updates are lr x sign(gradient) on gradients that are zero up to rounding, so any two
+    summation orders (two layouts) part at the first step, checkpoint or not."""
+    config, overrides, _ = two_layers
+    reference_run = os.path.join(os.path.dirname(config), "run")
+    shutil.copytree(reference_run, tmp_path / "a")
+    train = ["train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=5", *overrides]
+    torchrun(2, config, "-", "train", *train, f"run.out_dir={tmp_path / 'a'}", saved)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for name in ("step-000004", "step-000005"):
         shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step-000002")
-    torchrun(1, config, "-", "train", loaded, f"run.out_dir={tmp_path / 'b'}")
+    torchrun(1, config, "-", "train", *train, f"run.out_dir={tmp_path / 'b'}", loaded)
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([m["loss"] for m in b[2:]], [m["loss"] for m in a[2:]], rtol=RTOL)

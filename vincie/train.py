@@ -130,8 +130,8 @@ class Trainer:
             decay, no_decay = [], []
             for param in self.model.parameters():
                 (decay if param.ndim >= 2 else no_decay).append(param)
-            self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                                {"params": no_decay, "weight_decay": 0.0}], lr=t.lr,
+            self.optimizer = torch.optim.AdamW([{"params": decay, "wd_mult": 1.0},
+                                                {"params": no_decay, "wd_mult": 0.0}], lr=t.lr,
                                                betas=tuple(t.betas))
         self.ema = EMA(self.chunks, t.ema_decay)
         self.dataset = SessionDataset(cfg.data.train_url, cfg.storage, resolution=cfg.data.resolution)
@@ -222,9 +222,12 @@ class Trainer:
         return batch
 
     def set_lr(self) -> float:
+        """This step's learning rate, and weight decay per group (`wd_mult`: 0 for biases and vectors, as
+        megatron-core's optimizer groups them; its param scheduler is not used)."""
         lr = self.cfg.train.lr * lr_factor(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            group["weight_decay"] = self.cfg.train.weight_decay * group["wd_mult"]
         return lr
 
     def train_step(self) -> dict:
