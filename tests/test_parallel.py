@@ -112,6 +112,7 @@ def test_data_parallel_with_distributed_optimizer_trains_like_one_process(tmp_pa
                                [m["loss"] for m in metrics(tmp_path / "two")], rtol=RTOL)
     wa = checkpoint.load_weights(checkpoint.latest(str(tmp_path / "one")), use_ema=False)
     wb = checkpoint.load_weights(checkpoint.latest(str(tmp_path / "two")), use_ema=False)
+    wa = {n: t for n, t in wa.items() if isinstance(t, torch.Tensor)}  # not megatron's _extra_state entries
     assert wa.keys() == wb.keys() and len(wa) > 40
     for name, tensor in wa.items():
         assert float((wb[name] - tensor).norm()) <= RTOL * float(tensor.norm()), name
