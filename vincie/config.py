@@ -397,14 +397,19 @@ def validate_parallel(cfg: Config) -> None:
     require(p.micro_batch_size >= 0, "parallel.micro_batch_size", f"must be >= 0, got {p.micro_batch_size}")
 
 
-def check_world(cfg: Config, world_size: int) -> int:
-    """-> the data-parallel size for `world_size` processes; a one-line error when the sizes do not divide."""
-    p = cfg.parallel
+def check_model_parallel(p: ParallelConfig, world_size: int) -> int:
+    """-> the data-parallel size: what TP x PP x CP leaves of `world_size` processes."""
     model_parallel = p.tensor * p.pipeline * p.context
     require(world_size % model_parallel == 0, "parallel.tensor",
             f"x parallel.pipeline x parallel.context ({p.tensor} x {p.pipeline} x {p.context}) must divide "
             f"the world size ({world_size})")
-    dp = world_size // model_parallel
+    return world_size // model_parallel
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """-> the data-parallel size for `world_size` processes; a one-line error when the sizes do not divide."""
+    p = cfg.parallel
+    dp = check_model_parallel(p, world_size)
     require(cfg.train.batch_size % dp == 0, "train.batch_size",
             f"({cfg.train.batch_size}) must be divisible by the number of data-parallel ranks ({dp})")
     local = cfg.train.batch_size // dp

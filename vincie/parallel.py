@@ -18,7 +18,7 @@ import torch.distributed as dist
 import vincie.model  # noqa: F401  (its warning filters must precede megatron-core's import)
 from megatron.core import parallel_state
 
-from vincie.config import Config, ConfigError, ParallelConfig
+from vincie.config import Config, ParallelConfig, check_model_parallel
 
 
 @dataclass
@@ -55,10 +55,7 @@ def init_distributed(parallel: ParallelConfig | None = None) -> DistInfo:
     world = env_int("WORLD_SIZE", "PET_WORLD_SIZE", default=1)
     local_rank = env_int("LOCAL_RANK", "PET_LOCAL_RANK", default=0)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    model_parallel = parallel.tensor * parallel.pipeline * parallel.context
-    if world % model_parallel:
-        raise ConfigError(f"config keys parallel.tensor x parallel.pipeline x parallel.context ({parallel.tensor} x "
-                          f"{parallel.pipeline} x {parallel.context}) must divide the world size ({world})")
+    check_model_parallel(parallel, world)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
