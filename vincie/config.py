@@ -173,6 +173,12 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
+def ffn_hidden_size(m: ModelConfig) -> int:
+    """SwiGLU hidden width: 2/3 of mlp_ratio x hidden (the LLaMA convention, same FLOPs as a plain x4 MLP),
+    rounded up to a multiple of 64."""
+    return -(-int(2 * m.mlp_ratio * m.hidden_size / 3) // 64) * 64
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -387,6 +393,8 @@ def validate_parallel(cfg: Config) -> None:
             f"must divide model.num_heads ({m.num_heads}), got {p.tensor}")
     require(m.hidden_size % p.tensor == 0, "parallel.tensor",
             f"must divide model.hidden_size ({m.hidden_size}), got {p.tensor}")
+    require(ffn_hidden_size(m) % p.tensor == 0, "parallel.tensor",
+            f"must divide the MLP width ({ffn_hidden_size(m)}), got {p.tensor}")
     require(m.num_layers % (p.pipeline * p.virtual_pipeline) == 0, "parallel.pipeline",
             f"x parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline}) must divide model.num_layers "
             f"({m.num_layers})")

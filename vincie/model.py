@@ -49,7 +49,7 @@ from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
 
 from vincie.attention import MaskSpec, attend, prepare_mask  # noqa: E402
-from vincie.config import ModelConfig  # noqa: E402
+from vincie.config import ModelConfig, ffn_hidden_size  # noqa: E402
 from vincie.sequence import BlockType  # noqa: E402
 
 NUM_BLOCK_TYPES = len(BlockType)
@@ -83,12 +83,6 @@ def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: 
     )
     mcfg.has_cond_embedder = True  # read by finalize_model_grads: conditioning embedders on every stage
     return mcfg
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    """SwiGLU hidden width: 2/3 of mlp_ratio x hidden (the LLaMA convention, same FLOPs as a plain x4 MLP),
-    rounded up to a multiple of 64."""
-    return -(-int(2 * cfg.mlp_ratio * cfg.hidden_size / 3) // 64) * 64
 
 
 def tp_world_size() -> int:
