@@ -231,7 +231,6 @@ class Trainer:
         return lr
 
     def train_step(self) -> dict:
-        cfg = self.cfg
         start = time.perf_counter()
         batches = self.make_batches()
         data_s = time.perf_counter() - start
