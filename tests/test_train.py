@@ -112,7 +112,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
     for name, tensor in state_a["model"].items():
         if isinstance(tensor, torch.Tensor):  # megatron-core's _extra_state entries are None
             assert torch.equal(tensor, state_b["model"][name]), name
-    assert state_a["sampler"] == state_b["sampler"]
+    assert state_a["common"]["sampler"] == state_b["common"]["sampler"]
 
 
 def test_two_data_parallel_processes_equal_one(tmp_path, data):

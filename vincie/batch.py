@@ -142,8 +142,13 @@ class SessionEncoder:
         return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full")
 
 
-def collate(samples: list[SampleTokens], device: torch.device, text_dim: int) -> Batch:
-    """Rows of one sample each, padded to the longest (padding tokens attend only to themselves)."""
+def num_tokens(sample: SampleTokens) -> int:
+    return sum(len(t) for t in sample.text) + sum(len(x) for x in sample.latents)
+
+
+def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, length: int | None = None) -> Batch:
+    """Rows of one sample each, padded to `length` tokens (default: the longest row); padding tokens attend only
+    to themselves."""
     layouts = []
     for s in samples:
         text_lengths = [len(t) for t in s.text]
@@ -151,7 +156,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int) ->
         by_source = {b.source: n for b, n in zip([b for b in s.blocks if b.type == BlockType.TEXT], text_lengths)}
         lengths = [by_source.get(i, 0) for i in range(max(by_source, default=-1) + 1)]
         layouts.append(layout(s.blocks, lengths, s.grid, full_attention=s.full_attention))
-    spec = MaskSpec.from_layouts(layouts)
+    spec = MaskSpec.from_layouts(layouts, num_tokens=length)
     B, T = spec.token_block.shape
     NB = spec.block_noisy.shape[1]
     text_index, latent_index, text_tokens, latent_tokens = [], [], [], []

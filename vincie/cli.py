@@ -137,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="launch training processes",
                             description="Launch `vincie train` as several processes.")
     lsub = launch.add_subparsers(dest="launch_command", required=True, metavar="{local}")
-    local = lsub.add_parser("local", help="torchrun on this machine (data parallel; gloo on CPU)",
+    local = lsub.add_parser("local", help="torchrun on this machine (gloo on CPU, NCCL on GPUs)",
                             description="Run `vincie train` under torchrun with N processes on this machine, the "
-                                        "same entry point as on Kubernetes.")
+                                        "same entry point as on Kubernetes. The layout comes from the config: "
+                                        "parallel.tensor, parallel.pipeline, ...; data parallel takes the rest.")
     local.add_argument("--nproc", type=int, required=True, metavar="N", help="processes")
     local.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
     local.add_argument("--no-progress", action="store_true", help="no progress bar")

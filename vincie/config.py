@@ -152,6 +152,19 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model and the batch are split over the processes (megatron-core's parallel_state). The
+    data-parallel size is what is left: world size / (tensor x pipeline x context)."""
+    tensor: int = 1  # heads and MLP width split over this many ranks
+    pipeline: int = 1  # contiguous layer ranges, one stage per rank
+    virtual_pipeline: int = 1  # >1: interleaved 1F1B, this many layer chunks per pipeline rank
+    context: int = 1  # sequence split for attention (not supported yet: must be 1)
+    sequence_parallel: bool = False  # with tensor > 1: norms, modulation and residuals hold 1/tensor of the tokens
+    distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over data-parallel ranks
+    micro_batch_size: int = 0  # sessions per micro-batch on one data-parallel rank; 0 = the whole local batch
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,7 +175,14 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def ffn_hidden_size(m: ModelConfig) -> int:
+    """SwiGLU hidden width: 2/3 of mlp_ratio x hidden (the LLaMA convention, same FLOPs as a plain x4 MLP),
+    rounded up to a multiple of 64."""
+    return -(-int(2 * m.mlp_ratio * m.hidden_size / 3) // 64) * 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,6 +389,50 @@ def validate_synth(s: SynthConfig, prefix: str = "synth.") -> None:
     require(s.shard_size >= 1, prefix + "shard_size", f"must be >= 1, got {s.shard_size}")
 
 
+def validate_parallel(cfg: Config) -> None:
+    """The sizes that do not depend on the world size; `check_world` checks the rest once it is known."""
+    p, m = cfg.parallel, cfg.model
+    for name in ("tensor", "pipeline", "virtual_pipeline", "context"):
+        require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    require(p.context == 1, "parallel.context", f"must be 1 (context parallel is not supported yet), got {p.context}")
+    require(m.num_heads % p.tensor == 0, "parallel.tensor",
+            f"must divide model.num_heads ({m.num_heads}), got {p.tensor}")
+    require(m.hidden_size % p.tensor == 0, "parallel.tensor",
+            f"must divide model.hidden_size ({m.hidden_size}), got {p.tensor}")
+    require(ffn_hidden_size(m) % p.tensor == 0, "parallel.tensor",
+            f"must divide the MLP width ({ffn_hidden_size(m)}), got {p.tensor}")
+    require(m.num_layers % (p.pipeline * p.virtual_pipeline) == 0, "parallel.pipeline",
+            f"x parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline}) must divide model.num_layers "
+            f"({m.num_layers})")
+    require(p.virtual_pipeline == 1 or p.pipeline > 1, "parallel.virtual_pipeline",
+            f"needs parallel.pipeline > 1, got {p.virtual_pipeline} with parallel.pipeline 1")
+    require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel",
+            "needs parallel.tensor > 1")
+    require(p.micro_batch_size >= 0, "parallel.micro_batch_size", f"must be >= 0, got {p.micro_batch_size}")
+
+
+def check_model_parallel(p: ParallelConfig, world_size: int) -> int:
+    """-> the data-parallel size: what TP x PP x CP leaves of `world_size` processes."""
+    model_parallel = p.tensor * p.pipeline * p.context
+    require(world_size % model_parallel == 0, "parallel.tensor",
+            f"x parallel.pipeline x parallel.context ({p.tensor} x {p.pipeline} x {p.context}) must divide "
+            f"the world size ({world_size})")
+    return world_size // model_parallel
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """-> the data-parallel size for `world_size` processes; a one-line error when the sizes do not divide."""
+    p = cfg.parallel
+    dp = check_model_parallel(p, world_size)
+    require(cfg.train.batch_size % dp == 0, "train.batch_size",
+            f"({cfg.train.batch_size}) must be divisible by the number of data-parallel ranks ({dp})")
+    local = cfg.train.batch_size // dp
+    micro = p.micro_batch_size or local
+    require(local % micro == 0, "parallel.micro_batch_size",
+            f"must divide the sessions per data-parallel rank ({local}), got {micro}")
+    return dp
+
+
 def validate(cfg: Config) -> None:
     validate_synth(cfg.synth)
     for name in ("drop_current_image", "drop_current_mask", "drop_next_mask", "masks_present", "drop_text"):
@@ -416,5 +480,6 @@ def validate(cfg: Config) -> None:
     cell = cfg.vae.factor * m.patch_size
     require(cfg.data.resolution % cell == 0, "data.resolution",
             f"must be a multiple of vae.factor x model.patch_size ({cell}), got {cfg.data.resolution}")
+    validate_parallel(cfg)
     require(cfg.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
     require(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")

@@ -75,14 +75,12 @@ class Editor:
             raise VincieError(f"{model_dir}: no complete checkpoint under checkpoints/")
         device = device or init_distributed().device
         model, vae, text_encoder = build_components(cfg, device)
-        state = checkpoint.load(path)
-        if use_ema:  # the EMA holds every parameter; buffers (none today) would keep their initial values
-            missing = model.load_state_dict(state["ema"]["weights"], strict=False).missing_keys
-            params = {n for n, _ in model.named_parameters()}
-            if params & set(missing):
-                raise VincieError(f"{path}: EMA weights lack {sorted(params & set(missing))[:3]}")
-        else:
-            model.load_state_dict(state["model"])
+        weights = checkpoint.load_weights(path, use_ema)
+        # the weights hold every parameter; buffers and megatron's _extra_state entries keep their own values
+        missing = model.load_state_dict(weights, strict=False).missing_keys
+        params = {n for n, _ in model.named_parameters()}
+        if params & set(missing):
+            raise VincieError(f"{path}: checkpoint weights lack {sorted(params & set(missing))[:3]}")
         return Editor(cfg, model, vae, text_encoder, device)
 
     @property

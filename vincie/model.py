@@ -15,11 +15,18 @@ each layer adds its own learned offsets per stream. Modulations and the final la
 (adaLN-Zero, as DiT), so every layer starts as the identity.
 
 Linear layers come from a megatron-core ModuleSpec (`local`: megatron's tensor-parallel linears in pure
-PyTorch); heads are counted per tensor-parallel partition so the same code splits under TP.
+PyTorch); heads are counted per tensor-parallel partition so the same code splits under TP. Their output
+layouts are per head (q, k, v of head 0, then head 1, ...) and per unit (gate, up interleaved), so a contiguous
+split of the weight rows over TP ranks is a split by heads / units, and checkpoints reshard by plain slicing.
+
+Parallelism enters from outside the math (vincie/parallel.py decides): `layers` (global indices) and
+`pre_process` / `post_process` make a pipeline stage; `sequence_parallel` keeps the residual stream as this
+rank's 1/TP of the tokens between the attention and MLP blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -35,18 +42,24 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from megatron.core.tensor_parallel.mappings import (  # noqa: E402
+    gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region)
 from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
 
 from vincie.attention import MaskSpec, attend, prepare_mask  # noqa: E402
-from vincie.config import ModelConfig  # noqa: E402
+from vincie.config import ModelConfig, ffn_hidden_size  # noqa: E402
 from vincie.sequence import BlockType  # noqa: E402
 
 NUM_BLOCK_TYPES = len(BlockType)
 
 
-def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: bool = True) -> TransformerConfig:
-    return TransformerConfig(
+def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: bool = True,
+                    sequence_parallel: bool = False) -> TransformerConfig:
+    """The model's megatron-core config. `qk_layernorm` and `sequence_parallel` tell finalize_model_grads which
+    replicated parameters hold partial gradients on each TP rank (it sums them over the TP group)."""
+    mcfg = TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_heads,
@@ -58,18 +71,28 @@ def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: 
         gated_linear_unit=True,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
+        qk_layernorm=True,
+        sequence_parallel=sequence_parallel,
+        tensor_model_parallel_size=tp_world_size(),
+        pipeline_model_parallel_size=pp_world_size(),
+        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized() else None,
+        pipeline_dtype=dtype,
+        calculate_per_token_loss=True,  # the loss is a sum; finalize_model_grads divides by the global count
+        batch_p2p_comm=False,  # batched isend/irecv over gloo gives silently wrong interleaved-PP gradients
     )
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    """SwiGLU hidden width: 2/3 of mlp_ratio x hidden (the LLaMA convention, same FLOPs as a plain x4 MLP),
-    rounded up to a multiple of 64."""
-    return -(-int(2 * cfg.mlp_ratio * cfg.hidden_size / 3) // 64) * 64
+    mcfg.has_cond_embedder = True  # read by finalize_model_grads: conditioning embedders on every stage
+    return mcfg
 
 
 def tp_world_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
         else 1
+
+
+def pp_world_size() -> int:
+    return parallel_state.get_pipeline_model_parallel_world_size() \
+        if parallel_state.model_parallel_is_initialized() else 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,10 +183,14 @@ class StreamWeights(nn.Module):
                                        gather_output=False, skip_bias_add=False)
         self.linear_fc2 = build_module(sub.linear_fc2, f, h, config=mcfg, init_method=init, bias=True,
                                        input_is_parallel=True, skip_bias_add=False)
-        self.q_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
-        self.k_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
-        # this layer's offsets to the shared adaLN modulation (shift, scale, gate for attention and MLP)
+        # shared by all heads, and each TP rank sees only its own heads: finalize_model_grads sums their
+        # gradients over the TP group (it finds them by these names, with config.qk_layernorm)
+        self.q_layernorm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
+        self.k_layernorm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
+        # this layer's offsets to the shared adaLN modulation (shift, scale, gate for attention and MLP); under
+        # sequence parallel each TP rank applies them to its own tokens: gradients summed over the TP group
         self.modulation = nn.Parameter(torch.zeros(6, h))
+        self.modulation.sequence_parallel = True
 
 
 def run_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -199,12 +226,16 @@ class MMDiTLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, sub: StreamSubmodules, dual: bool):
         super().__init__()
         self.dual = dual
+        self.sequence_parallel = mcfg.sequence_parallel
         self.hidden = cfg.hidden_size
         self.heads_local = cfg.num_heads // tp_world_size()
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.eps = cfg.norm_eps
-        self.latent = StreamWeights(cfg, mcfg, sub)
-        self.text = StreamWeights(cfg, mcfg, sub) if dual else None
+        # the layer gathers and scatters the sequence itself (see gather/scatter), so its linears run without
+        # megatron's own sequence-parallel communication: each stream's token count differs between ranks
+        linear_cfg = dataclasses.replace(mcfg, sequence_parallel=False)
+        self.latent = StreamWeights(cfg, linear_cfg, sub)
+        self.text = StreamWeights(cfg, linear_cfg, sub) if dual else None
 
     def per_stream(self, streams: Streams, x: torch.Tensor, fn) -> torch.Tensor:
         """x [T, B, ...] -> fn applied with each stream's weights -> [T, B, ...]."""
@@ -223,29 +254,42 @@ class MMDiTLayer(nn.Module):
             offsets = torch.where(token_is_text[..., None], self.text.modulation.flatten(), offsets)
         return (shared + offsets).chunk(6, dim=-1)
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequence parallel: this rank's tokens [T/tp, B, H] -> all tokens [T, B, H] for the per-stream linears.
+        The column-parallel linear after it already all-reduces the input gradient, so the backward only keeps
+        this rank's part (tensor_parallel_output_grad=False)."""
+        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False) \
+            if self.sequence_parallel else x
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequence parallel: the row-parallel output [T, B, H] (already all-reduced) -> this rank's tokens."""
+        return scatter_to_sequence_parallel_region(x) if self.sequence_parallel else x
+
     def forward(self, h: torch.Tensor, shared_mod: torch.Tensor, token_is_text: torch.Tensor, rope: tuple,
                 mask, backend: str, streams: Streams) -> torch.Tensor:
-        T, B, H = h.shape
+        """h, shared_mod, token_is_text: [T', B, ...] with T' = T / tp under sequence parallel, else T."""
+        H = h.shape[-1]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(shared_mod, token_is_text)
-        x = modulate(F.rms_norm(h, (H,), eps=self.eps), shift_a, scale_a)
+        x = self.gather(modulate(F.rms_norm(h, (H,), eps=self.eps), shift_a, scale_a))  # [T, B, H]
+        T, B = x.shape[:2]
 
         def qkv(w: StreamWeights, t: torch.Tensor) -> torch.Tensor:
-            q, k, v = run_linear(w.linear_qkv, t).view(t.shape[0], 3, self.heads_local, self.head_dim).unbind(1)
-            return torch.stack([w.q_norm(q), w.k_norm(k), v], dim=1)
+            q, k, v = run_linear(w.linear_qkv, t).view(t.shape[0], self.heads_local, 3, self.head_dim).unbind(2)
+            return torch.stack([w.q_layernorm(q), w.k_layernorm(k), v], dim=1)
 
-        q, k, v = self.per_stream(streams, x, qkv).unbind(2)  # each [T, B, heads, D]
+        q, k, v = self.per_stream(streams, x, qkv).unbind(2)  # each [T, B, heads/tp, D]
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attend(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), mask, backend)  # (B, heads, T, D)
+        out = attend(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), mask, backend)  # (B, heads/tp, T, D)
         out = out.permute(2, 0, 1, 3).reshape(T, B, self.heads_local * self.head_dim)
-        h = h + gate_a * self.per_stream(streams, out, lambda w, t: run_linear(w.linear_proj, t))
+        h = h + gate_a * self.scatter(self.per_stream(streams, out, lambda w, t: run_linear(w.linear_proj, t)))
 
-        x = modulate(F.rms_norm(h, (H,), eps=self.eps), shift_m, scale_m)
+        x = self.gather(modulate(F.rms_norm(h, (H,), eps=self.eps), shift_m, scale_m))  # [T, B, H]
 
         def mlp(w: StreamWeights, t: torch.Tensor) -> torch.Tensor:
-            gate, up = run_linear(w.linear_fc1, t).chunk(2, dim=-1)
+            gate, up = run_linear(w.linear_fc1, t).unflatten(-1, (-1, 2)).unbind(-1)  # [N, ffn/tp] each
             return run_linear(w.linear_fc2, F.silu(gate) * up)
 
-        return h + gate_m * self.per_stream(streams, x, mlp)
+        return h + gate_m * self.scatter(self.per_stream(streams, x, mlp))
 
 
 class FinalLayer(nn.Module):
@@ -285,16 +329,28 @@ class ModelInputs:
         return ModelInputs(**fields)
 
 
-class MMDiT(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: bool = True):
-        super().__init__()
+class MMDiT(MegatronModule):
+    """The MM-DiT, or one pipeline stage of it: `layers` are the global indices of the layers it holds;
+    `pre_process` (the first stage) embeds the tokens, the other stages take the previous stage's hidden states
+    through `set_input_tensor`; `post_process` (the last stage) applies the final layer. The conditioning
+    (timestep, type and turn embeddings, adaLN projection, RoPE angles, attention mask) is computed on every
+    stage from the batch; its embedders are replicated per stage and their gradients summed over the pipeline
+    group by finalize_model_grads (the `pipeline_parallel` tag, as megatron-core's DiT models do)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: bool = True,
+                 layers: range | None = None, pre_process: bool = True, post_process: bool = True,
+                 sequence_parallel: bool = False):
+        super().__init__(megatron_config(cfg, dtype, init, sequence_parallel))
         self.cfg = cfg
-        mcfg = megatron_config(cfg, dtype, init)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = sequence_parallel
+        self.input_tensor = None
         sub = layer_spec(cfg.spec)
         h = cfg.hidden_size
         self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2
-        self.patch_embed = nn.Linear(self.patch_dim, h)
-        self.text_proj = nn.Linear(cfg.text_dim, h)
+        if pre_process:
+            self.patch_embed = nn.Linear(self.patch_dim, h)
+            self.text_proj = nn.Linear(cfg.text_dim, h)
         self.t_embedder = TimestepEmbedder(h)
         self.type_embed = nn.Embedding(NUM_BLOCK_TYPES, h)
         self.turn_embed = nn.Embedding(cfg.max_turns, h)
@@ -303,9 +359,15 @@ class MMDiT(nn.Module):
         self.adaln = nn.Linear(h, 6 * h)
         nn.init.zeros_(self.adaln.weight)
         nn.init.zeros_(self.adaln.bias)
-        self.layers = nn.ModuleList(MMDiTLayer(cfg, mcfg, sub, dual=i < cfg.dual_stream_layers)
-                                    for i in range(cfg.num_layers))
-        self.final = FinalLayer(h, self.patch_dim, cfg.norm_eps)
+        for module in (self.t_embedder, self.type_embed, self.turn_embed, self.adaln):
+            for p in module.parameters():
+                p.pipeline_parallel = True
+        layers = range(cfg.num_layers) if layers is None else layers
+        # keyed by global layer index, so parameter names are the same in every pipeline layout
+        self.layers = nn.ModuleDict({str(i): MMDiTLayer(cfg, self.config, sub, dual=i < cfg.dual_stream_layers)
+                                     for i in layers})
+        if post_process:
+            self.final = FinalLayer(h, self.patch_dim, cfg.norm_eps)
         if init:
             nn.init.normal_(self.type_embed.weight, std=0.02)
             nn.init.normal_(self.turn_embed.weight, std=0.02)
@@ -313,33 +375,51 @@ class MMDiT(nn.Module):
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
 
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron-core's pipeline schedules with the previous stage's output (a list of one)."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
     def attention_backend(self, device: torch.device) -> str:
         if self.cfg.attention_backend != "auto":
             return self.cfg.attention_backend
         return "flex" if device.type == "cuda" else "sdpa"
 
+    def split_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, B, ...] -> this rank's [T/tp, B, ...] under sequence parallel (backward: all-gather)."""
+        return scatter_to_sequence_parallel_region(x) if self.sequence_parallel else x
+
+    def embed(self, inputs: ModelInputs, T: int, B: int) -> torch.Tensor:
+        """-> h [T, B, H]: text and latent tokens projected and placed in sequence order."""
+        h = self.patch_embed.weight.new_zeros(T * B, self.cfg.hidden_size)
+        h[inputs.text_index] = self.text_proj(inputs.text_tokens).to(h.dtype)
+        h[inputs.latent_index] = self.patch_embed(inputs.latent_tokens).to(h.dtype)
+        return h.view(T, B, -1)
+
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
-        """-> predicted velocity for every latent token [N_lat, C*p*p] (the loss uses the NOISY ones)."""
+        """-> the last stage: predicted velocity for every latent token [N_lat, C*p*p] (the loss uses the NOISY
+        ones); other stages: hidden states [T', B, H] for the next stage (T' = T/tp under sequence parallel)."""
         spec = inputs.mask
         B, T = spec.token_block.shape
         H = self.cfg.hidden_size
         streams = Streams(inputs.text_index, inputs.latent_index, T * B)
-        h = self.patch_embed.weight.new_zeros(T * B, H)
-        h[inputs.text_index] = self.text_proj(inputs.text_tokens).to(h.dtype)
-        h[inputs.latent_index] = self.patch_embed(inputs.latent_tokens).to(h.dtype)
-        h = h.view(T, B, H)
+        h = self.split_sequence(self.embed(inputs, T, B)) if self.pre_process else self.input_tensor
         cond_block = self.t_embedder(inputs.block_t) + self.type_embed(inputs.block_type) \
             + self.turn_embed(inputs.block_turn)  # (B, NB, H)
         cond_token = torch.gather(cond_block, 1, spec.token_block[..., None].expand(-1, -1, H)).transpose(0, 1)
-        shared_mod = self.adaln(F.silu(cond_token))  # [T, B, 6H]
+        shared_mod = self.split_sequence(self.adaln(F.silu(cond_token)))  # [T', B, 6H]
         token_is_text = torch.gather(inputs.block_type == int(BlockType.TEXT), 1, spec.token_block).transpose(0, 1)
+        token_is_text = self.split_sequence(token_is_text)  # [T', B]
         head_dim = H // self.cfg.num_heads
         angles = rope_angles(inputs.positions, head_dim, self.cfg.rope_theta)[:, :, None, :]  # [T, B, 1, D/2]
         rope = (torch.cos(angles), torch.sin(angles))
         backend = self.attention_backend(h.device)
         mask = prepare_mask(spec, backend)
-        for layer in self.layers:
+        for layer in self.layers.values():
             h = layer(h, shared_mod, token_is_text, rope, mask, backend, streams)
+        if not self.post_process:
+            return h
+        if self.sequence_parallel:  # the final layer and the loss run on all tokens, the same on every TP rank
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
         out = self.final(h, cond_token)  # [T, B, C*p*p]
         return out.reshape(T * B, -1)[inputs.latent_index]
 

@@ -3,6 +3,7 @@
 torchrun (and JobSet) set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; Kubeflow's PyTorchJob may
 set PET_* equivalents. With none of them set, vincie runs as a world of one (a local TCP store on a free port),
 so the same model code, built from megatron-core's parallel layers, runs in a plain `python` process too.
+The parallel sizes come from the config's `parallel` section; data parallel is what is left of the world.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import vincie.model  # noqa: F401  (its warning filters must precede megatron-core's import)
 from megatron.core import parallel_state
 
-from vincie.errors import VincieError
+from vincie.config import Config, ParallelConfig, check_model_parallel
 
 
 @dataclass
@@ -47,11 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> DistInfo:
+def init_distributed(parallel: ParallelConfig | None = None) -> DistInfo:
+    """torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's TP/PP/DP groups."""
+    parallel = parallel or ParallelConfig()
     rank = env_int("RANK", "PET_RANK", default=0)
     world = env_int("WORLD_SIZE", "PET_WORLD_SIZE", default=1)
     local_rank = env_int("LOCAL_RANK", "PET_LOCAL_RANK", default=0)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    check_model_parallel(parallel, world)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -62,14 +66,43 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> Di
             os.environ.setdefault("MASTER_ADDR", os.environ.get("PET_MASTER_ADDR", "127.0.0.1"))
             os.environ.setdefault("MASTER_PORT", os.environ.get("PET_MASTER_PORT", "29500"))
             dist.init_process_group(backend, rank=rank, world_size=world)
-    if world % (tensor_parallel * pipeline_parallel):
-        raise VincieError(f"world size {world} is not divisible by tensor_parallel x pipeline_parallel "
-                          f"({tensor_parallel} x {pipeline_parallel})")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline if parallel.virtual_pipeline > 1 else None,
+        context_parallel_size=parallel.context)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank,
                     dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
                     device=device)
+
+
+def megatron_runtime() -> bool:
+    """Whether megatron-core's DDP, optimizer, pipeline schedules and dist_checkpointing can run here: they place
+    some tensors on CUDA even for a CPU model (`torch.cuda.current_device()`, `device="cuda"`), so they need a
+    GPU, or the tests' CPU shim (tests/megatron_cpu_shim.py) which makes those calls answer with the CPU."""
+    try:
+        torch.cuda.current_device()
+        return True
+    except (AssertionError, RuntimeError):
+        return False
+
+
+def model_stages(cfg: Config) -> list[dict]:
+    """This rank's model chunks as MMDiT arguments: contiguous layer ranges, interleaved over the pipeline ranks
+    when virtual_pipeline > 1 (chunk v of rank r holds block v * pipeline + r of the layers, as megatron-core's
+    interleaved schedule expects)."""
+    p = cfg.parallel
+    rank, size = parallel_state.get_pipeline_model_parallel_rank(), p.pipeline
+    per_chunk = cfg.model.num_layers // (size * p.virtual_pipeline)
+    stages = []
+    for v in range(p.virtual_pipeline):
+        first = (v * size + rank) * per_chunk
+        stages.append({"layers": range(first, first + per_chunk),
+                       "pre_process": v == 0 and rank == 0,
+                       "post_process": v == p.virtual_pipeline - 1 and rank == size - 1,
+                       "sequence_parallel": p.sequence_parallel})
+    return stages
 
 
 def shutdown() -> None:

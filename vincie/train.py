@@ -1,8 +1,9 @@
-"""`vincie train`: the training loop (single process, or data parallel under torchrun).
+"""`vincie train`: the training loop (single process, or one rank of a TP/PP/DP layout under torchrun).
 
-Each step: the sampler hands this rank its sessions -> SessionEncoder builds block-causal sequences (context
-dropout, logit-normal timesteps, noise) -> the MM-DiT predicts velocities -> per-task weighted flow loss ->
-AdamW with warmup + cosine, gradient clipping, EMA. Every random draw of step s comes from generators seeded by
+Each step: the sampler hands this data-parallel rank its sessions -> SessionEncoder builds block-causal
+sequences (context dropout, logit-normal timesteps, noise), in micro-batches -> the MM-DiT (or this rank's
+pipeline stage of it) predicts velocities -> per-task weighted flow loss -> AdamW with warmup + cosine, gradient
+clipping, EMA. Every random draw of step s comes from generators seeded by
 (seed, s, rank), so a resumed run repeats the uninterrupted one exactly.
 
 Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per log step), checkpoints/.
@@ -10,6 +11,7 @@ Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,13 +24,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vincie import checkpoint, storage
-from vincie.batch import Batch, SessionEncoder, collate
+from vincie.batch import Batch, SessionEncoder, collate, num_tokens
 from vincie.components import build_components
-from vincie.config import Config, ConfigError, DataConfig, to_dict, to_yaml
+from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict, to_yaml
 from vincie.data import EpochSampler, SamplerState, SessionDataset, sub_session, truncate
 from vincie.diffusion import output_to_velocity
 from vincie.errors import VincieError
-from vincie.parallel import DistInfo, init_distributed
+from vincie.parallel import DistInfo, init_distributed, megatron_runtime, model_stages
 from vincie.sequence import TASKS
 
 
@@ -50,26 +52,21 @@ def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float]
 
 class EMA:
     """Exponential moving average of the weights, with the usual warmup: the decay at update n is
-    min(decay, (1 + n) / (10 + n)), so short runs do not average in their random initialisation."""
+    min(decay, (1 + n) / (10 + n)), so short runs do not average in their random initialisation. One shadow dict
+    per model chunk (a pipeline rank may hold several)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, chunks: list[torch.nn.Module], decay: float):
         self.decay = decay
         self.updates = 0
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.shadow = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in chunks]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, chunks: list[torch.nn.Module]) -> None:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1 - decay)
-
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "weights": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.updates = state["updates"]
-        self.shadow = {n: t.clone() for n, t in state["weights"].items()}
+        for shadow, chunk in zip(self.shadow, chunks):
+            for n, p in chunk.named_parameters():
+                shadow[n].lerp_(p.detach(), 1 - decay)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -106,55 +103,115 @@ def check_run_dir(cfg: Config) -> None:
                               "run.out_dir to start a new run")
 
 
+def needs_megatron(cfg: Config) -> bool:
+    p = cfg.parallel
+    return p.tensor > 1 or p.pipeline > 1 or p.distributed_optimizer
+
+
 class Trainer:
+    """One optimizer step = the step's global batch, split over data-parallel ranks and, on each, into
+    micro-batches whose gradients accumulate.
+
+    Two runtimes, one loss. **megatron** (GPUs; on CPU only under the tests' shim, see parallel.megatron_runtime):
+    megatron-core DDP (+ distributed optimizer), its optimizer, and `get_forward_backward_func` (no pipelining,
+    1F1B or interleaved 1F1B), checkpoints through dist_checkpointing. **plain** (a CPU machine without CUDA:
+    `make demo`, tests): torch DDP and torch AdamW, data parallel only, checkpoints as one state.pt. Both divide
+    the summed loss by the target-token count of the global batch, so results do not depend on the split.
+    """
+
     def __init__(self, cfg: Config, dist_info: DistInfo, progress: bool = True):
         self.cfg, self.info, self.progress = cfg, dist_info, progress
-        t = cfg.train
-        if t.batch_size % dist_info.dp_size:
-            raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be divisible by the number of "
-                              f"data-parallel ranks ({dist_info.dp_size})")
+        t, p = cfg.train, cfg.parallel
+        check_world(cfg, dist_info.world_size)
+        self.megatron = megatron_runtime()
+        if needs_megatron(cfg) and not self.megatron:
+            raise ConfigError("config keys parallel.tensor, parallel.pipeline and parallel.distributed_optimizer "
+                              "need megatron-core's runtime, which needs CUDA; this machine has no GPU")
+        self.micro_batch_size = p.micro_batch_size or t.batch_size // dist_info.dp_size
         torch.manual_seed(cfg.run.seed)
-        self.model, self.vae, self.text_encoder = build_components(cfg, dist_info.device)
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True) \
-            if dist_info.world_size > 1 else None
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.ema = EMA(self.model, t.ema_decay)
+        stages = model_stages(cfg) if self.megatron else None
+        model, self.vae, self.text_encoder = build_components(cfg, dist_info.device, stages)
+        self.chunks = model if stages is not None else [model]
+        self.model = self.chunks[0]  # the whole model, except under pipeline parallel
+        if self.megatron:
+            self.wrapped, self.optimizer = self.megatron_setup()
+        else:
+            self.wrapped = [torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+                            if dist_info.world_size > 1 else self.model]
+            decay, no_decay = [], []
+            for param in self.model.parameters():
+                (decay if param.ndim >= 2 else no_decay).append(param)
+            self.optimizer = torch.optim.AdamW([{"params": decay, "wd_mult": 1.0},
+                                                {"params": no_decay, "wd_mult": 0.0}], lr=t.lr,
+                                               betas=tuple(t.betas))
+        self.ema = EMA(self.chunks, t.ema_decay)
         self.dataset = SessionDataset(cfg.data.train_url, cfg.storage, resolution=cfg.data.resolution)
         self.sampler = EpochSampler(len(self.dataset), cfg.run.seed, t.batch_size)
         self.encoder = SessionEncoder(cfg, self.vae, self.text_encoder, dist_info.device)
         self.step = 0
 
-    # -- state ----------------------------------------------------------------------------------------------
+    def megatron_setup(self):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        t, p = self.cfg.train, self.cfg.parallel
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=p.distributed_optimizer)
+        wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in self.chunks]
+        config = self.chunks[0].config  # the schedules read the first chunk's config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=t.lr, weight_decay=t.weight_decay, adam_beta1=t.betas[0],
+                            adam_beta2=t.betas[1], clip_grad=t.grad_clip,
+                            use_distributed_optimizer=p.distributed_optimizer), wrapped)
+        return wrapped, optimizer
+
+    # -- state (the plain runtime's checkpoint; the megatron runtime's is in checkpoint.py) -------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "sampler": asdict(self.sampler.state), "torch_rng": torch.get_rng_state(),
+        return {"model": self.model.state_dict(), "ema": {"updates": self.ema.updates, "weights": self.ema.shadow[0]},
+                "optimizer": self.optimizer.state_dict(), "common": self.common_state()}
+
+    def common_state(self) -> dict:
+        """What every rank holds the same: step, data position, RNG, config."""
+        return {"step": self.step, "sampler": asdict(self.sampler.state), "torch_rng": torch.get_rng_state(),
                 "config": to_dict(self.cfg)}
+
+    def load_common(self, common: dict) -> None:
+        self.step = common["step"]
+        self.sampler.state = SamplerState(**common["sampler"])
+        torch.set_rng_state(common["torch_rng"])
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        self.ema.updates = state["ema"]["updates"]
+        self.ema.shadow = [{n: t.clone() for n, t in state["ema"]["weights"].items()}]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        self.sampler.state = SamplerState(**state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        self.load_common(state["common"])
 
     def save(self) -> None:
-        if self.info.is_main:
+        if self.megatron:
+            checkpoint.save_sharded(self)
+        elif self.info.is_main:
             checkpoint.save(self.cfg.run.out_dir, self.step, self.state(), self.cfg.train.keep_checkpoints)
         if dist.is_initialized():
             dist.barrier()
 
+    def resume(self) -> str | None:
+        path = checkpoint.latest(self.cfg.run.out_dir)
+        if path:
+            if self.megatron:
+                checkpoint.load_sharded(self, path)
+            else:
+                self.load(checkpoint.load(path))
+        return path
+
     # -- one step -------------------------------------------------------------------------------------------
-    def make_batch(self) -> Batch:
-        """This rank's share of the step's global batch: sample i of the global batch goes to rank i % dp_size
-        and draws its randomness from (seed, step, i)."""
+    def make_batches(self) -> list[Batch]:
+        """This rank's share of the step's global batch, as micro-batches: sample i of the global batch goes to
+        data-parallel rank i % dp_size and draws its randomness from (seed, step, i). Every TP/PP rank of one
+        data-parallel replica builds the same micro-batches."""
         rows = self.sampler.next_rows(self.info.dp_rank, self.info.dp_size)
         samples = []
         for j, row in enumerate(rows):
@@ -163,56 +220,150 @@ class Trainer:
             if self.cfg.data.mode == "pairs":
                 session = sub_session(session, int(rng.integers(0, session.turns)), 1)
             samples.append(self.encoder.training_sample(session, rng, generator))
-        return collate(samples, self.info.device, self.cfg.model.text_dim)
+        # one length for all micro-batches of the step (megatron's pipeline schedules send fixed-shape tensors),
+        # a multiple of TP under sequence parallel (the tokens split evenly over TP ranks)
+        multiple = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
+        length = -(-max(num_tokens(s) for s in samples) // multiple) * multiple
+        return [collate(samples[k:k + self.micro_batch_size], self.info.device, self.cfg.model.text_dim, length)
+                for k in range(0, len(samples), self.micro_batch_size)]
+
+    def make_batch(self) -> Batch:
+        """The local batch as one batch (with parallel.micro_batch_size 0)."""
+        (batch,) = self.make_batches()
+        return batch
+
+    def set_lr(self) -> float:
+        """This step's learning rate, and weight decay per group (`wd_mult`: 0 for biases and vectors, as
+        megatron-core's optimizer groups them; its param scheduler is not used)."""
+        lr = self.cfg.train.lr * lr_factor(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = self.cfg.train.weight_decay * group["wd_mult"]
+        return lr
 
     def train_step(self) -> dict:
-        cfg = self.cfg
         start = time.perf_counter()
-        batch = self.make_batch()
+        batches = self.make_batches()
         data_s = time.perf_counter() - start
-        model = self.ddp or self.model
-        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-            output = model(batch.inputs)
-        weighted_sum, per_task = flow_loss_sums(output, batch, cfg.diffusion.loss_weights, cfg.diffusion.prediction)
-        count = torch.tensor(float(batch.target.shape[0]))
-        if dist.is_initialized() and self.info.dp_size > 1:
-            dist.all_reduce(count)  # target tokens of the global batch
-        # DDP averages gradients over ranks; scale so the result is the global token mean
-        loss = weighted_sum * self.info.dp_size / count.clamp(min=1)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-        finite = bool(torch.isfinite(grad_norm))
+        sums = self.forward_backward(batches)
+        lr = self.set_lr()
+        grad_norm, finite = self.optimizer_step()
         if finite:
-            self.optimizer.step()
-            self.ema.update(self.model)
-        self.scheduler.step()
+            self.ema.update(self.chunks)
         self.step += 1
-        return {"step": self.step, "loss_sum": float(weighted_sum.detach()), "count": float(count), "grad_norm": float(grad_norm),
-                "finite": finite, "lr": self.scheduler.get_last_lr()[0], "samples": batch.num_samples,
-                "tokens": int(batch.inputs.mask.token_block.numel()), "task_sums": per_task,
+        return {"step": self.step, "loss_sum": sums["loss_sum"], "count": sums["count"], "grad_norm": grad_norm,
+                "finite": finite, "lr": lr, "samples": sum(b.num_samples for b in batches),
+                "tokens": sum(int(b.inputs.mask.token_block.numel()) for b in batches),
+                "task_sums": sums["task_sums"], "reporter": sums["reporter"],
                 "data_s": data_s, "step_s": time.perf_counter() - start}
+
+    def forward_backward(self, batches: list[Batch]) -> dict:
+        """Gradients of the step's loss (summed over micro-batches, divided by the global target-token count)
+        -> {loss_sum, count, task_sums, reporter}; loss_sum is this rank's (zero where it holds no loss)."""
+        count = torch.tensor(float(sum(b.target.shape[0] for b in batches)))
+        if self.info.dp_size > 1:
+            dist.all_reduce(count, group=data_parallel_group())  # target tokens of the global batch
+        sums = self.forward_backward_megatron(batches) if self.megatron else self.forward_backward_plain(batches, count)
+        return sums | {"count": float(count)}
+
+    def forward_backward_plain(self, batches: list[Batch], count: torch.Tensor) -> dict:
+        """torch DDP averages gradients over ranks; scaling by dp_size / count makes that the global token mean."""
+        model = self.wrapped[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        total, task_sums = 0.0, []
+        for k, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if k == len(batches) - 1 or model is self.model else model.no_sync()
+            with sync, torch.autocast(self.info.device.type, dtype=torch.bfloat16,
+                                      enabled=self.cfg.train.precision == "bf16"):
+                weighted_sum, per_task = flow_loss_sums(model(batch.inputs), batch, self.cfg.diffusion.loss_weights,
+                                                        self.cfg.diffusion.prediction)
+                (weighted_sum * self.info.dp_size / count.clamp(min=1)).backward()
+            total += float(weighted_sum.detach())
+            task_sums.append(per_task)
+        return {"loss_sum": total, "task_sums": add_task_sums(task_sums), "reporter": True}
+
+    def forward_backward_megatron(self, batches: list[Batch]) -> dict:
+        """megatron-core's schedule for this layout; the loss function returns (sum, token count), megatron sums
+        the counts over micro-batches and data-parallel ranks and divides the gradients by the total
+        (calculate_per_token_loss)."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        weights = self.cfg.diffusion.loss_weights
+        precision = self.cfg.train.precision
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                output = model(batch.inputs)
+
+            def loss_func(pred: torch.Tensor):
+                weighted_sum, per_task = flow_loss_sums(pred, batch, weights, self.cfg.diffusion.prediction)
+                count = torch.tensor(batch.target.shape[0], dtype=torch.int)
+                return weighted_sum, count, {"loss_sum": float(weighted_sum.detach()), "task_sums": per_task}
+            return output, loss_func
+
+        for w in self.wrapped:
+            w.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        first = batches[0].inputs.mask.token_block.shape
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.wrapped],
+            model=self.wrapped if len(self.wrapped) > 1 else self.wrapped[0], num_microbatches=len(batches),
+            seq_length=first[1], micro_batch_size=first[0], forward_only=False)
+        reporter = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+            parallel_state.get_tensor_model_parallel_rank() == 0
+        return {"loss_sum": sum(r["loss_sum"] for r in results),
+                "task_sums": add_task_sums([r["task_sums"] for r in results]), "reporter": reporter}
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Clip and step unless the gradient norm is not finite (then the step is skipped and counted)."""
+        clip = self.cfg.train.grad_clip
+        if self.megatron:
+            self.optimizer.prepare_grads()
+            grad_norm = float(self.optimizer.get_grad_norm())
+            finite = math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.clip_grad_norm(clip)
+                self.optimizer.step_with_ready_grads()
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            finite = math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+        return grad_norm, finite
+
+
+def add_task_sums(per_batch: list[dict]) -> dict:
+    return {t: (sum(d[t][0] for d in per_batch), sum(d[t][1] for d in per_batch)) for t in TASKS}
+
+
+def data_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
 
 
 def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
-    """Averages a window of step logs over steps and ranks (one all-reduce per log line)."""
+    """Averages a window of step logs over steps and data-parallel replicas (one all-reduce per log line). One
+    rank per replica reports (the last pipeline stage's TP rank 0: it holds the loss); the others add zeros."""
     sums = [sum(l["loss_sum"] / l["count"] for l in logs), sum(l["samples"] for l in logs),
             sum(l["tokens"] for l in logs),
-            sum(l["step_s"] for l in logs), sum(l["data_s"] for l in logs)]
+            sum(l["step_s"] for l in logs), sum(l["data_s"] for l in logs), 1.0]
     for t in TASKS:
         sums += [sum(l["task_sums"][t][0] for l in logs), sum(l["task_sums"][t][1] for l in logs)]
-    values = torch.tensor(sums, dtype=torch.float64)
+    values = torch.tensor(sums, dtype=torch.float64) * float(logs[-1]["reporter"])
     if dist.is_initialized():
         dist.all_reduce(values)
-    seconds = float(values[3]) / info.world_size
+    seconds = float(values[3]) / float(values[5])
     out = {"step": logs[-1]["step"], "loss": float(values[0]) / len(logs), "lr": logs[-1]["lr"],
            "grad_norm": logs[-1]["grad_norm"], "samples_per_s": float(values[1]) / seconds,
            "tokens_per_s": float(values[2]) / seconds, "step_s": seconds / len(logs),
            "data_wait_share": float(values[4]) / float(values[3]),
            "nonfinite_steps": sum(not l["finite"] for l in logs)}
     for k, t in enumerate(TASKS):
-        count = float(values[6 + 2 * k])
-        out[f"loss_{t}"] = float(values[5 + 2 * k]) / count if count else None
+        count = float(values[7 + 2 * k])
+        out[f"loss_{t}"] = float(values[6 + 2 * k]) / count if count else None
     return out
 
 
@@ -225,16 +376,15 @@ def append_metrics(path: str, record: dict, resume_step: int | None) -> None:
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
-    info = init_distributed()
+    info = init_distributed(cfg.parallel)
     if info.is_main:
         check_run_dir(cfg)
         os.makedirs(cfg.run.out_dir, exist_ok=True)
         storage.write_bytes_atomic(os.path.join(cfg.run.out_dir, "config.yaml"), to_yaml(cfg).encode())
     trainer = Trainer(cfg, info, progress)
-    resume_from = checkpoint.latest(cfg.run.out_dir)
+    resume_from = trainer.resume()
     resumed_step = None
     if resume_from:
-        trainer.load(checkpoint.load(resume_from))
         resumed_step = trainer.step
         if info.is_main:
             print(f"train: resuming from {resume_from} (step {trainer.step})")

@@ -1,0 +1,78 @@
+"""TEST-ONLY worker for tests/test_parallel.py, run as `torchrun ... parallel_worker.py CONFIG OUT MODE [k=v ...]`
+(one process: the single-process reference; two: a parallel layout), always under the CPU shim.
+
+MODE grads: load the initial weights of CONFIG's run (checkpoint step 0), run one forward/backward, write the loss
+    and every parameter's gradient, gathered to full tensors, to OUT (torch.save) from rank 0.
+MODE train: resume CONFIG's run (train.steps, checkpoint_every from CONFIG), write the step losses to OUT.
+MODE init: random weights (no zero-initialised layers) saved as the run's checkpoint step 0, from one process.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import megatron_cpu_shim  # noqa: E402
+
+megatron_cpu_shim.install()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+
+from vincie.config import load_config  # noqa: E402
+from vincie.parallel import init_distributed, shutdown  # noqa: E402
+from vincie.train import Trainer, train  # noqa: E402
+
+
+def gathered_grads(trainer: Trainer) -> dict:
+    """Every parameter's gradient as a full tensor (TP slices concatenated), on rank 0."""
+    local = []
+    for chunk in trainer.chunks:
+        for name, param in chunk.named_parameters():
+            split = getattr(param, "tensor_model_parallel", False)
+            local.append((name, param.main_grad.detach().clone(), param.partition_dim if split else None,
+                          ps.get_tensor_model_parallel_rank()))
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, local)
+    parts = {}
+    for rank_items in everything:
+        for name, grad, dim, tp_rank in rank_items:
+            parts.setdefault(name, {})[tp_rank] = (grad, dim)
+    full = {}
+    for name, by_rank in parts.items():
+        grads = [by_rank[r][0] for r in sorted(by_rank)]
+        dim = by_rank[min(by_rank)][1]
+        full[name] = torch.cat(grads, dim=dim) if dim is not None else grads[0]
+    return full
+
+
+def main() -> None:
+    config, out, mode, *overrides = sys.argv[1:]
+    cfg = load_config(config, overrides)
+    if mode == "train":
+        train(cfg, progress=False)
+        shutdown()
+        return
+    info = init_distributed(cfg.parallel)
+    trainer = Trainer(cfg, info, progress=False)
+    if mode == "init":
+        torch.manual_seed(1)
+        with torch.no_grad():  # leave adaLN-Zero, so every parameter gets a gradient
+            for param in trainer.model.parameters():
+                param.normal_(0.0, 0.05)
+        trainer.ema.shadow = [{n: p.detach().clone() for n, p in trainer.model.named_parameters()}]
+        trainer.save()
+    else:
+        trainer.resume()
+        sums = trainer.forward_backward(trainer.make_batches())
+        losses = [None] * dist.get_world_size()
+        dist.all_gather_object(losses, sums["loss_sum"] / sums["count"] if sums["reporter"] else None)
+        grads = gathered_grads(trainer)
+        if info.is_main:
+            torch.save({"loss": sum(l for l in losses if l is not None), "grads": grads}, out)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

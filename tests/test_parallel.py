@@ -1,0 +1,193 @@
+"""Megatron-style parallelism on CPU: every split computes what one process computes.
+
+Two processes over gloo (torchrun), megatron-core made CPU-capable by the test-only shim
+(tests/megatron_cpu_shim.py), each run compared with the single-process run from the same weights and data:
+TP=2 (with and without sequence parallel) and PP=2 (1F1B and interleaved) give the same loss and gradients;
+DP=2 with the distributed optimizer trains like one process; checkpoints saved under one layout continue
+identically under another; `vincie launch local ... parallel.tensor=2` trains and resumes.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vincie import checkpoint
+from vincie.config import ConfigError, check_world, load_config
+
+from conftest import REPO, run_vincie
+from helpers import make_data, write_config
+
+TESTS = os.path.join(REPO, "tests")
+WORKER = os.path.join(TESTS, "parallel_worker.py")
+SHIM_ENV = {"PYTHONPATH": os.pathsep.join([os.path.join(TESTS, "shim_site"), REPO,
+                                           os.environ.get("PYTHONPATH", "")])}
+RTOL = 1e-5
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               WORKER, *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])})
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
+        raise AssertionError(f"worker {' '.join(args)} failed:\n" + "\n".join(errors[-15:]))
+
+
+def metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data") / "train", sessions=16)
+
+
+def reference(root, data, layers: int) -> tuple[str, list[str], dict]:
+    """A run directory whose step-0 checkpoint holds random weights, and its single-process loss and gradients."""
+    config = write_config(root / "c.yaml", root / "run", data)
+    overrides = [f"model.num_layers={layers}", "parallel.micro_batch_size=1"]
+    torchrun(1, config, "-", "init", *overrides)
+    torchrun(1, config, str(root / "one.pt"), "grads", *overrides)
+    return config, overrides, torch.load(root / "one.pt")
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory, data):
+    return reference(tmp_path_factory.mktemp("two_layers"), data, layers=2)
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory, data):
+    return reference(tmp_path_factory.mktemp("four_layers"), data, layers=4)
+
+
+def assert_same_loss_and_gradients(one: dict, split: dict) -> None:
+    assert abs(split["loss"] - one["loss"]) <= RTOL * abs(one["loss"]), (one["loss"], split["loss"])
+    assert split["grads"].keys() == one["grads"].keys()
+    for name, grad in one["grads"].items():
+        other = split["grads"][name]
+        assert other.shape == grad.shape, name
+        assert grad.norm() > 0, f"{name} has no gradient: the check would be empty"
+        assert float((other - grad).norm() / grad.norm()) <= RTOL, name
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor=2"],
+                                    ["parallel.tensor=2", "parallel.sequence_parallel=true"]],
+                         ids=["tp2", "tp2-sp"])
+def test_tensor_parallel_gives_the_single_process_loss_and_gradients(tmp_path, two_layers, layout):
+    config, overrides, one = two_layers
+    torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
+    assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.pipeline=2"],
+                                    ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]],
+                         ids=["pp2-1f1b", "pp2-interleaved"])
+def test_pipeline_parallel_gives_the_single_process_loss_and_gradients(tmp_path, four_layers, layout):
+    config, overrides, one = four_layers  # 4 micro-batches of one session
+    torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
+    assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
+
+
+@pytest.mark.slow
+def test_data_parallel_with_distributed_optimizer_trains_like_one_process(tmp_path, two_layers):
+    """Two steps from random weights (step 0 of the reference run): one process against two data-parallel
+    processes with megatron-core DDP and the distributed optimizer (ZeRO-1), the same global batch of 4 sessions
+    as micro-batches of one (4 accumulated in one process, 2 per rank in two). Losses and every parameter after
+    the two steps agree."""
+    config, overrides, _ = two_layers
+    reference_run = os.path.join(os.path.dirname(config), "run")
+    train = ["train.steps=2", "train.checkpoint_every=2", *overrides]
+    for name, nproc, layout in (("one", 1, []), ("two", 2, ["parallel.distributed_optimizer=true"])):
+        shutil.copytree(reference_run, tmp_path / name)
+        torchrun(nproc, config, "-", "train", *train, f"run.out_dir={tmp_path / name}", *layout)
+    np.testing.assert_allclose([m["loss"] for m in metrics(tmp_path / "one")],
+                               [m["loss"] for m in metrics(tmp_path / "two")], rtol=RTOL)
+    wa = checkpoint.load_weights(checkpoint.latest(str(tmp_path / "one")), use_ema=False)
+    wb = checkpoint.load_weights(checkpoint.latest(str(tmp_path / "two")), use_ema=False)
+    assert checkpoint.latest(str(tmp_path / "two")).endswith("step-000002")
+    assert wa.keys() == wb.keys() and len(wa) > 40
+    for name, tensor in wa.items():
+        assert float((wb[name] - tensor).norm()) <= RTOL * float(tensor.norm()), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved, loaded", [("parallel.tensor=2", "parallel.tensor=1"),
+                                           ("parallel.pipeline=2", "parallel.pipeline=1")], ids=["tp2-tp1", "pp2-pp1"])
+def test_checkpoint_saved_in_one_layout_continues_in_another(tmp_path, two_layers, saved, loaded):
+    """From random weights (step 0 of the reference run), train 5 steps with a checkpoint at step 2; resume a
+    copy of the run from step 2 in the other layout: steps 3-5 give the same losses (weights, EMA, Adam moments
+    and data position carried over). Random weights, not the adaLN-Zero init: from zero-initialised layers,
+    Adam's first updates are lr x sign(gradient) on gradients that are zero up to rounding, so any two
+    summation orders (two layouts) part at the first step, checkpoint or not."""
+    config, overrides, _ = two_layers
+    reference_run = os.path.join(os.path.dirname(config), "run")
+    shutil.copytree(reference_run, tmp_path / "a")
+    train = ["train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=5", *overrides]
+    torchrun(2, config, "-", "train", *train, f"run.out_dir={tmp_path / 'a'}", saved)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in ("step-000004", "step-000005"):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step-000002")
+    torchrun(1, config, "-", "train", *train, f"run.out_dir={tmp_path / 'b'}", loaded)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([m["loss"] for m in b[2:]], [m["loss"] for m in a[2:]], rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_launch_local_with_tensor_parallel_trains_and_resumes(tmp_path, data):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", data, train={"steps": 2, "checkpoint_every": 2})
+    launch = ("launch", "local", "--nproc", "2", "--config", config, "--no-progress", "parallel.tensor=2")
+    first = run_vincie(*launch, check=True, env=SHIM_ENV)
+    assert "nproc_per_node=2" in first.stdout
+    second = run_vincie(*launch, "train.steps=4", check=True, env=SHIM_ENV)
+    assert "resuming from" in second.stdout and "(step 2)" in second.stdout
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert checkpoint.latest(str(tmp_path / "run")).endswith("step-000004")
+    weights = checkpoint.load_weights(checkpoint.latest(str(tmp_path / "run")), use_ema=True)
+    assert weights["dit.layers.0.latent.linear_qkv.weight"].shape == (3 * 64, 64)  # saved whole, from 2 slices
+
+
+def test_parallel_sizes_are_checked_with_one_line_errors():
+    tiny = load_config("tiny")  # 4 heads, hidden 192, 6 layers
+    cases = [(["parallel.tensor=3"], "parallel.tensor' must divide model.num_heads (4)"),
+             (["parallel.pipeline=4"], "must divide model.num_layers (6)"),
+             (["parallel.virtual_pipeline=2"], "needs parallel.pipeline > 1"),
+             (["parallel.sequence_parallel=true"], "needs parallel.tensor > 1"),
+             (["parallel.context=2"], "context parallel is not supported")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config("tiny", overrides)
+        assert message in str(info.value) and "\n" not in str(info.value), (overrides, str(info.value))
+    assert check_world(tiny, 4) == 4
+    with pytest.raises(ConfigError, match="must divide the world size"):
+        check_world(load_config("tiny", ["parallel.pipeline=2"]), 3)
+    with pytest.raises(ConfigError, match="data-parallel ranks"):
+        check_world(load_config("tiny", ["train.batch_size=6"]), 4)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        check_world(load_config("tiny", ["parallel.micro_batch_size=3"]), 2)
+
+
+def test_the_cpu_shim_is_never_imported_by_vincie():
+    for root, _, files in os.walk(os.path.join(REPO, "vincie")):
+        for name in files:
+            if name.endswith(".py"):
+                assert "megatron_cpu_shim" not in open(os.path.join(root, name)).read().replace(
+                    "tests/megatron_cpu_shim.py", ""), name
+
+
+def test_parallel_needs_megatron_runtime_on_a_cpu_machine(tmp_path, data):
+    """Without CUDA (and without the tests' shim), a parallel layout is refused with one line."""
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", data)
+    result = run_vincie("train", "--config", config, "--no-progress", "parallel.distributed_optimizer=true")
+    assert result.returncode == 2
+    assert "need megatron-core's runtime" in result.stderr.strip().splitlines()[-1]
