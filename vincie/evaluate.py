@@ -89,7 +89,7 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
     without the model: the source image I0 ("copy_input") and the target's mean value ("mean"). A model that
     uses its context beats copy_input at high t; one that does not stays near or above it."""
     from vincie.batch import collate
-    from vincie.diffusion import output_to_velocity
+    from vincie.diffusion import noisy, output_to_velocity
     from vincie.inference import Context
     from vincie.sequence import Block, BlockType, Role
 
@@ -105,7 +105,7 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
         copy.append(float(((source - x0) ** 2).mean()))
         mean.append(float(((x0 - x0.mean()) ** 2).mean()))
         for t in PROBE_TIMES:
-            x_t = (1 - t) * x0 + t * torch.randn(x0.shape, generator=generator).to(x0.device)
+            x_t = noisy(x0, torch.randn(x0.shape, generator=generator).to(x0.device), t)
             batch = collate([editor.sample_rows(context, target, x_t, t)], editor.device, editor.cfg.model.text_dim)
             velocity = output_to_velocity(editor.model(batch.inputs)[batch.target_select], batch.target_inputs,
                                           batch.target_t, editor.cfg.diffusion.prediction)
