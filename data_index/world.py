@@ -42,7 +42,6 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZE_FRACTIONS = (0.16, 0.23, 0.31)  # object size (bounding box side) / resolution: small, medium, large
 SIZE_NAMES = ("small", "medium", "large")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-BACKGROUNDS = ("flat", "gradient", "checker", "stripes", "noise")
 MIN_VISIBLE = 0.5  # every object keeps at least this share of its footprint visible, so instructions stay meaningful
 MAX_ATTEMPTS = 200
 
@@ -207,7 +206,7 @@ def free_colours(scene: Scene) -> list[str]:
 def random_scene(rng: np.random.Generator, cfg: SynthConfig, margin: int) -> Scene:
     canvas = cfg.resolution + 2 * margin
     for _ in range(MAX_ATTEMPTS):
-        background = make_background(rng, canvas, str(rng.choice(BACKGROUNDS)))
+        background = make_background(rng, canvas, str(rng.choice(cfg.backgrounds)))
         count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
         colours = rng.choice(list(COLOURS), size=count, replace=False)
         scene = Scene(background, [random_object(rng, cfg.resolution, str(c)) for c in colours])

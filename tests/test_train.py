@@ -73,6 +73,24 @@ def test_x0_prediction_reads_the_clean_latent_as_the_velocity_target(tmp_path, d
     assert output_to_velocity(x0, x_t, t, "velocity") is x0
 
 
+def test_x0_loss_space_is_the_clean_latent_error(tmp_path, data):
+    """diffusion.loss_space=x0: the loss of an arbitrary output equals the squared error of its x0 estimate
+    (x_t - t v), computed here independently from the batch's noisy inputs and timesteps."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
+                      ["diffusion.prediction=x0", "train.batch_size=4"])
+    batch = Trainer(cfg, init_distributed(), progress=False).make_batch()
+    x_t, t, velocity = batch.target_inputs, batch.target_t, batch.target
+    x0 = x_t - t * velocity
+    output = torch.randn(batch.inputs.latent_tokens.shape, generator=torch.Generator().manual_seed(0))
+    weights = {"nip": 1.0, "csp": 1.0, "nsp": 1.0}
+    assert bool((t[:, 0] >= X0_MIN_T).all())  # this seeded batch has no t below the clamp, where x0 error is defined
+    reference = ((output[batch.target_select] - x0) ** 2).mean(dim=-1).sum()
+    loss, _ = flow_loss_sums(output, batch, weights, "x0", "x0")
+    torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-6)
+    velocity_loss, _ = flow_loss_sums(output, batch, weights, "x0", "velocity")
+    assert velocity_loss > 1.5 * loss  # the same error in velocity units is larger by 1/t^2 > 1
+
+
 def test_turn_curriculum_cuts_sessions_until_its_step(tmp_path, data):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["data.turn_curriculum={0: 1, 3: 4}", "data.max_turns=4", "train.batch_size=4"])

@@ -128,3 +128,21 @@ def test_realism_never_touches_labels():
                 src = mask_clean[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)]
                 shifted[max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)] = src
                 assert np.array_equal(mask_real, shifted)
+
+
+
+def background_values(frame: np.ndarray) -> int:
+    """How many distinct values the pixels that show no object colour have."""
+    objects = np.zeros(frame.shape[:2], dtype=bool)
+    for colour in COLOURS:
+        objects |= shows_colour(frame, colour)
+    return len(np.unique(frame[~objects], axis=0))
+
+
+def test_backgrounds_are_configurable():
+    """synth.backgrounds restricts the scene backgrounds: with only `flat`, every pixel outside the objects has
+    one value; with the default list, textured and gradient backgrounds appear."""
+    flat = SynthConfig(resolution=32, backgrounds=["flat"])
+    assert all(background_values(generate_session(flat, "train", 0, i).session.images[0]) == 1 for i in range(8))
+    default = SynthConfig(resolution=32)
+    assert max(background_values(generate_session(default, "train", 0, i).session.images[0]) for i in range(8)) > 10

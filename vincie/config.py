@@ -22,6 +22,8 @@ from vincie.errors import VincieError
 
 TRANSITIONS = ("move", "recolour", "resize", "add", "remove")
 Transition = Literal["move", "recolour", "resize", "add", "remove"]
+BACKGROUNDS = ("flat", "gradient", "checker", "stripes", "noise")
+Background = Literal["flat", "gradient", "checker", "stripes", "noise"]
 
 
 class ConfigError(VincieError):
@@ -54,6 +56,7 @@ class SynthConfig:
     min_objects: int = 1
     max_objects: int = 5
     transitions: list[Transition] = field(default_factory=lambda: list(TRANSITIONS))
+    backgrounds: list[Background] = field(default_factory=lambda: list(BACKGROUNDS))  # drawn uniformly per scene
     pairs: bool = False  # one-turn sessions (the paper's "pair data" ablation)
     noise_std: float = 0.0  # sensor noise, in 0..255 pixel units; never touches labels
     jitter_px: int = 0  # camera jitter: per-frame random shift of up to this many pixels; masks follow it
@@ -115,6 +118,10 @@ class DiffusionConfig:
     # what the network outputs: the velocity itself, or the clean latent x0 turned into a velocity (JiT, for
     # pixel-space latents whose patches are about as wide as the hidden state); the loss is on the velocity either way
     prediction: Literal["velocity", "x0"] = "velocity"
+    # where the squared error is measured: the velocity (the rectified-flow loss) or the clean latent x0 (the
+    # velocity error times t^2: the same optimum, with the weight moved from low-noise steps to high-noise ones,
+    # where the target must be read from the context)
+    loss_space: Literal["velocity", "x0"] = "velocity"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"nip": 1.0, "csp": 0.5, "nsp": 0.5})
     sample_steps: int = 30
     sample_shift: float = 3.0  # timestep shift of the Euler sampler (the release: 12 for 3B at 256px)
@@ -382,6 +389,8 @@ def validate_synth(s: SynthConfig, prefix: str = "synth.") -> None:
     require(s.max_objects <= 6, prefix + "max_objects", f"must be <= 6 (one colour each), got {s.max_objects}")
     require(len(s.transitions) > 0, prefix + "transitions", "must name at least one transition")
     require(len(set(s.transitions)) == len(s.transitions), prefix + "transitions", "must not repeat a transition")
+    require(len(s.backgrounds) > 0, prefix + "backgrounds", "must name at least one background")
+    require(len(set(s.backgrounds)) == len(s.backgrounds), prefix + "backgrounds", "must not repeat a background")
     require(s.noise_std >= 0, prefix + "noise_std", f"must be >= 0, got {s.noise_std}")
     require(0 <= s.jitter_px <= s.resolution // 8, prefix + "jitter_px",
             f"must be between 0 and resolution/8 ({s.resolution // 8}), got {s.jitter_px}")

@@ -28,14 +28,14 @@ from vincie.batch import Batch, SessionEncoder, collate, num_tokens
 from vincie.components import build_components
 from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict, to_yaml
 from vincie.data import EpochSampler, SamplerState, SessionDataset, sub_session, truncate
-from vincie.diffusion import output_to_velocity
+from vincie.diffusion import X0_MIN_T, output_to_velocity
 from vincie.errors import VincieError
 from vincie.parallel import DistInfo, init_distributed, megatron_runtime, model_stages
 from vincie.sequence import TASKS
 
 
 def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float],
-                   prediction: str) -> tuple[torch.Tensor, dict]:
+                   prediction: str, loss_space: str = "velocity") -> tuple[torch.Tensor, dict]:
     """Task-weighted sum of the per-token squared velocity error over this batch's target tokens, and per task
     (sum, count) of the unweighted error. `output` is the model's output for every latent token [N_lat, P],
     read as `prediction` (diffusion.output_to_velocity). The trainer divides by the target-token count of the
@@ -43,6 +43,8 @@ def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float]
     velocity = output_to_velocity(output[batch.target_select].float(), batch.target_inputs, batch.target_t,
                                   prediction)
     err = ((velocity - batch.target) ** 2).mean(dim=-1)  # (N_target,)
+    if loss_space == "x0":  # x0 - x0_hat = t (v_hat - v)
+        err = err * batch.target_t[:, 0].clamp(min=X0_MIN_T) ** 2
     table = torch.tensor([weights[t] for t in TASKS], device=err.device)
     weighted_sum = (table[batch.target_task] * err).sum()
     per_task = {t: (float(err.detach()[batch.target_task == k].sum()), int((batch.target_task == k).sum()))
@@ -276,7 +278,7 @@ class Trainer:
             with sync, torch.autocast(self.info.device.type, dtype=torch.bfloat16,
                                       enabled=self.cfg.train.precision == "bf16"):
                 weighted_sum, per_task = flow_loss_sums(model(batch.inputs), batch, self.cfg.diffusion.loss_weights,
-                                                        self.cfg.diffusion.prediction)
+                                                        self.cfg.diffusion.prediction, self.cfg.diffusion.loss_space)
                 (weighted_sum * self.info.dp_size / count.clamp(min=1)).backward()
             total += float(weighted_sum.detach())
             task_sums.append(per_task)
@@ -298,7 +300,8 @@ class Trainer:
                 output = model(batch.inputs)
 
             def loss_func(pred: torch.Tensor):
-                weighted_sum, per_task = flow_loss_sums(pred, batch, weights, self.cfg.diffusion.prediction)
+                weighted_sum, per_task = flow_loss_sums(pred, batch, weights, self.cfg.diffusion.prediction,
+                                                         self.cfg.diffusion.loss_space)
                 count = torch.tensor(batch.target.shape[0], dtype=torch.int)
                 return weighted_sum, count, {"loss_sum": float(weighted_sum.detach()), "task_sums": per_task}
             return output, loss_func
