@@ -91,6 +91,46 @@ def test_x0_loss_space_is_the_clean_latent_error(tmp_path, data):
     assert velocity_loss > 1.5 * loss  # the same error in velocity units is larger by 1/t^2 > 1
 
 
+def test_changed_region_weight_weights_the_tokens_an_edit_touches(tmp_path, data):
+    """diffusion.changed_region_weight=w: a next-image target token gets weight w when any pixel of its patch is in
+    the turn's C | N region (checked against a max-pool of the masks), mask targets and other tokens get 1, and
+    the loss is the weighted sum of the per-token errors."""
+    import torch.nn.functional as F
+
+    from vincie.batch import SessionEncoder, collate
+    from vincie.data import SessionDataset
+    from vincie.sequence import BlockType, Role
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
+                      ["diffusion.changed_region_weight=4", "sequence.drop_current_image=0"])
+    trainer = Trainer(cfg, init_distributed(), progress=False)
+    session = SessionDataset(str(data["train"]), resolution=32).load(0)
+    sample = SessionEncoder(cfg, trainer.vae, trainer.text_encoder, torch.device("cpu")).training_sample(
+        session, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    patch = trainer.vae.factor * cfg.model.patch_size
+    expected = []
+    latent_blocks = [b for b in sample.blocks if b.type != BlockType.TEXT]
+    for block in latent_blocks:
+        if block.role != Role.NOISY:
+            continue
+        if block.type == BlockType.IMAGE:
+            region = session.cur_masks[block.source - 1] | session.next_masks[block.source - 1]
+            touched = F.max_pool2d(torch.tensor(region, dtype=torch.float32)[None, None], patch).reshape(-1)
+            expected.append(1 + 3 * touched)
+        else:
+            expected.append(torch.ones(len(sample.latents[0])))
+    batch = collate([sample], torch.device("cpu"), cfg.model.text_dim)
+    assert (batch.target_weight == 4).any() and (batch.target_weight == 1).any()
+    torch.testing.assert_close(batch.target_weight, torch.cat(expected))
+    output = torch.randn(batch.inputs.latent_tokens.shape, generator=torch.Generator().manual_seed(1))
+    ones = {"nip": 1.0, "csp": 1.0, "nsp": 1.0}
+    loss, _ = flow_loss_sums(output, batch, ones, cfg.diffusion.prediction)
+    velocity = output_to_velocity(output[batch.target_select], batch.target_inputs, batch.target_t,
+                                  cfg.diffusion.prediction)
+    reference = (torch.cat(expected) * ((velocity - batch.target) ** 2).mean(dim=-1)).sum()
+    torch.testing.assert_close(loss, reference)
+
+
 def test_turn_curriculum_cuts_sessions_until_its_step(tmp_path, data):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["data.turn_curriculum={0: 1, 3: 4}", "data.max_turns=4", "train.batch_size=4"])

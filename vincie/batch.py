@@ -59,6 +59,7 @@ class SampleTokens:
     block_t: torch.Tensor  # (NB,)
     grid: tuple[int, int]
     full_attention: bool
+    weights: list[torch.Tensor | None] | None = None  # per latent block: (n,) loss weight per target token
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Batch:
     target_select: torch.Tensor  # (N_lat,) bool: which latent tokens are NOISY (carry the loss)
     target_task: torch.Tensor  # (N_target,) int: index into TASKS
     target_t: torch.Tensor  # (N_target, 1) float: the timestep of each NOISY latent token
+    target_weight: torch.Tensor  # (N_target,) float: loss weight per target token (diffusion.changed_region_weight)
     num_samples: int
 
     @property
@@ -118,6 +120,17 @@ class SessionEncoder:
         raise ValueError(f"session {session.key}: even one turn needs more than data.max_tokens="
                          f"{self.cfg.data.max_tokens} tokens")
 
+    def region_weights(self, session: Session, turn: int, grid: tuple[int, int]) -> torch.Tensor | None:
+        """(n,) loss weights of the image after `turn`: diffusion.changed_region_weight on tokens that touch the
+        turn's changed region (C | N), 1 elsewhere; None when off or the session has no masks."""
+        weight = self.cfg.diffusion.changed_region_weight
+        if weight == 1.0 or not session.has_masks:
+            return None
+        region = torch.from_numpy(session.cur_masks[turn] | session.next_masks[turn])  # (H, W) bool
+        gh, gw = grid
+        touched = region.reshape(gh, region.shape[0] // gh, gw, region.shape[1] // gw).any(dim=3).any(dim=1)
+        return 1.0 + (weight - 1.0) * touched.reshape(-1).float()
+
     def training_sample(self, session: Session, rng: np.random.Generator, generator: torch.Generator) -> SampleTokens:
         elements = self.encode_elements(session)
         texts = self.text_encoder.encode(session.instructions)
@@ -126,7 +139,7 @@ class SessionEncoder:
         d = self.cfg.diffusion
         t_noisy = sample_timesteps(len(blocks), d.logit_normal_loc, d.logit_normal_scale, generator)
         block_t = torch.where(torch.tensor([b.role == Role.NOISY for b in blocks]), t_noisy, torch.zeros(()))
-        text, latents, targets = [], [], []
+        text, latents, targets, weights = [], [], [], []
         for j, block in enumerate(blocks):
             if block.type == BlockType.TEXT:
                 text.append(texts[block.source])
@@ -136,10 +149,14 @@ class SessionEncoder:
                 noise = torch.randn(x0.shape, generator=generator).to(x0.device)
                 latents.append(noisy(x0, noise, block_t[j]))
                 targets.append(velocity_target(x0, noise))
+                weights.append(self.region_weights(session, block.source - 1, grid)
+                               if block.type == BlockType.IMAGE else None)
             else:
                 latents.append(x0)
                 targets.append(None)
-        return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full")
+                weights.append(None)
+        return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full",
+                            weights)
 
 
 def num_tokens(sample: SampleTokens) -> int:
@@ -160,7 +177,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
     B, T = spec.token_block.shape
     NB = spec.block_noisy.shape[1]
     text_index, latent_index, text_tokens, latent_tokens = [], [], [], []
-    targets, select, tasks, target_t = [], [], [], []
+    targets, select, tasks, target_t, target_weight = [], [], [], [], []
     positions = torch.zeros(T, B, 3, dtype=torch.int64)
     block_t = torch.zeros(B, NB)
     block_type = torch.zeros(B, NB, dtype=torch.int64)
@@ -171,7 +188,8 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
         block_t[b, :nb] = s.block_t
         block_type[b, :nb] = torch.tensor([int(x.type) for x in s.blocks])
         block_turn[b, :nb] = torch.tensor([x.turn for x in s.blocks])
-        texts, latents = iter(s.text), iter(zip(s.latents, s.targets))
+        texts = iter(s.text)
+        latents = iter(zip(s.latents, s.targets, s.weights or [None] * len(s.latents)))
         for j, block in enumerate(s.blocks):
             start, n = int(l.block_start[j]), int(l.block_length[j])
             flat = torch.arange(start, start + n) * B + b
@@ -179,7 +197,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                 text_index.append(flat)
                 text_tokens.append(next(texts))
             else:
-                x, target = next(latents)
+                x, target, weight = next(latents)
                 latent_index.append(flat)
                 latent_tokens.append(x)
                 select.append(torch.full((n,), target is not None))
@@ -187,6 +205,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                     targets.append(target)
                     tasks.append(torch.full((n,), TASKS.index(block.task)))
                     target_t.append(torch.full((n, 1), float(s.block_t[j])))
+                    target_weight.append(torch.ones(n) if weight is None else weight)
     inputs = ModelInputs(
         text_tokens=torch.cat(text_tokens) if text_tokens else torch.zeros(0, text_dim),
         latent_tokens=torch.cat(latent_tokens),
@@ -200,4 +219,5 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                  target_task=torch.cat(tasks).to(device) if tasks else torch.zeros(0, dtype=torch.int64,
                                                                                      device=device),
                  target_t=torch.cat(target_t).to(device) if target_t else torch.zeros(0, 1, device=device),
+                 target_weight=torch.cat(target_weight).to(device) if target_weight else torch.zeros(0, device=device),
                  num_samples=len(samples))

@@ -122,6 +122,9 @@ class DiffusionConfig:
     # velocity error times t^2: the same optimum, with the weight moved from low-noise steps to high-noise ones,
     # where the target must be read from the context)
     loss_space: Literal["velocity", "x0"] = "velocity"
+    # loss weight of next-image tokens that touch the turn's changed region (C | N masks; 1 = every token alike, as
+    # in the paper): edits cover a few percent of an image, so copying the source is a strong first minimum
+    changed_region_weight: float = 1.0
     loss_weights: dict[str, float] = field(default_factory=lambda: {"nip": 1.0, "csp": 0.5, "nsp": 0.5})
     sample_steps: int = 30
     sample_shift: float = 3.0  # timestep shift of the Euler sampler (the release: 12 for 3B at 256px)
@@ -462,6 +465,8 @@ def validate(cfg: Config) -> None:
             f"must give weights for exactly nip, csp and nsp, got {sorted(cfg.diffusion.loss_weights)}")
     require(cfg.diffusion.logit_normal_scale > 0, "diffusion.logit_normal_scale", "must be > 0")
     require(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
+    require(cfg.diffusion.changed_region_weight >= 1, "diffusion.changed_region_weight",
+            f"must be >= 1 (1: no extra weight), got {cfg.diffusion.changed_region_weight}")
     require(cfg.diffusion.sample_shift > 0, "diffusion.sample_shift", "must be > 0")
     if cfg.vae.kind == "space_to_depth":
         require(m.latent_channels == 3 * cfg.vae.factor ** 2, "model.latent_channels",

@@ -46,7 +46,7 @@ def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float]
     if loss_space == "x0":  # x0 - x0_hat = t (v_hat - v)
         err = err * batch.target_t[:, 0].clamp(min=X0_MIN_T) ** 2
     table = torch.tensor([weights[t] for t in TASKS], device=err.device)
-    weighted_sum = (table[batch.target_task] * err).sum()
+    weighted_sum = (table[batch.target_task] * batch.target_weight * err).sum()
     per_task = {t: (float(err.detach()[batch.target_task == k].sum()), int((batch.target_task == k).sum()))
                 for k, t in enumerate(TASKS)}
     return weighted_sum, per_task
