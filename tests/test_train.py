@@ -231,6 +231,9 @@ def test_edit_and_eval_end_to_end(tmp_path, trained_run):
     expected = np.mean([np.mean(((s.images[0].astype(np.float64) - s.images[1]) / 127.5) ** 2) for s in sessions])
     assert report["denoising"]["copy_input"] == pytest.approx(expected, rel=1e-4)
     assert set(report["denoising"]["x0_mse"]) == {"0.9", "0.5", "0.2", "0.05"}
+    # the instruction reaches the target: swapping it moves the estimate (zero would mean a cut text path)
+    assert set(report["denoising"]["text_swap_change"]) == {"0.9", "0.5", "0.2", "0.05"}
+    assert all(v > 0 for v in report["denoising"]["text_swap_change"].values())
     assert "ground_truth" in result.stdout
 
 

@@ -87,30 +87,43 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
     """How well the model predicts the clean turn-1 image from [I0, T0, noisy I1] at fixed noise levels: mean
     squared error of its x0 estimate (latent units) at each t in PROBE_TIMES, beside two baselines computed
     without the model: the source image I0 ("copy_input") and the target's mean value ("mean"). A model that
-    uses its context beats copy_input at high t; one that does not stays near or above it."""
+    uses its context beats copy_input at high t; one that does not stays near or above it.
+
+    "text_swap_change": how much the x0 estimate moves (mean squared change) when T0 is replaced by the next
+    session's instruction, same image and noise. A model that follows instructions moves it by about as much as
+    an edit changes an image (copy_input); one that ignores them barely moves it."""
     from vincie.batch import collate
     from vincie.diffusion import noisy, output_to_velocity
     from vincie.inference import Context
     from vincie.sequence import Block, BlockType, Role
 
+    target = Block(BlockType.IMAGE, Role.NOISY, 0, 1)
+
+    def x0_estimate(source: torch.Tensor, instruction: str, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
+        context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), editor.text_encoder.encode([instruction])[0])
+        batch = collate([editor.sample_rows(context, target, x_t, t)], editor.device, editor.cfg.model.text_dim)
+        velocity = output_to_velocity(editor.model(batch.inputs)[batch.target_select], batch.target_inputs,
+                                      batch.target_t, editor.cfg.diffusion.prediction)
+        return x_t - t * velocity
+
     generator = torch.Generator().manual_seed(seed)
     errors: dict[float, list[float]] = {t: [] for t in PROBE_TIMES}
+    text_change: dict[float, list[float]] = {t: [] for t in PROBE_TIMES}
     copy, mean = [], []
-    target = Block(BlockType.IMAGE, Role.NOISY, 0, 1)
-    for session in sessions:
+    for k, session in enumerate(sessions):
         source, x0 = editor.encode_images(session.images[:2])
-        context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
-        context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0),
-                               editor.text_encoder.encode(session.instructions[:1])[0])
+        other_instruction = sessions[(k + 1) % len(sessions)].instructions[0]
         copy.append(float(((source - x0) ** 2).mean()))
         mean.append(float(((x0 - x0.mean()) ** 2).mean()))
         for t in PROBE_TIMES:
             x_t = noisy(x0, torch.randn(x0.shape, generator=generator).to(x0.device), t)
-            batch = collate([editor.sample_rows(context, target, x_t, t)], editor.device, editor.cfg.model.text_dim)
-            velocity = output_to_velocity(editor.model(batch.inputs)[batch.target_select], batch.target_inputs,
-                                          batch.target_t, editor.cfg.diffusion.prediction)
-            errors[t].append(float(((x_t - t * velocity - x0) ** 2).mean()))
+            estimate = x0_estimate(source, session.instructions[0], x_t, t)
+            errors[t].append(float(((estimate - x0) ** 2).mean()))
+            swapped = x0_estimate(source, other_instruction, x_t, t)
+            text_change[t].append(float(((estimate - swapped) ** 2).mean()))
     return {"x0_mse": {str(t): float(np.mean(v)) for t, v in errors.items()},
+            "text_swap_change": {str(t): float(np.mean(v)) for t, v in text_change.items()},
             "copy_input": float(np.mean(copy)), "mean": float(np.mean(mean))}
 
 
@@ -192,6 +205,8 @@ def format_table(report: dict) -> str:
     probe = report["denoising"]
     lines.append("turn-1 x0 error by noise level t: " + ", ".join(f"t={t} {v:.4f}" for t, v in probe["x0_mse"].items())
                  + f" (copy-input {probe['copy_input']:.4f}, mean {probe['mean']:.4f})")
+    lines.append("turn-1 x0 change when the instruction is swapped: "
+                 + ", ".join(f"t={t} {v:.4f}" for t, v in probe["text_swap_change"].items()))
     kinds = report["by_kind"]["model"]
     lines.append("success per edit kind, over all turns (turns): "
                  + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
