@@ -37,11 +37,11 @@ def metrics(out_dir):
 def test_overfits_one_batch(tmp_path, data):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["train.lr=0.005", "train.warmup_steps=1", "train.steps=1000", "train.batch_size=2",
-                       "data.max_turns=1"])
+                       "data.max_turns=1", "data.workers=0"])
     trainer = Trainer(cfg, init_distributed(), progress=False)
     losses = []
     for _ in range(100):
-        trainer.sampler.state = SamplerState()  # the same sessions, noise and timesteps every step
+        trainer.loader.seek(SamplerState())  # the same sessions, noise and timesteps every step
         batch = trainer.make_batch()
         total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights,
                                   cfg.diffusion.prediction)
@@ -168,9 +168,9 @@ def test_edit_and_eval_end_to_end(tmp_path, trained_run):
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 1000
     # the denoising probe's copy-input baseline, recomputed from the pixels (the space-to-depth latent is the
     # image in [-1, 1], rearranged)
-    from vincie.data import SessionDataset
-    sessions = [SessionDataset(str(report["data"]), resolution=32).load(i) for i in range(4)]
-    expected = np.mean([np.mean(((s.images[0].astype(np.float64) - s.images[1]) / 127.5) ** 2) for s in sessions])
+    from vincie.loader import load_sessions
+    sessions = load_sessions(load_config("tiny"), str(report["data"]), max_turns=3, count=4)
+    expected = np.mean([torch.mean((s.images[0].double() - s.images[1].double()) ** 2).item() for s in sessions])
     assert report["denoising"]["copy_input"] == pytest.approx(expected, rel=1e-4)
     assert set(report["denoising"]["x0_mse"]) == {"0.9", "0.5", "0.2", "0.05"}
     assert "ground_truth" in result.stdout
