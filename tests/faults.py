@@ -13,9 +13,9 @@ from __future__ import annotations
 import socket
 import threading
 
-ERROR_RESPONSE = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: 96\r\n"
-                  b"Connection: close\r\n\r\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate."
-                  b"</Message></Error>\n")
+ERROR_BODY = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>\n"
+ERROR_RESPONSE = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: "
+                  + str(len(ERROR_BODY)).encode() + b"\r\nConnection: close\r\n\r\n" + ERROR_BODY)
 
 
 class FaultProxy:
@@ -50,6 +50,7 @@ class FaultProxy:
         """Connection refused for new connections; open ones are reset."""
         listener, self.listener = self.listener, None
         if listener is not None:
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone would not
             listener.close()
         self.drop_connections()
 

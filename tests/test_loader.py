@@ -4,6 +4,8 @@ bad-share stop, and precomputed features giving the same batches."""
 
 import os
 import tarfile
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +14,7 @@ import torch
 
 from data_index.index import build_index, read_index
 from data_index.world import generate_session
+from vincie import storage
 from vincie.config import SynthConfig, load_config
 from vincie.data import SKIP_REASONS, SamplerState, SessionOrder
 from vincie.errors import VincieError
@@ -22,6 +25,7 @@ from vincie.shards import ShardWriter, scan_shard
 from vincie.train import Trainer
 
 from conftest import run_vincie
+from faults import FaultProxy
 from helpers import MICRO_MODEL, write_config
 
 
@@ -275,6 +279,68 @@ def test_training_survives_bad_data_and_stops_past_the_bad_share(tmp_path):
         for _ in range(16):
             strict.train_step()
     assert strict.data_totals["sessions"] >= 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S3 failures: moto on 127.0.0.1 behind a fault-injecting proxy (tests/faults.py says why not stop moto itself)
+
+
+@pytest.fixture
+def s3_data(tmp_path, s3_bucket, s3_server):
+    """24 sessions on the test S3 server, reached through a FaultProxy."""
+    local = write_dataset(tmp_path / "local", [synth_samples(16, image_format="png"),
+                                               synth_samples(8, first=16, image_format="png")])
+    root = f"{s3_bucket}/data"
+    for name in os.listdir(local):
+        storage.put_file_atomic(os.path.join(local, name), f"{root}/{name}")
+    proxy = FaultProxy(("127.0.0.1", int(s3_server.rsplit(":", 1)[1])))
+    yield root, proxy
+    proxy.down()
+
+
+def s3_config(root, proxy, *overrides):
+    return loader_config(root, f"storage.s3_endpoint_url={proxy.url}", "storage.connect_timeout_s=1",
+                         "storage.read_timeout_s=1", "storage.max_attempts=1", *overrides)
+
+
+@pytest.mark.slow
+def test_an_s3_outage_mid_epoch_costs_time_not_sessions(s3_data):
+    """The endpoint goes away for 5 s mid-epoch (new connections refused, open ones reset) and comes back on the
+    same port with the same data: the loader processes retry with backoff, and the epoch is read whole, in order."""
+    root, proxy = s3_data
+    loader = Loader(s3_config(root, proxy, "data.workers=2", "storage.read_attempts=8",
+                              "storage.retry_backoff_s=0.25"))
+    expected = [loader.order.at(p).id for p in range(24)]
+    items = loader.next(4)
+    proxy.down()
+    threading.Timer(5.0, proxy.up).start()
+    start = time.monotonic()
+    items += loader.next(20)
+    assert time.monotonic() - start > 3  # the outage was felt (the workers had read at most 4 ahead)
+    assert keys(items) == expected and not any(isinstance(item, Skipped) for item in items)
+    value = loader.metrics.registry.get_sample_value
+    assert sum(value("vincie_data_skipped_total", {"reason": r}) for r in SKIP_REASONS) == 0
+
+
+@pytest.mark.slow
+def test_s3_errors_and_timeouts_are_retried_then_skipped_and_counted(s3_data, capsys):
+    root, proxy = s3_data
+    loader = Loader(s3_config(root, proxy, "data.workers=0", "storage.read_attempts=2",
+                              "storage.retry_backoff_s=0.1"))
+    items = loader.next(2)
+    proxy.set_mode("error")  # every request answered with HTTP 503 SlowDown
+    items += loader.next(1)
+    proxy.set_mode("hang")  # connections accepted, never answered: read timeouts
+    items += loader.next(1)
+    proxy.set_mode("up")
+    items += loader.next(20)
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    assert [(s.key, s.reason) for s in skipped] == [(items[2].key, "storage"), (items[3].key, "storage")]
+    assert all("after 2 attempts" in s.message for s in skipped)
+    assert sorted(keys(items)) == sorted(index_ids(root))
+    assert loader.metrics.registry.get_sample_value("vincie_data_skipped_total", {"reason": "storage"}) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data: skipped")]
+    assert len(lines) == 2 and all(s.key in line and s.shard in line for s, line in zip(skipped, lines))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -77,6 +77,9 @@ class SessionReader:
         if self.pid != os.getpid():
             self.pid = os.getpid()
             self.fs = storage.filesystem(self.root, self.cfg.storage)[0]
+            # one request per attempt: s3fs would retry timeouts and SlowDown up to 5 x 5 times inside one call
+            # (two nested retry loops), so storage.read_attempts (and botocore's storage.max_attempts) decide
+            self.fs.retries = 1
             threads = self.cfg.data.decode_threads
             self.decoder = PilDecoder(self.shapes, threads) if self.decoder_kind == "pil" else \
                 DaliDecoder(self.shapes, threads, max_batch=2 * self.max_turns + 1, device_id=self.device_id)
