@@ -84,7 +84,10 @@ def test_dali_resizes_to_the_buckets_as_the_reference_does(source, resolution):
     pil = PilDecoder(shapes, threads=2).decode("k", images, masks, width, height)
     assert dali.images.shape == pil.images.shape == (3, 3, *shape)
     levels = (dali.images - pil.images).abs().max().item() * 127.5  # in 0..255 pixel levels
-    assert levels <= 1.0, levels  # measured: about 1e-3 levels
+    # PIL resizes 8-bit images in two passes, each rounded to 8 bits (<= 0.5 level each; the second averages the
+    # first's errors with non-negative weights), with fixed-point weights: at most one level. Measured on these
+    # images: PIL's bicubic is off by 8-13 levels, its bilinear without the edge padding by 2-3 when downscaling.
+    assert levels <= 1.0 + 1e-3, levels
     box = crop_box(width, height, shape)
     for (name, data), got, reference in zip(masks, dali.masks.numpy(), pil.masks.numpy()):
         candidates = nearest_candidates(np.asarray(Image.open(io.BytesIO(data))) >= 128, box, shape)

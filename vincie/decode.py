@@ -13,8 +13,9 @@ centres, source pixel floor(x0 + (i + 0.5) * scale), then >= 128.
 DALI: `fn.decoders.image` with default options (CPU: libjpeg-turbo and libpng; `mixed`: nvJPEG on the GPU) gives
 exactly PIL's 8-bit pixels for baseline JPEG (4:4:4 and 4:2:0) and PNG. The reference: PIL decode; PIL's BILINEAR
 is the same triangle filter, but at the border PIL renormalises the cut filter where DALI clamps, so the reference
-first pads the source by edge replication (wider than the filter); PIL's NEAREST rounds centres differently, so
-the reference samples masks by the rule above in numpy. The two agree to ~1e-3 of a pixel level (tests).
+first pads the source by edge replication (wider than the filter). It resizes in 8 bits, as plain PIL code
+would, in two passes each rounded to 8 bits, so the two agree within one pixel level (tests). PIL's NEAREST rounds
+centres differently, so the reference samples masks by the rule above in numpy.
 
 Bad input: libjpeg-turbo decodes a truncated JPEG without an error (grey rows), so every member is checked for its
 end marker first (JPEG EOI, PNG IEND). A DALI pipeline is unusable after a failed run: the decoder drops it and
@@ -195,17 +196,15 @@ def reference_image(key: str, member: Member, shape: tuple[int, int], box: Box, 
                     height: int) -> torch.Tensor:
     name, data = member
     check_complete(key, name, data)
-    pixels = decode_image(key, name, data, "RGB").astype(np.float32)
+    pixels = decode_image(key, name, data, "RGB")
     if pixels.shape[:2] != (height, width):
         raise SessionFormatError(f"session {key}: {name} is {pixels.shape[1]}x{pixels.shape[0]}, expected "
                                  f"{width}x{height}", "corrupt_image")
     h, w = shape
     pad = math.ceil(max((box[2] - box[0]) / w, (box[3] - box[1]) / h, 1.0)) + 2
-    padded = np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-    region = (box[0] + pad, box[1] + pad, box[2] + pad, box[3] + pad)
-    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(padded[..., c]), "F").resize(
-        (w, h), Image.BILINEAR, box=region)) for c in range(3)]
-    return torch.from_numpy((np.stack(channels) - 127.5) / 127.5)
+    padded = Image.fromarray(np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+    resized = padded.resize((w, h), Image.BILINEAR, box=(box[0] + pad, box[1] + pad, box[2] + pad, box[3] + pad))
+    return (torch.from_numpy(np.asarray(resized)).permute(2, 0, 1).float() - 127.5) / 127.5
 
 
 def reference_mask(key: str, member: Member, shape: tuple[int, int], box: Box, width: int,
