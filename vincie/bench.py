@@ -49,8 +49,10 @@ def start_s3_server() -> str:
     """moto's S3 server in this process on a free 127.0.0.1 port, with throwaway credentials -> endpoint URL.
     It is not stopped: its handler threads keep serving the readers' keep-alive connections, so `stop()` would
     wait for them; the threads end with the process."""
+    import logging
     import socket
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:
