@@ -98,6 +98,16 @@ def cmd_index_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from data_index.precompute import precompute
+
+    cfg = config_from_args(args)
+    counts = precompute(args.url, args.out, cfg)
+    print(f"precompute: {counts['sessions']} sessions -> {args.out} ({counts['without_features']} without features; "
+          f"{plural(counts['kept_shards'], 'shard')} already complete)")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from data_index.show import write_contact_sheet
 
@@ -110,7 +120,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="make, index and inspect session shards",
                                  description="Make, index and inspect session shards (local paths or s3:// URLs).")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,index,show}")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,index,precompute,show}")
 
     p = sub.add_parser("synth", help="generate synthetic video-world sessions into shards",
                        description="Generate sessions of the synthetic video world (exact instructions and "
@@ -156,6 +166,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--test", type=float, default=0.05, help="share of scenes for test (default 0.05)")
         add_config_arguments(q)
         q.set_defaults(func=func)
+
+    p = sub.add_parser("precompute", help="copy a dataset with VAE latents (and frozen text features) added",
+                       description="Copy the shards of URL to --out with each session's VAE latents at its bucket "
+                                   "and, for a frozen text encoder (text_encoder.kind hf), its text features, as "
+                                   "the config (--config) would compute them; training on the copy skips decoding "
+                                   "and encoding. Resumable; the index is built last.")
+    p.add_argument("url", metavar="URL", help="dataset root: a local path or s3://bucket/prefix")
+    p.add_argument("--out", required=True, metavar="URL", help="output dataset root")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_precompute)
 
     p = sub.add_parser("show", help="draw sessions as a contact sheet PNG",
                        description="Draw the first sessions of a dataset as a PNG: one row per session, "

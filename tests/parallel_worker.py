@@ -65,7 +65,8 @@ def main() -> None:
         trainer.save()
     else:
         trainer.resume()
-        sums = trainer.forward_backward(trainer.make_batches())
+        batches, data = trainer.make_batches()
+        sums = trainer.forward_backward(batches, data["counts"])
         losses = [None] * dist.get_world_size()
         dist.all_gather_object(losses, sums["loss_sum"] / sums["count"] if sums["reporter"] else None)
         grads = gathered_grads(trainer)

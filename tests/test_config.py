@@ -43,6 +43,13 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("data.turn_curriculum={100: 2}", ["data.turn_curriculum", "step 0"]),
     ("data.turn_curriculum={0: 9}", ["data.turn_curriculum", "1..data.max_turns"]),
     ("diffusion.prediction=noise", ["diffusion.prediction", "'x0'"]),
+    ("data.buckets=['16x9']", ["data.buckets", "W:H", "'16x9'"]),
+    ("data.buckets=['1:1', '2:2']", ["data.buckets", "distinct sizes"]),
+    ("data.buckets=[]", ["data.buckets", "at least one"]),
+    ("data.source_weights={a: -1}", ["data.source_weights", ">= 0"]),
+    ("data.max_bad_share=2", ["data.max_bad_share", "[0, 1]"]),
+    ("data.workers=-1", ["data.workers", ">= 0"]),
+    ("storage.read_attempts=0", ["storage.read_attempts", ">= 1"]),
 ])
 def test_bad_overrides_name_the_key(override, names):
     if names is None:
@@ -96,6 +103,14 @@ def test_synth_stops_before_any_work_on_bad_config(tmp_path):
 def test_cli_show_prints_resolved_config():
     result = run_vincie("config", "show", "synth.resolution=32", check=True)
     assert yaml.safe_load(result.stdout)["synth"]["resolution"] == 32
+
+
+def test_buckets_share_the_area_with_sides_on_the_latent_cell():
+    from vincie.config import bucket_shapes
+
+    cfg = load_config("tiny", ["data.buckets=['1:1', '16:9', '9:16']", "data.resolution=256"])
+    assert bucket_shapes(cfg) == [(256, 256), (192, 344), (344, 192)]  # (H, W), multiples of 8 (VAE 4 x patch 2)
+    assert all(abs(h * w / 256 ** 2 - 1) < 0.02 for h, w in bucket_shapes(cfg))
 
 
 def test_dataclass_defaults_validate():

@@ -11,6 +11,7 @@ import torch
 from vincie.batch import SessionEncoder, collate
 from vincie.components import build_components
 from vincie.config import load_config
+from vincie.data import from_session
 from vincie.model import build_on_meta, count_parameters
 from vincie.parallel import init_distributed
 from vincie.sequence import BlockType, Role
@@ -34,7 +35,8 @@ def micro_batch(n=2, seed=0, **overrides):
     encoder = SessionEncoder(cfg, vae, text, torch.device("cpu"))
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     synth = load_config("tiny", ["synth.resolution=32"]).synth
-    samples = [encoder.training_sample(generate_session(synth, "train", 0, i).session, rng, gen) for i in range(n)]
+    samples = [encoder.training_sample(from_session(generate_session(synth, "train", 0, i).session), rng, gen)
+               for i in range(n)]
     return cfg, model, samples
 
 

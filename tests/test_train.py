@@ -37,11 +37,11 @@ def metrics(out_dir):
 def test_overfits_one_batch(tmp_path, data):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["train.lr=0.005", "train.warmup_steps=1", "train.steps=1000", "train.batch_size=2",
-                       "data.max_turns=1"])
+                       "data.max_turns=1", "data.workers=0"])
     trainer = Trainer(cfg, init_distributed(), progress=False)
     losses = []
     for _ in range(100):
-        trainer.sampler.state = SamplerState()  # the same sessions, noise and timesteps every step
+        trainer.loader.seek(SamplerState())  # the same sessions, noise and timesteps every step
         batch = trainer.make_batch()
         total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights,
                                   cfg.diffusion.prediction)
@@ -97,14 +97,16 @@ def test_changed_region_weight_weights_the_tokens_an_edit_touches(tmp_path, data
     the loss is the weighted sum of the per-token errors."""
     import torch.nn.functional as F
 
+    from data_index.world import generate_session
     from vincie.batch import SessionEncoder, collate
-    from vincie.data import SessionDataset
+    from vincie.config import SynthConfig
+    from vincie.data import from_session
     from vincie.sequence import BlockType, Role
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["diffusion.changed_region_weight=4", "sequence.drop_current_image=0"])
     trainer = Trainer(cfg, init_distributed(), progress=False)
-    session = SessionDataset(str(data["train"]), resolution=32).load(0)
+    session = from_session(generate_session(SynthConfig(resolution=32, min_turns=3, max_turns=3), "train", 0, 0).session)
     sample = SessionEncoder(cfg, trainer.vae, trainer.text_encoder, torch.device("cpu")).training_sample(
         session, np.random.default_rng(0), torch.Generator().manual_seed(0))
     patch = trainer.vae.factor * cfg.model.patch_size
@@ -115,7 +117,7 @@ def test_changed_region_weight_weights_the_tokens_an_edit_touches(tmp_path, data
             continue
         if block.type == BlockType.IMAGE:
             region = session.cur_masks[block.source - 1] | session.next_masks[block.source - 1]
-            touched = F.max_pool2d(torch.tensor(region, dtype=torch.float32)[None, None], patch).reshape(-1)
+            touched = F.max_pool2d(region.float()[None, None], patch).reshape(-1)
             expected.append(1 + 3 * touched)
         else:
             expected.append(torch.ones(len(sample.latents[0])))
@@ -226,9 +228,9 @@ def test_edit_and_eval_end_to_end(tmp_path, trained_run):
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 1000
     # the denoising probe's copy-input baseline, recomputed from the pixels (the space-to-depth latent is the
     # image in [-1, 1], rearranged)
-    from vincie.data import SessionDataset
-    sessions = [SessionDataset(str(report["data"]), resolution=32).load(i) for i in range(4)]
-    expected = np.mean([np.mean(((s.images[0].astype(np.float64) - s.images[1]) / 127.5) ** 2) for s in sessions])
+    from vincie.loader import load_sessions
+    sessions = load_sessions(load_config("tiny"), str(report["data"]), max_turns=3, count=4)
+    expected = np.mean([torch.mean((s.images[0].double() - s.images[1].double()) ** 2).item() for s in sessions])
     assert report["denoising"]["copy_input"] == pytest.approx(expected, rel=1e-4)
     assert set(report["denoising"]["x0_mse"]) == {"0.9", "0.5", "0.2", "0.05"}
     # the instruction reaches the target: swapping it moves the estimate (zero would mean a cut text path)

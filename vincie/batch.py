@@ -6,17 +6,18 @@ which the trainer seeds from (seed, step, rank): a step's batch is a pure functi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vincie.attention import MaskSpec
-from vincie.config import Config
+from vincie.config import Config, bucket_shapes
+from vincie.data import LoadedSession
 from vincie.diffusion import noisy, sample_timesteps, velocity_target
 from vincie.model import ModelInputs
 from vincie.sequence import TASKS, Block, BlockType, Role, build_blocks, full_attention_blocks, layout
-from vincie.session import Session
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -24,9 +25,9 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.tensor(image).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
-    """(H, W) bool -> (3, H, W) in {-1, 1}: the mask rendered as an image (white region on black)."""
-    return torch.tensor(mask).float().mul(2).sub(1)[None].expand(3, -1, -1).contiguous()
+def masks_to_pixels(masks: torch.Tensor) -> torch.Tensor:
+    """(M, H, W) bool -> (M, 3, H, W) in {-1, 1}: masks rendered as images (white region on black)."""
+    return masks.float().mul(2).sub(1)[:, None].expand(-1, 3, -1, -1)
 
 
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:
@@ -95,19 +96,26 @@ class SessionEncoder:
         return height // f, width // f
 
     @torch.no_grad()
-    def encode_elements(self, session: Session) -> dict[tuple[str, int], torch.Tensor]:
-        """Every image and mask of a session -> patch tokens (n, P), one VAE call."""
-        pixels = [image_to_tensor(im) for im in session.images]
-        keys = [("image", i) for i in range(len(session.images))]
+    def encode_elements(self, session: LoadedSession) -> dict[tuple[str, int], torch.Tensor]:
+        """Every image and mask of a session -> patch tokens (n, P): one VAE call, or the precomputed latents.
+        Order: images, then per turn its cur and next mask."""
+        keys = [("image", i) for i in range(session.turns + 1)]
         if session.has_masks:
-            for i in range(session.turns):
-                pixels += [mask_to_tensor(session.cur_masks[i]), mask_to_tensor(session.next_masks[i])]
-                keys += [("cur", i), ("next", i)]
-        latents = self.vae.encode(torch.stack(pixels).to(self.device))
+            keys += [(kind, i) for i in range(session.turns) for kind in ("cur", "next")]
+        if session.latents is not None:
+            parts = [session.latents["image"]]  # (K+1, C, h, w)
+            if session.has_masks:  # (K, 2, C, h, w) -> (2K, C, h, w): cur_0, next_0, cur_1, ...
+                parts.append(torch.stack([session.latents["cur"], session.latents["next"]], 1).flatten(0, 1))
+            latents = torch.cat(parts).to(self.device)
+        else:
+            parts = [session.images]  # (K+1, 3, H, W)
+            if session.has_masks:
+                parts.append(masks_to_pixels(torch.stack([session.cur_masks, session.next_masks], 1).flatten(0, 1)))
+            latents = self.vae.encode(torch.cat(parts).to(self.device))
         tokens = patchify(latents.float(), self.p)
         return dict(zip(keys, tokens))
 
-    def fit_blocks(self, session: Session, rng: np.random.Generator, text_lengths: list[int],
+    def fit_blocks(self, session: LoadedSession, rng: np.random.Generator, text_lengths: list[int],
                    tokens_per_element: int) -> list[Block]:
         """Block-causal blocks with context dropout, keeping whole turns from the start until the token cap."""
         for turns in range(session.turns, 0, -1):
@@ -120,21 +128,24 @@ class SessionEncoder:
         raise ValueError(f"session {session.key}: even one turn needs more than data.max_tokens="
                          f"{self.cfg.data.max_tokens} tokens")
 
-    def region_weights(self, session: Session, turn: int, grid: tuple[int, int]) -> torch.Tensor | None:
+    def region_weights(self, session: LoadedSession, turn: int, grid: tuple[int, int]) -> torch.Tensor | None:
         """(n,) loss weights of the image after `turn`: diffusion.changed_region_weight on tokens that touch the
-        turn's changed region (C | N), 1 elsewhere; None when off or the session has no masks."""
+        turn's changed region (C | N), 1 elsewhere; None when off or without mask pixels (no masks, or
+        precomputed latents)."""
         weight = self.cfg.diffusion.changed_region_weight
-        if weight == 1.0 or not session.has_masks:
+        if weight == 1.0 or session.cur_masks is None:
             return None
-        region = torch.from_numpy(session.cur_masks[turn] | session.next_masks[turn])  # (H, W) bool
+        region = session.cur_masks[turn] | session.next_masks[turn]  # (H, W) bool
         gh, gw = grid
         touched = region.reshape(gh, region.shape[0] // gh, gw, region.shape[1] // gw).any(dim=3).any(dim=1)
         return 1.0 + (weight - 1.0) * touched.reshape(-1).float()
 
-    def training_sample(self, session: Session, rng: np.random.Generator, generator: torch.Generator) -> SampleTokens:
+    def training_sample(self, session: LoadedSession, rng: np.random.Generator,
+                        generator: torch.Generator) -> SampleTokens:
         elements = self.encode_elements(session)
-        texts = self.text_encoder.encode(session.instructions)
-        grid = self.grid(session.height, session.width)
+        texts = [t.to(self.device) for t in session.text] if session.text is not None else \
+            self.text_encoder.encode(session.instructions)
+        grid = self.grid(*session.size)
         blocks = self.fit_blocks(session, rng, [len(t) for t in texts], grid[0] * grid[1])
         d = self.cfg.diffusion
         t_noisy = sample_timesteps(len(blocks), d.logit_normal_loc, d.logit_normal_scale, generator)
@@ -157,6 +168,15 @@ class SessionEncoder:
                 weights.append(None)
         return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full",
                             weights)
+
+    def null_sample(self) -> SampleTokens:
+        """A sample that carries no loss (no target tokens): what a data-parallel rank trains on when every session
+        of its step was bad, so that it still takes part in the step's collectives."""
+        h, w = bucket_shapes(self.cfg)[0]
+        blank = LoadedSession(key="(none)", instructions=[""], has_masks=False, size=(h, w),
+                              images=torch.zeros(2, 3, h, w), cur_masks=None, next_masks=None)
+        sample = self.training_sample(blank, np.random.default_rng(0), torch.Generator().manual_seed(0))
+        return dataclasses.replace(sample, targets=[None] * len(sample.targets))
 
 
 def num_tokens(sample: SampleTokens) -> int:

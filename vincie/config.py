@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,7 +47,12 @@ class StorageConfig:
     s3_endpoint_url: str = ""
     s3_region: str = ""
     connect_timeout_s: float = 5.0
-    max_attempts: int = 3
+    read_timeout_s: float = 60.0
+    max_attempts: int = 3  # botocore's attempts per request
+    # the training loader's retries of one session read (on top of botocore's): attempt k waits
+    # retry_backoff_s * 2^(k-1) (at most 30 s) before it; after the last, the session is skipped and counted
+    read_attempts: int = 6
+    retry_backoff_s: float = 0.5
 
 
 @dataclass
@@ -136,12 +143,28 @@ class DataConfig:
     train_url: str = "runs/run/data/train"
     eval_url: str = "runs/run/data/eval"
     mode: Literal["sessions", "pairs"] = "sessions"  # pairs: train on one-turn pairs only (the paper's ablation)
-    resolution: int = 64  # square working size: sessions of another size are resized; `vincie edit` resizes to it
+    resolution: int = 64  # side of the 1:1 bucket (buckets share its area); `vincie edit` resizes to it
+    # aspect-ratio buckets, "W:H": each session goes to the bucket nearest its aspect ratio, centre-cropped to it
+    # and resized (images: linear with antialiasing, masks: nearest); sides are rounded to the latent cell
+    buckets: list[str] = field(default_factory=lambda: ["1:1"])
     max_turns: int = 6  # longer sessions are cut to their first turns
     # a curriculum over session length: {from_step: max_turns}, e.g. {0: 2, 500: 6} trains on sessions cut to
     # 2 turns until step 500 (short sequences, cheap steps), then on up to 6; empty: data.max_turns throughout
     turn_curriculum: dict[int, int] = field(default_factory=dict)
     max_tokens: int = 4096  # sequence cap per sample; whole trailing turns are dropped to fit
+    # which sessions of the index are used (the index columns split, turns, width/height, source)
+    split: str = ""  # only this split; empty: every split
+    min_turns: int = 1  # sessions with fewer turns are left out
+    min_resolution: int = 0  # sessions whose shorter side has fewer pixels are left out
+    # per-epoch resampling by source: 2.0 = every session of that source twice per epoch, 0.5 = a different half
+    # each epoch, 0 = none; sources not listed keep 1.0
+    source_weights: dict[str, float] = field(default_factory=dict)
+    workers: int = 1  # loader processes per rank that read and decode sessions ahead (0: in the training process)
+    decode_threads: int = 1  # DALI threads per decoding process
+    prefetch: int = 2  # sessions each loader process holds ready
+    # a run stops when more than this share of the sessions it read were bad (skipped), once it read bad_min_sessions
+    max_bad_share: float = 0.01
+    bad_min_sessions: int = 100
 
 
 @dataclass
@@ -187,6 +210,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def bucket_shapes(cfg: Config) -> list[tuple[int, int]]:
+    """(height, width) in pixels of each data.buckets entry "W:H": the area of the resolution x resolution square,
+    each side rounded to the nearest multiple of the latent cell (vae.factor x model.patch_size), at least one."""
+    cell = cfg.vae.factor * cfg.model.patch_size
+    shapes = []
+    for text in cfg.data.buckets:
+        w, h = (int(v) for v in text.split(":"))
+        side = lambda x: max(cell, round(cfg.data.resolution * (x / math.sqrt(w * h)) / cell) * cell)  # noqa: E731
+        shapes.append((side(h), side(w)))
+    return shapes
 
 
 def ffn_hidden_size(m: ModelConfig) -> int:
@@ -495,5 +530,29 @@ def validate(cfg: Config) -> None:
     require(cfg.data.resolution % cell == 0, "data.resolution",
             f"must be a multiple of vae.factor x model.patch_size ({cell}), got {cfg.data.resolution}")
     validate_parallel(cfg)
-    require(cfg.storage.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
-    require(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+    validate_data(cfg)
+    st = cfg.storage
+    require(st.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
+    require(st.read_timeout_s > 0, "storage.read_timeout_s", "must be > 0")
+    require(st.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+    require(st.read_attempts >= 1, "storage.read_attempts", "must be >= 1")
+    require(st.retry_backoff_s >= 0, "storage.retry_backoff_s", "must be >= 0")
+
+
+def validate_data(cfg: Config) -> None:
+    d = cfg.data
+    require(len(d.buckets) > 0, "data.buckets", "must list at least one aspect ratio")
+    for text in d.buckets:
+        require(re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", text) is not None, "data.buckets",
+                f"entries must look like W:H with positive integers (e.g. 16:9), got {text!r}")
+    require(len(set(bucket_shapes(cfg))) == len(d.buckets), "data.buckets",
+            f"must give distinct sizes at data.resolution {d.resolution}, got {d.buckets} -> {bucket_shapes(cfg)}")
+    require(d.min_turns >= 1, "data.min_turns", f"must be >= 1, got {d.min_turns}")
+    require(d.min_resolution >= 0, "data.min_resolution", f"must be >= 0, got {d.min_resolution}")
+    require(all(w >= 0 for w in d.source_weights.values()), "data.source_weights",
+            f"must be >= 0, got {d.source_weights}")
+    require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    require(d.decode_threads >= 1, "data.decode_threads", f"must be >= 1, got {d.decode_threads}")
+    require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
+    require(0 <= d.max_bad_share <= 1, "data.max_bad_share", f"must be in [0, 1], got {d.max_bad_share}")
+    require(d.bad_min_sessions >= 1, "data.bad_min_sessions", f"must be >= 1, got {d.bad_min_sessions}")

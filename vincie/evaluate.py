@@ -29,7 +29,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from vincie import storage
-from vincie.data import SessionDataset, truncate
+from vincie.batch import tensor_to_image
+from vincie.data import LoadedSession
 from vincie.errors import VincieError
 from vincie.session import Session
 
@@ -54,6 +55,13 @@ def judge_turn(edited: np.ndarray, truth: np.ndarray, region: np.ndarray) -> Tur
     inside = float(match[region].mean()) if region.any() else 1.0
     outside = float(match[~region].mean()) if (~region).any() else 1.0
     return TurnScore(inside, outside)
+
+
+def to_session(s: LoadedSession) -> Session:
+    """Decoded pixels back to uint8 images (exact where no resize happened) and numpy masks, for the judge."""
+    masks = lambda m: [x.numpy() for x in m] if s.has_masks else None  # noqa: E731
+    return Session(key=s.key, images=[tensor_to_image(x) for x in s.images], instructions=s.instructions,
+                   cur_masks=masks(s.cur_masks), next_masks=masks(s.next_masks), meta=s.meta)
 
 
 def judge_session(session: Session, outputs: list[np.ndarray]) -> list[TurnScore]:
@@ -160,9 +168,10 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
                    cfg_scale: float | None = None, seed: int = 0, batch: int = 16, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    dataset = SessionDataset(data_url, editor.cfg.storage, resolution=editor.resolution)
-    chosen = [truncate(dataset.load(i), turns) for i in range(len(dataset))]
-    chosen = [s for s in chosen if s.turns == turns and s.has_masks][:sessions]
+    from vincie.loader import load_sessions
+
+    chosen = [to_session(s) for s in load_sessions(editor.cfg, data_url, max_turns=turns)
+              if s.turns == turns and s.has_masks][:sessions]
     if not chosen:
         raise VincieError(f"{data_url}: no sessions with {turns} turns and masks to evaluate "
                           f"(make them with: vincie data synth --split test --min-turns {turns} --turns {turns})")

@@ -23,7 +23,12 @@ SCHEMA_VERSION = 1
 
 
 class SessionFormatError(VincieError):
-    pass
+    """A sample that cannot be read as a session; `reason` is its skip reason in the training loader
+    (vincie.data.SKIP_REASONS)."""
+
+    def __init__(self, message: str, reason: str = "bad_json"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -120,21 +125,22 @@ def decode_image(key: str, name: str, data: bytes, mode: str) -> np.ndarray:
             im.load()
             return np.asarray(im.convert(mode))
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise SessionFormatError(f"session {key}: cannot decode {name} ({type(exc).__name__}: {exc})") from None
+        raise SessionFormatError(f"session {key}: cannot decode {name} ({type(exc).__name__}: {exc})",
+                                 "corrupt_image") from None
 
 
 def find_member(sample: dict, key: str, stem: str, extensions: tuple[str, ...]) -> tuple[str, bytes]:
     for ext in extensions:
         if f"{stem}.{ext}" in sample:
             return f"{stem}.{ext}", sample[f"{stem}.{ext}"]
-    raise SessionFormatError(f"session {key}: missing member {stem}.{extensions[0]}")
+    raise SessionFormatError(f"session {key}: missing member {stem}.{extensions[0]}", "missing_member")
 
 
 def sample_to_session(sample: dict) -> Session:
     """WebDataset sample dict -> Session; raises SessionFormatError naming the key and the bad member."""
     key = sample.get("__key__", "?")
     if "json" not in sample:
-        raise SessionFormatError(f"session {key}: missing json member")
+        raise SessionFormatError(f"session {key}: missing json member", "missing_member")
     header = parse_header(key, sample["json"])
     images = []
     for i in range(header["num_images"]):
@@ -142,7 +148,7 @@ def sample_to_session(sample: dict) -> Session:
         image = decode_image(key, name, data, "RGB")
         if image.shape[:2] != (header["height"], header["width"]):
             raise SessionFormatError(f"session {key}: {name} is {image.shape[1]}x{image.shape[0]}, "
-                                     f"expected {header['width']}x{header['height']}")
+                                     f"expected {header['width']}x{header['height']}", "corrupt_image")
         images.append(image)
     cur_masks = next_masks = None
     if header["has_masks"]:
@@ -153,7 +159,7 @@ def sample_to_session(sample: dict) -> Session:
                 mask = decode_image(key, name, data, "L")
                 if mask.shape != (header["height"], header["width"]):
                     raise SessionFormatError(f"session {key}: {name} has shape {mask.shape}, expected "
-                                             f"{(header['height'], header['width'])}")
+                                             f"{(header['height'], header['width'])}", "corrupt_image")
                 out.append(mask >= 128)
     return Session(key=key, images=images, instructions=list(header["instructions"]), cur_masks=cur_masks,
                    next_masks=next_masks, meta=header["meta"])

@@ -43,7 +43,7 @@ def storage_options(url: str, cfg: StorageConfig) -> dict:
         client_kwargs["region_name"] = region
     return {
         "client_kwargs": client_kwargs,
-        "config_kwargs": {"connect_timeout": cfg.connect_timeout_s, "read_timeout": 60,
+        "config_kwargs": {"connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s,
                           "retries": {"max_attempts": cfg.max_attempts, "mode": "standard"}},
         "use_listings_cache": False,
         "skip_instance_cache": True,

@@ -1,6 +1,6 @@
 """`vincie train`: the training loop (single process, or one rank of a TP/PP/DP layout under torchrun).
 
-Each step: the sampler hands this data-parallel rank its sessions -> SessionEncoder builds block-causal
+Each step: the loader hands this data-parallel rank its sessions -> SessionEncoder builds block-causal
 sequences (context dropout, logit-normal timesteps, noise), in micro-batches -> the MM-DiT (or this rank's
 pipeline stage of it) predicts velocities -> per-task weighted flow loss -> AdamW with warmup + cosine, gradient
 clipping, EMA. Every random draw of step s comes from generators seeded by
@@ -12,6 +12,7 @@ Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,9 +28,11 @@ from vincie import checkpoint, storage
 from vincie.batch import Batch, SessionEncoder, collate, num_tokens
 from vincie.components import build_components
 from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict, to_yaml
-from vincie.data import EpochSampler, SamplerState, SessionDataset, sub_session, truncate
+from vincie.data import SKIP_REASONS, SamplerState, sub_session, truncate
 from vincie.diffusion import X0_MIN_T, output_to_velocity
 from vincie.errors import VincieError
+from vincie.loader import Loader, Skipped
+from vincie.metrics import Metrics
 from vincie.parallel import DistInfo, init_distributed, megatron_runtime, model_stages
 from vincie.sequence import TASKS
 
@@ -147,10 +150,12 @@ class Trainer:
                                                 {"params": no_decay, "wd_mult": 0.0}], lr=t.lr,
                                                betas=tuple(t.betas))
         self.ema = EMA(self.chunks, t.ema_decay)
-        self.dataset = SessionDataset(cfg.data.train_url, cfg.storage, resolution=cfg.data.resolution)
-        self.sampler = EpochSampler(len(self.dataset), cfg.run.seed, t.batch_size)
+        self.metrics = Metrics()
+        self.loader = Loader(cfg, dist_info.dp_rank, dist_info.dp_size, dist_info.device, self.metrics)
         self.encoder = SessionEncoder(cfg, self.vae, self.text_encoder, dist_info.device)
         self.step = 0
+        # over all ranks and the whole run (restored on resume): sessions read, and skipped by reason
+        self.data_totals = {"sessions": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
 
     def megatron_setup(self):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -176,13 +181,20 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "common": self.common_state()}
 
     def common_state(self) -> dict:
-        """What every rank holds the same: step, data position, RNG, config."""
-        return {"step": self.step, "sampler": asdict(self.sampler.state), "torch_rng": torch.get_rng_state(),
-                "config": to_dict(self.cfg)}
+        """What every rank holds the same: step, data position and totals, RNG, config."""
+        return {"step": self.step, "sampler": asdict(self.loader.state),
+                "sessions_per_epoch": len(self.loader.order), "data_totals": self.data_totals,
+                "torch_rng": torch.get_rng_state(), "config": to_dict(self.cfg)}
 
     def load_common(self, common: dict) -> None:
+        if common["sessions_per_epoch"] != len(self.loader.order):
+            raise VincieError(f"the checkpoint's data position counts {common['sessions_per_epoch']} sessions per "
+                              f"epoch, {self.cfg.data.train_url} now gives {len(self.loader.order)} (the index or "
+                              "the data.* filters changed), so it cannot be restored exactly; restore them, or "
+                              "train into a new run.out_dir")
         self.step = common["step"]
-        self.sampler.state = SamplerState(**common["sampler"])
+        self.loader.seek(SamplerState(**common["sampler"]))
+        self.data_totals = common["data_totals"]
         torch.set_rng_state(common["torch_rng"])
 
     def load(self, state: dict) -> None:
@@ -210,28 +222,44 @@ class Trainer:
         return path
 
     # -- one step -------------------------------------------------------------------------------------------
-    def make_batches(self) -> list[Batch]:
-        """This rank's share of the step's global batch, as micro-batches: sample i of the global batch goes to
-        data-parallel rank i % dp_size and draws its randomness from (seed, step, i). Every TP/PP rank of one
-        data-parallel replica builds the same micro-batches."""
-        rows = self.sampler.next_rows(self.info.dp_rank, self.info.dp_size)
+    def make_batches(self) -> tuple[list[Batch], dict]:
+        """This rank's share of the step's global batch, as micro-batches, and what reading it took: sample i of
+        the global batch goes to data-parallel rank i % dp_size and draws its randomness from (seed, step, i). A
+        skipped (bad) session leaves its place empty; a rank left with none trains on a sample without loss.
+        Samples are sorted by token count before they are split into micro-batches, so each micro-batch holds
+        similar lengths. Every TP/PP rank of one data-parallel replica builds the same micro-batches."""
+        dp = self.info.dp_size
+        start = time.perf_counter()
+        items = self.loader.next(self.cfg.train.batch_size // dp)
+        wait_s = time.perf_counter() - start
+        self.metrics.data_wait.observe(wait_s)
         samples = []
-        for j, row in enumerate(rows):
-            rng, generator = sample_generators(self.cfg.run.seed, self.step, self.info.dp_rank + j * self.info.dp_size)
-            session = truncate(self.dataset.load(row), max_turns_at(self.step, self.cfg.data))
+        for j, item in enumerate(items):
+            if isinstance(item, Skipped):
+                continue
+            rng, generator = sample_generators(self.cfg.run.seed, self.step, self.info.dp_rank + j * dp)
+            session = truncate(item, max_turns_at(self.step, self.cfg.data))
             if self.cfg.data.mode == "pairs":
                 session = sub_session(session, int(rng.integers(0, session.turns)), 1)
             samples.append(self.encoder.training_sample(session, rng, generator))
-        # one length for all micro-batches of the step (megatron's pipeline schedules send fixed-shape tensors),
-        # a multiple of TP under sequence parallel (the tokens split evenly over TP ranks)
+        real = len(samples)
+        samples = sorted(samples, key=num_tokens) or [self.encoder.null_sample()]
+        # under pipeline parallel one length for all micro-batches (the schedules send fixed-shape tensors); a
+        # multiple of TP under sequence parallel (the tokens split evenly over TP ranks)
         multiple = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
-        length = -(-max(num_tokens(s) for s in samples) // multiple) * multiple
-        return [collate(samples[k:k + self.micro_batch_size], self.info.device, self.cfg.model.text_dim, length)
-                for k in range(0, len(samples), self.micro_batch_size)]
+        parts = [samples[k:k + self.micro_batch_size] for k in range(0, len(samples), self.micro_batch_size)]
+        lengths = [max(num_tokens(s) for s in (samples if self.cfg.parallel.pipeline > 1 else part))
+                   for part in parts]
+        batches = [collate(part, self.info.device, self.cfg.model.text_dim, -(-n // multiple) * multiple)
+                   for part, n in zip(parts, lengths)]
+        if not real:
+            batches = [dataclasses.replace(batches[0], num_samples=0)]
+        skipped = [sum(isinstance(x, Skipped) and x.reason == r for x in items) for r in SKIP_REASONS]
+        return batches, {"wait_s": wait_s, "counts": [len(items), *skipped]}
 
     def make_batch(self) -> Batch:
         """The local batch as one batch (with parallel.micro_batch_size 0)."""
-        (batch,) = self.make_batches()
+        (batch,), _ = self.make_batches()
         return batch
 
     def set_lr(self) -> float:
@@ -245,9 +273,9 @@ class Trainer:
 
     def train_step(self) -> dict:
         start = time.perf_counter()
-        batches = self.make_batches()
-        data_s = time.perf_counter() - start
-        sums = self.forward_backward(batches)
+        batches, data = self.make_batches()
+        sums = self.forward_backward(batches, data["counts"])
+        self.add_data_totals(sums["data_counts"])
         lr = self.set_lr()
         grad_norm, finite = self.optimizer_step()
         if finite:
@@ -257,16 +285,34 @@ class Trainer:
                 "finite": finite, "lr": lr, "samples": sum(b.num_samples for b in batches),
                 "tokens": sum(int(b.inputs.mask.token_block.numel()) for b in batches),
                 "task_sums": sums["task_sums"], "reporter": sums["reporter"],
-                "data_s": data_s, "step_s": time.perf_counter() - start}
+                "data_s": data["wait_s"], "step_s": time.perf_counter() - start}
 
-    def forward_backward(self, batches: list[Batch]) -> dict:
+    def add_data_totals(self, counts: list[float]) -> None:
+        """Adds the step's global [sessions, skipped per reason] and stops the run, on every rank at once, when
+        more than data.max_bad_share of the sessions read were bad."""
+        self.data_totals["sessions"] += int(counts[0])
+        for reason, n in zip(SKIP_REASONS, counts[1:]):
+            self.data_totals["skipped"][reason] += int(n)
+        d, sessions = self.cfg.data, self.data_totals["sessions"]
+        bad = sum(self.data_totals["skipped"].values())
+        if sessions >= d.bad_min_sessions and bad > d.max_bad_share * sessions:
+            reasons = ", ".join(f"{r} {n}" for r, n in self.data_totals["skipped"].items() if n)
+            raise VincieError(f"data: {bad} of the {sessions} sessions read so far were bad ({bad / sessions:.1%}, "
+                              f"more than data.max_bad_share {d.max_bad_share:.1%}; {reasons}); the 'data: skipped' "
+                              f"lines name them (check: vincie data index verify {d.train_url})")
+
+    def forward_backward(self, batches: list[Batch], data_counts: list[int]) -> dict:
         """Gradients of the step's loss (summed over micro-batches, divided by the global target-token count)
-        -> {loss_sum, count, task_sums, reporter}; loss_sum is this rank's (zero where it holds no loss)."""
-        count = torch.tensor(float(sum(b.target.shape[0] for b in batches)))
+        -> {loss_sum, count, task_sums, reporter, data_counts}; loss_sum is this rank's (zero where it holds no
+        loss). `data_counts` (sessions read, skipped by reason) are summed over data-parallel ranks in the same
+        all-reduce as the target-token count."""
+        counts = torch.tensor([float(sum(b.target.shape[0] for b in batches)), *map(float, data_counts)],
+                              dtype=torch.float64)
         if self.info.dp_size > 1:
-            dist.all_reduce(count, group=data_parallel_group())  # target tokens of the global batch
+            dist.all_reduce(counts, group=data_parallel_group())  # over the global batch
+        count = counts[0].float()
         sums = self.forward_backward_megatron(batches) if self.megatron else self.forward_backward_plain(batches, count)
-        return sums | {"count": float(count)}
+        return sums | {"count": float(count), "data_counts": counts[1:].tolist()}
 
     def forward_backward_plain(self, batches: list[Batch], count: torch.Tensor) -> dict:
         """torch DDP averages gradients over ranks; scaling by dp_size / count makes that the global token mean."""
@@ -399,7 +445,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
         window.append(trainer.train_step())
         bar.update(1)
         if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
-            last = reduce_logs(window, info)
+            last = reduce_logs(window, info) | {"data_sessions": trainer.data_totals["sessions"],
+                                                "data_skipped": dict(trainer.data_totals["skipped"])}
             window = []
             if info.is_main:
                 append_metrics(metrics_path, last, resumed_step)
@@ -409,4 +456,11 @@ def train(cfg: Config, progress: bool = True) -> dict:
         if trainer.step % cfg.train.checkpoint_every == 0 or trainer.step == cfg.train.steps:
             trainer.save()
     bar.close()
+    trainer.loader.close()
+    if info.is_main:
+        totals = trainer.data_totals
+        skipped = ", ".join(f"{r} {n}" for r, n in totals["skipped"].items() if n) or "none"
+        print(f"train: data: {totals['sessions']} sessions read, {sum(totals['skipped'].values())} skipped "
+              f"({skipped}), epoch {trainer.loader.state.epoch} at {trainer.loader.state.cursor} of "
+              f"{len(trainer.loader.order)}")
     return last

@@ -1,0 +1,288 @@
+"""The training loader: reads the sessions vincie.data's order gives this rank, in loader processes, and hands
+them over in order; a bad session is skipped, logged once and counted, never fatal.
+
+Reading one session: one ranged read of its tar members (the index's byte range: one GET on S3), retried with
+backoff on storage errors (storage.read_attempts, storage.retry_backoff_s); parsed with WebDataset's tar iterators;
+cut to data.max_turns; decoded with DALI at its bucket (vincie.decode). Precomputed latents / text features in the
+sample (vincie.features) replace decoding and encoding when they were made for this config.
+
+Processes: a torch DataLoader with data.workers processes over `RankStream`. Worker w reads the rank's items
+j = w, w + W, ... counted from the position the stream started at; the DataLoader takes the workers' items round
+robin, i.e. in order of j, so the training process receives the rank's sequence in order and its position counts
+what it consumed. Items read ahead but not consumed are dropped when the loader stops and read again after a
+resume, by any number of workers. On a GPU the workers read and parse, and the training process decodes with
+DALI's `mixed` pipeline (CUDA cannot be used in forked workers).
+
+Bad data: a session that cannot be read becomes a `Skipped` item with a reason (vincie.data.SKIP_REASONS). It counts
+as consumed (not read again this epoch); the training process logs it once, naming shard and key, and counts it in
+vincie_data_skipped_total{reason}.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_index.index import read_index
+from vincie import features, storage
+from vincie.config import Config, bucket_shapes
+from vincie.data import LoadedSession, RowRef, SamplerState, SessionOrder
+from vincie.decode import DaliDecoder, PilDecoder, nearest_bucket
+from vincie.errors import VincieError
+from vincie.metrics import Metrics
+from vincie.session import SessionFormatError, find_member, parse_header
+
+
+@dataclass
+class Skipped:
+    key: str
+    shard: str
+    reason: str  # one of vincie.data.SKIP_REASONS
+    message: str
+
+
+@dataclass
+class Fetched:
+    """A session read and parsed but not decoded (decoding happens in the training process, on its GPU)."""
+    ref: RowRef
+    sample: dict
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class SessionReader:
+    """Reads sessions of one dataset root. One per process: its filesystem and DALI pipelines are made on first use
+    in the process that uses them (a forked worker makes its own)."""
+
+    def __init__(self, cfg: Config, root: str, max_turns: int, device_id: int | None = None,
+                 decoder: str = "dali"):
+        self.cfg, self.root, self.max_turns = cfg, root, max_turns
+        self.device_id, self.decoder_kind = device_id, decoder
+        self.shapes = bucket_shapes(cfg)
+        self.vae, self.text_encoder = features.vae_id(cfg), features.text_encoder_id(cfg)
+        self.pid = None
+
+    def ensure_process(self) -> None:
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.fs = storage.filesystem(self.root, self.cfg.storage)[0]
+            # one request per attempt: s3fs would retry timeouts and SlowDown up to 5 x 5 times inside one call
+            # (two nested retry loops), so storage.read_attempts (and botocore's storage.max_attempts) decide
+            self.fs.retries = 1
+            threads = self.cfg.data.decode_threads
+            self.decoder = PilDecoder(self.shapes, threads) if self.decoder_kind == "pil" else \
+                DaliDecoder(self.shapes, threads, max_batch=2 * self.max_turns + 1, device_id=self.device_id)
+            self.warned_features = False
+
+    def read(self, ref: RowRef, decode: bool = True) -> LoadedSession | Fetched | Skipped:
+        self.ensure_process()
+        try:
+            sample = self.parse(ref, self.fetch(ref))
+            return self.load(ref, sample) if decode else Fetched(ref, sample)
+        except Skip as exc:
+            return Skipped(ref.id, ref.shard, exc.reason, str(exc))
+
+    def load_fetched(self, item: Fetched) -> LoadedSession | Skipped:
+        self.ensure_process()
+        try:
+            return self.load(item.ref, item.sample)
+        except Skip as exc:
+            return Skipped(item.ref.id, item.ref.shard, exc.reason, str(exc))
+
+    def fetch(self, ref: RowRef) -> bytes:
+        url = storage.join(self.root, ref.shard)
+        path = self.fs._strip_protocol(url)
+        attempts = self.cfg.storage.read_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                with storage.storage_errors(url, self.cfg.storage):
+                    data = self.fs.cat_file(path, start=ref.offset, end=ref.offset + ref.size)
+                break
+            except storage.StorageError as exc:
+                if isinstance(exc.__cause__, FileNotFoundError):
+                    raise Skip("missing_shard", f"{url}: the shard is gone (deleted after the index was built?)")
+                if attempt == attempts:
+                    raise Skip("storage", f"{exc} (gave up after {attempts} attempts)")
+                time.sleep(min(30.0, self.cfg.storage.retry_backoff_s * 2 ** (attempt - 1)))
+        if len(data) != ref.size:
+            raise Skip("bad_tar", f"{url}: {len(data)} of the {ref.size} bytes at offset {ref.offset}: the shard is "
+                                  "shorter than the index says (truncated?)")
+        return data
+
+    def parse(self, ref: RowRef, data: bytes) -> dict:
+        """The session's tar members -> a WebDataset sample {"__key__", suffix: bytes}."""
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        stream = io.BytesIO(data + b"\0" * 1024)  # the range holds members only; add the end-of-archive blocks
+        try:
+            samples = list(group_by_keys(tar_file_expander([{"url": ref.shard, "stream": stream}])))
+        except Exception as exc:  # tarfile and webdataset raise several types for damaged bytes
+            raise Skip("bad_tar", f"{ref.shard}: the bytes at offset {ref.offset} are not a tar of session "
+                                  f"{ref.id} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        keys = [s["__key__"] for s in samples]
+        if keys != [ref.id]:
+            raise Skip("bad_tar", f"{ref.shard}: offset {ref.offset} holds {keys}, the index says {ref.id} "
+                                  f"(run: vincie data index verify {self.root})")
+        return {k: v for k, v in samples[0].items() if k != "__url__"}
+
+    def load(self, ref: RowRef, sample: dict) -> LoadedSession:
+        key = ref.id
+        try:
+            if "json" not in sample:
+                raise SessionFormatError(f"session {key}: missing json member", "missing_member")
+            header = parse_header(key, sample["json"])
+            turns = min(len(header["instructions"]), self.max_turns)
+            has_masks = header["has_masks"]
+            shape = nearest_bucket(header["width"], header["height"], self.shapes)
+            latents, text = self.read_features(ref, sample, shape, turns)
+            images = cur = nxt = None
+            if latents is None:
+                members = [find_member(sample, key, f"{i:03d}.img", ("jpg", "png", "jpeg")) for i in range(turns + 1)]
+                masks = [find_member(sample, key, f"{i:03d}.{kind}", ("png",))
+                         for i in range(turns if has_masks else 0) for kind in ("cur", "next")]
+                frames = self.decoder.decode(key, members, masks, header["width"], header["height"])
+                images = frames.images
+                cur, nxt = (frames.masks[0::2], frames.masks[1::2]) if has_masks else (None, None)
+        except SessionFormatError as exc:
+            raise Skip(exc.reason, f"{ref.shard}: {exc}") from None
+        return LoadedSession(key=key, instructions=list(header["instructions"][:turns]), has_masks=has_masks,
+                             size=shape, images=images, cur_masks=cur, next_masks=nxt, latents=latents, text=text,
+                             meta=header["meta"])
+
+    def read_features(self, ref: RowRef, sample: dict, shape: tuple[int, int], turns: int):
+        """-> (latents cut to `turns`, text features cut to `turns`), each None when absent or made for another
+        config (then a line once per process)."""
+        try:
+            latents = features.read_latents(sample[features.LATENTS], self.vae, shape) \
+                if features.LATENTS in sample else None
+            text = features.read_text(sample[features.TEXT], self.text_encoder) if features.TEXT in sample else None
+        except (ValueError, KeyError, RuntimeError) as exc:  # safetensors raises these for damaged bytes
+            raise Skip("bad_features", f"{ref.shard}: session {ref.id}: precomputed features do not parse "
+                                       f"({type(exc).__name__}: {str(exc)[:120]})") from None
+        unused = (features.LATENTS in sample and latents is None) or \
+            (features.TEXT in sample and text is None and self.text_encoder is not None)
+        if unused and not self.warned_features:
+            self.warned_features = True
+            print(f"data: {ref.shard} carries precomputed features made for another VAE, bucket or text encoder "
+                  f"than this config's ({self.vae}, {shape[1]}x{shape[0]}, {self.text_encoder}); decoding and "
+                  "encoding instead", file=sys.stderr)
+        if latents is not None:
+            latents = {"image": latents["image"][:turns + 1]} | \
+                      {k: latents[k][:turns] for k in ("cur", "next") if k in latents}
+        return latents, (text[:turns] if text is not None else None)
+
+
+class RankStream(IterableDataset):
+    """The items of one data-parallel rank from stream position `start`: (j, session j of the rank), worker w of W
+    yielding j = w, w + W, ..."""
+
+    def __init__(self, reader: SessionReader, order: SessionOrder, start: int, dp_rank: int, dp_size: int,
+                 decode: bool):
+        self.reader, self.order, self.start, self.dp_rank, self.dp_size, self.decode = \
+            reader, order, start, dp_rank, dp_size, decode
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        for j in itertools.count(worker, workers):
+            ref = self.order.at(self.start + self.dp_rank + j * self.dp_size)
+            yield j, self.reader.read(ref, self.decode)
+
+
+def identity(x):
+    return x
+
+
+class Loader:
+    """This rank's sessions, in order, from a stream position that `state` reads and `seek` sets."""
+
+    def __init__(self, cfg: Config, dp_rank: int = 0, dp_size: int = 1, device: torch.device | None = None,
+                 metrics: Metrics | None = None, decoder: str = "dali"):
+        url = cfg.data.train_url
+        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
+        self.order = SessionOrder(read_index(url, cfg.storage), cfg.data, cfg.run.seed, url)
+        gpu = device is not None and device.type == "cuda"
+        self.reader = SessionReader(cfg, url, cfg.data.max_turns, device.index if gpu else None, decoder)
+        self.decode_in_workers = not gpu
+        self.metrics = metrics or Metrics()
+        self.position = 0  # stream positions consumed by all ranks together
+        self.iterator = None
+        self.consumed = 0  # items this rank took from the current iterator
+        self.logged: set[tuple[str, ...]] = set()
+
+    @property
+    def state(self) -> SamplerState:
+        return self.order.state(self.position)
+
+    def seek(self, state: SamplerState) -> None:
+        self.close()
+        self.position = self.order.position(state)
+
+    def start(self) -> None:
+        stream = RankStream(self.reader, self.order, self.position, self.dp_rank, self.dp_size,
+                            self.decode_in_workers)
+        workers = self.cfg.data.workers
+        self.iterator = iter(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=identity,
+                                        prefetch_factor=self.cfg.data.prefetch if workers else None,
+                                        multiprocessing_context="fork" if workers else None))
+        self.consumed = 0
+
+    def next(self, count: int) -> list[LoadedSession | Skipped]:
+        """This rank's next `count` sessions (bad ones as Skipped, already logged and counted); all ranks take the
+        same count, so the stream advances by count x dp_size."""
+        if self.iterator is None:
+            self.start()
+        items = []
+        for _ in range(count):
+            j, item = next(self.iterator)
+            if j != self.consumed:
+                raise RuntimeError(f"loader: got item {j}, expected {self.consumed}")  # a bug, not bad data
+            self.consumed += 1
+            if isinstance(item, Fetched):
+                item = self.reader.load_fetched(item)
+            if isinstance(item, Skipped):
+                self.report(item)
+            items.append(item)
+        self.position += count * self.dp_size
+        return items
+
+    def report(self, item: Skipped) -> None:
+        self.metrics.data_skipped.labels(item.reason).inc()
+        once = (item.reason, item.shard) if item.reason == "missing_shard" else (item.reason, item.shard, item.key)
+        if once not in self.logged:
+            self.logged.add(once)
+            print(f"data: skipped {item.shard} {item.key} ({item.reason}): {item.message}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Stops the loader processes; what they read ahead is dropped."""
+        self.iterator = None  # the DataLoader iterator shuts its workers down when released
+
+
+def load_sessions(cfg: Config, url: str, max_turns: int, count: int | None = None) -> list[LoadedSession]:
+    """The first `count` readable sessions of `url` in index order (for evaluation), decoded as for training; bad
+    ones are skipped with a line each."""
+    table = read_index(url, cfg.storage)
+    reader = SessionReader(cfg, url, max_turns)
+    sessions = []
+    for row in table.select(["id", "shard", "offset", "size"]).to_pylist():
+        if count is not None and len(sessions) == count:
+            break
+        item = reader.read(RowRef(row["id"], row["shard"], row["offset"], row["size"]))
+        if isinstance(item, Skipped):
+            print(f"data: skipped {item.shard} {item.key} ({item.reason}): {item.message}", file=sys.stderr)
+        else:
+            sessions.append(item)
+    if not sessions:
+        raise VincieError(f"{url}: no readable sessions")
+    return sessions
