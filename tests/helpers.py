@@ -1,8 +1,10 @@
-"""Small runs for tests: a micro model on 32x32 synthetic sessions."""
+"""Small runs for tests: a micro model on 32x32 synthetic sessions; torchrun of the test worker."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import yaml
 
@@ -36,3 +38,18 @@ def write_config(path, out_dir, train_url, eval_url="", **sections) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     return str(path)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
+    """`torchrun --nproc_per_node=nproc tests/parallel_worker.py ARGS` (the worker installs the CPU shim)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               WORKER, *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])})
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
+        raise AssertionError(f"worker {' '.join(args)} failed:\n" + "\n".join(errors[-15:]))

@@ -88,7 +88,6 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
     squared error of its x0 estimate (latent units) at each t in PROBE_TIMES, beside two baselines computed
     without the model: the source image I0 ("copy_input") and the target's mean value ("mean"). A model that
     uses its context beats copy_input at high t; one that does not stays near or above it."""
-    from vincie.batch import collate
     from vincie.diffusion import noisy, output_to_velocity
     from vincie.inference import Context
     from vincie.sequence import Block, BlockType, Role
@@ -101,12 +100,12 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
         source, x0 = editor.encode_images(session.images[:2])
         context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
         context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0),
-                               editor.text_encoder.encode(session.instructions[:1])[0])
+                               editor.encode_texts(session.instructions[:1])[0])
         copy.append(float(((source - x0) ** 2).mean()))
         mean.append(float(((x0 - x0.mean()) ** 2).mean()))
         for t in PROBE_TIMES:
             x_t = noisy(x0, torch.randn(x0.shape, generator=generator).to(x0.device), t)
-            batch = collate([editor.sample_rows(context, target, x_t, t)], editor.device, editor.cfg.model.text_dim)
+            batch = editor.collate([editor.sequence(context, target, x_t, t)])
             velocity = output_to_velocity(editor.model(batch.inputs)[batch.target_select], batch.target_inputs,
                                           batch.target_t, editor.cfg.diffusion.prediction)
             errors[t].append(float(((x_t - t * velocity - x0) ** 2).mean()))
