@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -87,3 +88,56 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(tmp_path, tp2_run):
     assert taken.returncode == 2 and "--overwrite" in error_line(taken)
     assert os.listdir(tmp_path / "taken") == ["keep.txt"]
     assert sorted(os.listdir(tmp_path)) == ["empty", "taken"]  # no output, no temporary directory
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A training run directory with one plain (state.pt) checkpoint of random EMA and raw weights, made
+    without training: the micro model's parameters under their training names."""
+    from vincie.config import load_config, to_dict, to_yaml
+    from vincie.model import MMDiT
+    from vincie.text_encoder import build_text_encoder
+
+    from helpers import MICRO_MODEL
+
+    root = tmp_path_factory.mktemp("plain")
+    cfg = load_config("tiny", ["data.resolution=32", "diffusion.sample_steps=2", f"run.out_dir={root / 'run'}",
+                               *[f"model.{k}={v}" for k, v in MICRO_MODEL.items()]])
+    torch.manual_seed(0)
+    model, text_encoder = MMDiT(cfg.model), build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
+    names = [f"dit.{n}" for n, _ in model.named_parameters()] + \
+        [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
+    shapes = [p.shape for p in [*model.parameters(), *text_encoder.parameters()]]
+    raw, ema = ({n: torch.randn(s) * 0.05 for n, s in zip(names, shapes)} for _ in range(2))
+    os.makedirs(root / "run")
+    (root / "run" / "config.yaml").write_text(to_yaml(cfg))
+    checkpoint.save(str(root / "run"), 7, {"model": raw, "ema": {"updates": 7, "weights": ema}, "optimizer": {},
+                                           "common": {"step": 7, "config": to_dict(cfg)}}, keep=1)
+    return root / "run"
+
+
+def test_edit_on_an_export_equals_edit_on_its_run_at_any_input_size(tmp_path, plain_run):
+    from PIL import Image
+
+    export("--checkpoint", str(plain_run), "--out", str(tmp_path / "model"))
+    # stored 48 wide x 80 high, EXIF orientation 6 (rotate): shown, and so edited, as 80 x 48
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (80, 48, 3), dtype=np.uint8)).save(tmp_path / "in.jpg", exif=exif)
+    args = ["--image", str(tmp_path / "in.jpg"), "--instruction", "add a red circle", "--instruction",
+            "make it bigger", "--seed", "3", "--chain-masks"]
+    result = run_vincie("edit", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "a"), *args, check=True)
+    assert "2 turns" in result.stdout
+    run_vincie("edit", "--model", str(plain_run), "--out", str(tmp_path / "b"), *args, check=True)
+    names = ["strip.png"] + [f"turn-{k:02d}{part}.png" for k in (1, 2) for part in ("", "-cur-mask", "-next-mask")]
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(names)
+    for name in names:
+        with Image.open(tmp_path / "a" / name) as a, Image.open(tmp_path / "b" / name) as b:
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name  # the export holds the run's EMA weights
+            if name != "strip.png":
+                assert a.size == (80, 48), name  # restored to the input's size, as shown
+    raw = run_vincie("edit", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "c"), *args, "--raw-weights")
+    assert raw.returncode == 2 and "holds one set of weights" in error_line(raw)
+    neither = run_vincie("edit", "--model", str(tmp_path), "--out", str(tmp_path / "d"), *args)
+    assert neither.returncode == 2 and "neither an exported model" in error_line(neither)
