@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from vincie import checkpoint
 
 from conftest import REPO, error_line, run_vincie
-from helpers import make_data, torchrun, write_config
+from helpers import make_data, make_plain_run, torchrun, write_config
 
 
 @pytest.fixture(scope="module")
@@ -92,28 +92,7 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(tmp_path, tp2_run):
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
-    """A training run directory with one plain (state.pt) checkpoint of random EMA and raw weights, made
-    without training: the micro model's parameters under their training names."""
-    from vincie.config import load_config, to_dict, to_yaml
-    from vincie.model import MMDiT
-    from vincie.text_encoder import build_text_encoder
-
-    from helpers import MICRO_MODEL
-
-    root = tmp_path_factory.mktemp("plain")
-    cfg = load_config("tiny", ["data.resolution=32", "diffusion.sample_steps=2", f"run.out_dir={root / 'run'}",
-                               *[f"model.{k}={v}" for k, v in MICRO_MODEL.items()]])
-    torch.manual_seed(0)
-    model, text_encoder = MMDiT(cfg.model), build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
-    names = [f"dit.{n}" for n, _ in model.named_parameters()] + \
-        [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
-    shapes = [p.shape for p in [*model.parameters(), *text_encoder.parameters()]]
-    raw, ema = ({n: torch.randn(s) * 0.05 for n, s in zip(names, shapes)} for _ in range(2))
-    os.makedirs(root / "run")
-    (root / "run" / "config.yaml").write_text(to_yaml(cfg))
-    checkpoint.save(str(root / "run"), 7, {"model": raw, "ema": {"updates": 7, "weights": ema}, "optimizer": {},
-                                           "common": {"step": 7, "config": to_dict(cfg)}}, keep=1)
-    return root / "run"
+    return make_plain_run(tmp_path_factory.mktemp("plain"))
 
 
 def test_edit_on_an_export_equals_edit_on_its_run_at_any_input_size(tmp_path, plain_run):

@@ -1,6 +1,8 @@
 """The multi-turn editor: the block-causal KV cache gives what recomputing the whole sequence gives (5 turns, with
 guidance, with chained masks), runs only the target's tokens per denoising step, is deterministic for a seed;
-full-attention models recompute."""
+full-attention models recompute; `vincie bench inference` runs."""
+
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from vincie.sequence import Block, BlockType, Role
 from vincie.text_encoder import build_text_encoder
 from vincie.vae import build_vae
 
+from conftest import run_vincie
 from helpers import MICRO_MODEL
 
 INSTRUCTIONS = [["move the red circle to the left", "make the blue square bigger", "remove the green triangle",
@@ -129,3 +132,16 @@ def test_full_attention_models_recompute_with_full_attention():
     editor.edit(sources(1), [INSTRUCTIONS[0][:2]], steps=2, cfg_scale=1.0)
     assert seen and all(full and cache is None for full, cache, _ in seen)
     assert max(n for _, _, n in seen) > 3 * 16  # turn 2 runs I0, T0, I1, T1 and the target
+
+
+def test_bench_inference_reports_both_ways():
+    """A smoke test of the command (no timing is asserted): both ways ran the same session, their outputs agree
+    to within one uint8 level (float32), and peak memory was measured."""
+    micro = [f"model.{k}={v}" for k, v in MICRO_MODEL.items()]
+    result = run_vincie("bench", "inference", "--json", "--turns", "2", "--steps", "2", "--repeats", "1",
+                        "data.resolution=32", *micro, check=True)
+    report = json.loads(result.stdout)
+    assert report["turns"] == 2 and report["tokens_per_image"] == 16
+    assert len(report["cache_s"]) == len(report["recompute_s"]) == 1 and report["speedup"] > 0
+    assert report["max_pixel_difference"] <= 1
+    assert all(peak is None or peak > 0 for peak in report["peak_memory_mib"].values())

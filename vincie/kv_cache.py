@@ -56,6 +56,7 @@ class KVCache:
     def __init__(self, layers: dict[int, LayerCache], context_valid: torch.Tensor):
         self.layers = layers
         self.context_valid = context_valid  # (B, L) bool: real context tokens (False: padding)
+        self.mask: torch.Tensor | None = None  # the rows' layout is fixed for the cache's life: built once
 
     @staticmethod
     def build(contexts: list[list[BlockKV]], layers: list[int], heads: int, head_dim: int, new_tokens: int,
@@ -85,9 +86,10 @@ class KVCache:
     def attention_mask(self, own: torch.Tensor) -> torch.Tensor:
         """own (B, 1, T, T): the rule among the new tokens -> (B, 1, T, L + T): every new token also sees every
         real context token (the new block comes after all of them and they are all clean)."""
-        B, _, T, _ = own.shape
-        context = self.context_valid[:, None, None, :].expand(B, 1, T, -1)
-        return torch.cat([context, own], dim=-1)
+        if self.mask is None:
+            B, _, T, _ = own.shape
+            self.mask = torch.cat([self.context_valid[:, None, None, :].expand(B, 1, T, -1), own], dim=-1)
+        return self.mask
 
     def new_blocks(self, lengths: list[int]) -> list[BlockKV]:
         """After a recording forward: per row, the new block's keys and values without its padding (row b's
