@@ -80,14 +80,34 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vincie.evaluate import evaluate_synth, format_table
-    from vincie.inference import Editor
+    from vincie.inference import Editor, load_config
 
+    if args.bench == "synth":
+        if args.judge_url or args.clip_model or args.dino_model:
+            raise VincieError("--bench synth is scored by its exact judge; --judge-url, --clip-model and "
+                              "--dino-model apply to mse-bench and magicbrush")
+    elif not args.data:
+        raise VincieError(f"--bench {args.bench} needs --data DIR (a local copy of the benchmark)")
+    if args.judge_url and not args.judge_model:
+        raise VincieError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    load_config(args.model)  # a bad --model fails before anything loads
     editor = Editor.load(args.model, raw_weights=args.raw_weights)
-    data = args.data or editor.cfg.data.eval_url
-    report = evaluate_synth(editor, data, args.out, sessions=args.sessions, turns=args.turns, steps=args.steps,
-                            cfg_scale=args.cfg, seed=args.seed)
-    print(format_table(report))
+    if args.bench == "synth":
+        from vincie.evaluate import evaluate_synth, format_table
+
+        data = args.data or editor.cfg.data.eval_url
+        report = evaluate_synth(editor, data, args.out, sessions=args.sessions or 32, turns=args.turns,
+                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+        print(format_table(report))
+    else:
+        from vincie.evaluate import evaluate_benchmark, format_benchmark_table
+        from vincie.judge import VLMJudge
+
+        judge = VLMJudge(args.judge_url, args.judge_model, args.judge_api_key_env) if args.judge_url else None
+        report = evaluate_benchmark(editor, args.bench, args.data, args.out, sessions=args.sessions,
+                                    steps=args.steps, cfg_scale=args.cfg, seed=args.seed, clip_model=args.clip_model,
+                                    dino_model=args.dino_model, judge=judge)
+        print(format_benchmark_table(report))
     print(f"eval: {report['sessions']} sessions; report {args.out}/report.json, pictures {args.out}/grid.png")
     return 0
 
@@ -148,19 +168,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="recompute the whole sequence at every step (same result, slower; for comparison)")
     edit.set_defaults(func=cmd_edit)
 
-    evaluate = sub.add_parser("eval", help="multi-turn editing benchmark",
-                              description="Edit held-out sessions turn by turn and score them (see vincie/evaluate.py "
-                                          "for the judge). Writes report.json and grid.png.")
-    evaluate.add_argument("--model", required=True, metavar="DIR")
-    evaluate.add_argument("--bench", default="synth", choices=["synth"], help="benchmark (default synth)")
-    evaluate.add_argument("--data", metavar="URL", help="held-out sessions (default: the run's data.eval_url)")
+    evaluate = sub.add_parser("eval", help="multi-turn editing benchmarks",
+                              description="Edit benchmark sessions turn by turn (each output is the next turn's "
+                                          "input) and score them. synth: held-out synthetic sessions and an exact "
+                                          "judge (vincie/evaluate.py). mse-bench (5 turns) and magicbrush (up to 3): "
+                                          "local copies in their published formats (vincie/eval_sets.py); L1 against "
+                                          "ground truth where there is one, CLIP-I / DINO / CLIP-T with local "
+                                          "transformers model directories, and MSE-Bench's rule with a VLM judge "
+                                          "behind any OpenAI-compatible chat endpoint (vincie/judge.py). Prints a "
+                                          "per-turn table; writes report.json and grid.png.")
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="an exported model or a training run directory")
+    evaluate.add_argument("--bench", default="synth", choices=["synth", "mse-bench", "magicbrush"],
+                          help="benchmark (default synth)")
+    evaluate.add_argument("--data", metavar="URL|DIR",
+                          help="synth: held-out sessions (default: the run's data.eval_url); mse-bench: a directory "
+                               "of its parquet files; magicbrush: its test/ directory (edit_sessions.json, images/)")
     evaluate.add_argument("--out", required=True, metavar="DIR")
-    evaluate.add_argument("--sessions", type=int, default=32)
-    evaluate.add_argument("--turns", type=int, default=5)
+    evaluate.add_argument("--sessions", type=int, help="at most this many sessions (default: synth 32, others all)")
+    evaluate.add_argument("--turns", type=int, default=5, help="synth: turns per session (default 5)")
     evaluate.add_argument("--steps", type=int)
     evaluate.add_argument("--cfg", type=float)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    evaluate.add_argument("--raw-weights", action="store_true",
+                          help="training run directory: use the raw weights instead of the EMA")
+    evaluate.add_argument("--clip-model", default="", metavar="DIR",
+                          help="local transformers CLIP directory: CLIP-I and CLIP-T")
+    evaluate.add_argument("--dino-model", default="", metavar="DIR", help="local transformers DINO ViT directory: DINO")
+    evaluate.add_argument("--judge-url", default="", metavar="URL",
+                          help="OpenAI-compatible endpoint base, e.g. http://host:8000/v1 (POST .../chat/completions)")
+    evaluate.add_argument("--judge-model", default="", metavar="NAME", help="the judge model's name at that endpoint")
+    evaluate.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                          help="environment variable holding the endpoint's API key, if it needs one "
+                               "(default OPENAI_API_KEY)")
     evaluate.set_defaults(func=cmd_eval)
 
     train = sub.add_parser("train", help="train the MM-DiT (single process, or one rank under torchrun)",
