@@ -17,7 +17,8 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 # The main job on the embedded default (tiny config, synthetic video world, local storage): make sessions,
-# train the tiny MM-DiT with 2 processes, evaluate multi-turn editing, edit a picture turn by turn.
+# train the tiny MM-DiT with 2 processes, evaluate multi-turn editing, export the model and edit a picture
+# turn by turn with the export.
 demo: venv
 	$(VINCIE) data synth --out $(DEMO)/data/train --sessions 8192 --resolution 32 --split train --seed 0 \
 		--image-format png
@@ -28,7 +29,8 @@ demo: venv
 	$(VINCIE) launch local --nproc 2 --config tiny run.out_dir=$(DEMO)/tiny \
 		data.train_url=$(DEMO)/data/train data.eval_url=$(DEMO)/data/eval
 	$(VINCIE) eval --model $(DEMO)/tiny --bench synth --out $(DEMO)/eval --sessions 32 --turns 5
-	$(VINCIE) edit --model $(DEMO)/tiny --image docs/images/demo-source.png --out $(DEMO)/edit \
+	$(VINCIE) export --checkpoint $(DEMO)/tiny --out $(DEMO)/model --overwrite
+	$(VINCIE) edit --model $(DEMO)/model --image docs/images/demo-source.png --out $(DEMO)/edit \
 		--instruction "turn the cyan circle orange" --instruction "the pink triangle grows" \
 		--instruction "delete the pink triangle"
 	@echo "demo: success per turn above; pictures: $(DEMO)/eval/grid.png $(DEMO)/edit/strip.png $(DEMO)/sessions.png"

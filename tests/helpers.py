@@ -1,8 +1,10 @@
-"""Small runs for tests: a micro model on 32x32 synthetic sessions."""
+"""Small runs for tests: a micro model on 32x32 synthetic sessions; torchrun of the test worker."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import yaml
 
@@ -36,3 +38,45 @@ def write_config(path, out_dir, train_url, eval_url="", **sections) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     return str(path)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
+    """`torchrun --nproc_per_node=nproc tests/parallel_worker.py ARGS` (the worker installs the CPU shim)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               WORKER, *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])})
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
+        raise AssertionError(f"worker {' '.join(args)} failed:\n" + "\n".join(errors[-15:]))
+
+
+def make_plain_run(root) -> str:
+    """A training run directory with one plain (state.pt) checkpoint of random EMA and raw weights, made without
+    training: the micro model's parameters under their training names. -> the run directory."""
+    import torch
+
+    from vincie import checkpoint
+    from vincie.config import load_config, to_dict, to_yaml
+    from vincie.model import MMDiT
+    from vincie.text_encoder import build_text_encoder
+
+    run = os.path.join(str(root), "run")
+    cfg = load_config("tiny", ["data.resolution=32", "diffusion.sample_steps=2", f"run.out_dir={run}",
+                               *[f"model.{k}={v}" for k, v in MICRO_MODEL.items()]])
+    torch.manual_seed(0)
+    model, text_encoder = MMDiT(cfg.model), build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
+    names = [f"dit.{n}" for n, _ in model.named_parameters()] + \
+        [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
+    shapes = [p.shape for p in [*model.parameters(), *text_encoder.parameters()]]
+    raw, ema = ({n: torch.randn(s) * 0.05 for n, s in zip(names, shapes)} for _ in range(2))
+    os.makedirs(run)
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    checkpoint.save(run, 7, {"model": raw, "ema": {"updates": 7, "weights": ema}, "optimizer": {},
+                             "common": {"step": 7, "config": to_dict(cfg)}}, keep=1)
+    return run

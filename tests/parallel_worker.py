@@ -5,6 +5,9 @@ MODE grads: load the initial weights of CONFIG's run (checkpoint step 0), run on
     and every parameter's gradient, gathered to full tensors, to OUT (torch.save) from rank 0.
 MODE train: resume CONFIG's run (train.steps, checkpoint_every from CONFIG), write the step losses to OUT.
 MODE init: random weights (no zero-initialised layers) saved as the run's checkpoint step 0, from one process.
+MODE reference: random weights (TP slices drawn per rank, so no two slices are alike), one training step (EMA and
+    raw weights then differ), a checkpoint in this layout; then the model's forward on a fixed batch: rank 0 writes
+    the batch's model inputs and the predicted velocity of its target tokens to OUT (safetensors, no pickle).
 """
 
 import os
@@ -47,6 +50,42 @@ def gathered_grads(trainer: Trainer) -> dict:
     return full
 
 
+def random_weights(trainer: Trainer, seed: int) -> None:
+    """Every parameter ~ N(0, 0.05) (off adaLN-Zero, so every layer acts), drawn from a generator seeded by the
+    parameter's name and, for tensor-parallel slices, the TP rank: replicated parameters agree across ranks."""
+    import zlib
+
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            split = getattr(param, "tensor_model_parallel", False)
+            key = zlib.crc32(name.encode()) + (1 + ps.get_tensor_model_parallel_rank() if split else 0)
+            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed + key)) * 0.05)
+    trainer.ema.shadow = [{n: p.detach().clone() for n, p in trainer.model.named_parameters()}]
+
+
+def write_reference(trainer: Trainer, out: str) -> None:
+    """The forward of the model as trained on a fixed batch: its inputs and the target tokens' velocity."""
+    from safetensors.torch import save_file
+
+    from vincie.diffusion import output_to_velocity
+
+    trainer.step = 0
+    batch = trainer.make_batch()
+    trainer.model.eval()
+    with torch.no_grad():
+        output = trainer.model(batch.inputs)
+    velocity = output_to_velocity(output[batch.target_select], batch.target_inputs, batch.target_t,
+                                  trainer.cfg.diffusion.prediction)
+    inputs, spec = batch.inputs, batch.inputs.mask
+    tensors = {name: getattr(inputs, name) for name in ("text_tokens", "latent_tokens", "text_index", "latent_index",
+                                                         "positions", "block_t", "block_type", "block_turn")}
+    tensors |= {"mask." + name: getattr(spec, name) for name in ("token_block", "token_sample", "block_noisy")}
+    tensors |= {"target_select": batch.target_select, "target_t": batch.target_t, "velocity": velocity}
+    if dist.get_rank() == 0:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out,
+                  metadata={"full_attention": str(spec.full_attention)})
+
+
 def main() -> None:
     config, out, mode, *overrides = sys.argv[1:]
     cfg = load_config(config, overrides)
@@ -56,7 +95,12 @@ def main() -> None:
         return
     info = init_distributed(cfg.parallel)
     trainer = Trainer(cfg, info, progress=False)
-    if mode == "init":
+    if mode == "reference":
+        random_weights(trainer, seed=1)
+        trainer.train_step()
+        trainer.save()
+        write_reference(trainer, out)
+    elif mode == "init":
         torch.manual_seed(1)
         with torch.no_grad():  # leave adaLN-Zero, so every parameter gets a gradient
             for param in trainer.model.parameters():

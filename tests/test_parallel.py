@@ -10,8 +10,6 @@ identically under another; `vincie launch local ... parallel.tensor=2` trains an
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,23 +19,12 @@ from vincie import checkpoint
 from vincie.config import ConfigError, check_world, load_config
 
 from conftest import REPO, run_vincie
-from helpers import make_data, write_config
+from helpers import make_data, torchrun, write_config
 
 TESTS = os.path.join(REPO, "tests")
-WORKER = os.path.join(TESTS, "parallel_worker.py")
 SHIM_ENV = {"PYTHONPATH": os.pathsep.join([os.path.join(TESTS, "shim_site"), REPO,
                                            os.environ.get("PYTHONPATH", "")])}
 RTOL = 1e-5
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               WORKER, *args]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])})
-    if result.returncode != 0:
-        errors = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
-        raise AssertionError(f"worker {' '.join(args)} failed:\n" + "\n".join(errors[-15:]))
 
 
 def metrics(out_dir) -> list[dict]:

@@ -17,7 +17,7 @@ from vincie.config import Config, bucket_shapes
 from vincie.data import LoadedSession
 from vincie.diffusion import noisy, sample_timesteps, velocity_target
 from vincie.model import ModelInputs
-from vincie.sequence import TASKS, Block, BlockType, Role, build_blocks, full_attention_blocks, layout
+from vincie.sequence import TASKS, Block, BlockType, Layout, Role, build_blocks, full_attention_blocks, layout
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -183,16 +183,19 @@ def num_tokens(sample: SampleTokens) -> int:
     return sum(len(t) for t in sample.text) + sum(len(x) for x in sample.latents)
 
 
-def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, length: int | None = None) -> Batch:
+def sample_layout(s: SampleTokens) -> Layout:
+    """The token layout (block ids, positions) of one sequence."""
+    # layout() indexes text lengths by block.source; map each TEXT block's source to its own length
+    by_source = {b.source: len(t) for b, t in zip([b for b in s.blocks if b.type == BlockType.TEXT], s.text)}
+    lengths = [by_source.get(i, 0) for i in range(max(by_source, default=-1) + 1)]
+    return layout(s.blocks, lengths, s.grid, full_attention=s.full_attention)
+
+
+def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, length: int | None = None,
+            latent_dim: int = 0) -> Batch:
     """Rows of one sample each, padded to `length` tokens (default: the longest row); padding tokens attend only
-    to themselves."""
-    layouts = []
-    for s in samples:
-        text_lengths = [len(t) for t in s.text]
-        # layout() indexes text lengths by block.source; map each TEXT block's source to its own length
-        by_source = {b.source: n for b, n in zip([b for b in s.blocks if b.type == BlockType.TEXT], text_lengths)}
-        lengths = [by_source.get(i, 0) for i in range(max(by_source, default=-1) + 1)]
-        layouts.append(layout(s.blocks, lengths, s.grid, full_attention=s.full_attention))
+    to themselves. `text_dim` / `latent_dim`: token widths for a batch without text / without latent tokens."""
+    layouts = [sample_layout(s) for s in samples]
     spec = MaskSpec.from_layouts(layouts, num_tokens=length)
     B, T = spec.token_block.shape
     NB = spec.block_noisy.shape[1]
@@ -228,14 +231,14 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                     target_weight.append(torch.ones(n) if weight is None else weight)
     inputs = ModelInputs(
         text_tokens=torch.cat(text_tokens) if text_tokens else torch.zeros(0, text_dim),
-        latent_tokens=torch.cat(latent_tokens),
+        latent_tokens=torch.cat(latent_tokens) if latent_tokens else torch.zeros(0, latent_dim),
         text_index=torch.cat(text_index) if text_index else torch.zeros(0, dtype=torch.int64),
-        latent_index=torch.cat(latent_index),
+        latent_index=torch.cat(latent_index) if latent_index else torch.zeros(0, dtype=torch.int64),
         positions=positions, block_t=block_t, block_type=block_type, block_turn=block_turn, mask=spec,
     ).to(device)
     return Batch(inputs=inputs,
                  target=torch.cat(targets).to(device) if targets else torch.zeros(0, 1, device=device),
-                 target_select=torch.cat(select).to(device),
+                 target_select=(torch.cat(select) if select else torch.zeros(0, dtype=torch.bool)).to(device),
                  target_task=torch.cat(tasks).to(device) if tasks else torch.zeros(0, dtype=torch.int64,
                                                                                      device=device),
                  target_t=torch.cat(target_t).to(device) if target_t else torch.zeros(0, 1, device=device),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -91,7 +92,9 @@ def load_weights(path: str, use_ema: bool) -> dict[str, torch.Tensor]:
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     weights = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in metadata.items()
                if key.startswith(prefix)}
-    dcp.load(weights, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process.*")
+        dcp.load(weights, checkpoint_id=path, no_dist=True)
     return {key[len(prefix):]: tensor for key, tensor in weights.items()}
 
 

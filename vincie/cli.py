@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 
@@ -41,39 +42,72 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-
-    from vincie.inference import Editor, load_image, load_run_config
+    from vincie import storage
+    from vincie.inference import Editor, load_config, load_image, restore_size
     from vincie.strip import strip_png
 
-    image, size = load_image(args.image, load_run_config(args.model).data.resolution)  # bad input fails fast
-    editor = Editor.from_run(args.model, use_ema=not args.raw_weights)
+    image, size = load_image(args.image, load_config(args.model).data.resolution)  # bad input fails fast
+    editor = Editor.load(args.model, raw_weights=args.raw_weights, kv_cache=not args.no_kv_cache)
     results = editor.edit([image], [args.instruction], steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                           chain_masks=args.chain_masks)[0]
     os.makedirs(args.out, exist_ok=True)
+
+    def save(picture, name: str, mask: bool = False) -> None:
+        buffer = io.BytesIO()
+        restore_size(picture, size, mask).save(buffer, format="PNG")
+        storage.write_bytes_atomic(os.path.join(args.out, name), buffer.getvalue())
+
     for k, result in enumerate(results, start=1):
-        path = os.path.join(args.out, f"turn-{k:02d}.png")
-        Image.fromarray(result.image).resize(size, Image.BICUBIC).save(path)
+        save(result.image, f"turn-{k:02d}.png")
         if result.cur_mask is not None:
-            for name, mask in (("cur", result.cur_mask), ("next", result.next_mask)):
-                Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST).save(
-                    os.path.join(args.out, f"turn-{k:02d}-{name}-mask.png"))
-    with open(os.path.join(args.out, "strip.png"), "wb") as f:
-        f.write(strip_png(image, [r.image for r in results], args.instruction))
-    print(f"edit: {len(results)} turns -> {args.out}/turn-*.png, {args.out}/strip.png")
+            save(result.cur_mask, f"turn-{k:02d}-cur-mask.png", mask=True)
+            save(result.next_mask, f"turn-{k:02d}-next-mask.png", mask=True)
+    storage.write_bytes_atomic(os.path.join(args.out, "strip.png"),
+                               strip_png(image, [r.image for r in results], args.instruction))
+    masks = ", turn-*-{cur,next}-mask.png" if args.chain_masks else ""
+    print(f"edit: {len(results)} turns -> {args.out}/turn-*.png{masks}, {args.out}/strip.png")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vincie.export import export
+
+    config = export(args.checkpoint, args.out, weights=args.weights, dtype=args.dtype, overwrite=args.overwrite)
+    source = config["source"]
+    print(f"export: step {source['step']} ({args.weights} weights, {args.dtype}, {config['parameters']:,} "
+          f"MM-DiT parameters) -> {args.out}/model.safetensors, config.json, README.md")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vincie.evaluate import evaluate_synth, format_table
-    from vincie.inference import Editor
+    from vincie.inference import Editor, load_config
 
-    editor = Editor.from_run(args.model, use_ema=not args.raw_weights)
-    data = args.data or editor.cfg.data.eval_url
-    report = evaluate_synth(editor, data, args.out, sessions=args.sessions, turns=args.turns, steps=args.steps,
-                            cfg_scale=args.cfg, seed=args.seed)
-    print(format_table(report))
+    if args.bench == "synth":
+        if args.judge_url or args.clip_model or args.dino_model:
+            raise VincieError("--bench synth is scored by its exact judge; --judge-url, --clip-model and "
+                              "--dino-model apply to mse-bench and magicbrush")
+    elif not args.data:
+        raise VincieError(f"--bench {args.bench} needs --data DIR (a local copy of the benchmark)")
+    if args.judge_url and not args.judge_model:
+        raise VincieError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    load_config(args.model)  # a bad --model fails before anything loads
+    editor = Editor.load(args.model, raw_weights=args.raw_weights)
+    if args.bench == "synth":
+        from vincie.evaluate import evaluate_synth, format_table
+
+        data = args.data or editor.cfg.data.eval_url
+        report = evaluate_synth(editor, data, args.out, sessions=args.sessions or 32, turns=args.turns,
+                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+        print(format_table(report))
+    else:
+        from vincie.evaluate import evaluate_benchmark, format_benchmark_table
+        from vincie.judge import VLMJudge
+
+        judge = VLMJudge(args.judge_url, args.judge_model, args.judge_api_key_env) if args.judge_url else None
+        report = evaluate_benchmark(editor, args.bench, args.data, args.out, sessions=args.sessions,
+                                    steps=args.steps, cfg_scale=args.cfg, seed=args.seed, clip_model=args.clip_model,
+                                    dino_model=args.dino_model, judge=judge)
+        print(format_benchmark_table(report))
     print(f"eval: {report['sessions']} sessions; report {args.out}/report.json, pictures {args.out}/grid.png")
     return 0
 
@@ -85,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vincie",
         description="vincie: train in-context multi-turn image editing from video (after VINCIE, arXiv 2506.10941).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{config,data,train,launch,edit,eval,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{config,data,train,launch,export,edit,eval,bench}")
 
     config = sub.add_parser("config", help="show a resolved, validated config",
                             description="Load a preset or YAML file, apply overrides, validate, print the result.")
@@ -96,10 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_cli.register(sub)
 
+    export = sub.add_parser("export", help="turn a training checkpoint into an inference model directory",
+                            description="Read a training checkpoint of any tensor/pipeline-parallel layout (a run "
+                                        "directory's latest, or one checkpoints/step-N directory) and write one "
+                                        "model.safetensors with the whole weights, config.json (dimensions, latent "
+                                        "and text encoder, sampler defaults) and a model card README.md into --out "
+                                        "(written to a temporary directory, then renamed). The result loads with "
+                                        "plain PyTorch and safetensors: no megatron-core, nothing unpickled.")
+    export.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="training run directory (its latest checkpoint) or a checkpoints/step-N directory")
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="stored precision (default fp32; bf16 halves the file, inference upcasts to fp32)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=cmd_export)
+
     edit = sub.add_parser("edit", help="edit an image turn by turn with a trained model",
                           description="Apply instructions one after another; each output is the next turn's "
-                                      "input. Writes turn-NN.png per turn and strip.png.")
-    edit.add_argument("--model", required=True, metavar="DIR", help="training run directory (config.yaml, checkpoints/)")
+                                      "input. The image may have any size: it is resized to the model's square "
+                                      "resolution and every output is restored to the input's size. Writes "
+                                      "turn-NN.png per turn, strip.png, and turn-NN-{cur,next}-mask.png with "
+                                      "--chain-masks.")
+    edit.add_argument("--model", required=True, metavar="DIR",
+                      help="an exported model (vincie export) or a training run directory (config.yaml, checkpoints/)")
     edit.add_argument("--image", required=True, metavar="PATH")
     edit.add_argument("--instruction", required=True, action="append", metavar="TEXT",
                       help="one per turn; repeat for several turns")
@@ -108,22 +162,44 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--cfg", type=float, help="text guidance scale (default: diffusion.cfg_scale)")
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--chain-masks", action="store_true", help="generate current mask, next mask, then image")
-    edit.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    edit.add_argument("--raw-weights", action="store_true",
+                      help="training run directory: use the raw weights instead of the EMA")
+    edit.add_argument("--no-kv-cache", action="store_true",
+                      help="recompute the whole sequence at every step (same result, slower; for comparison)")
     edit.set_defaults(func=cmd_edit)
 
-    evaluate = sub.add_parser("eval", help="multi-turn editing benchmark",
-                              description="Edit held-out sessions turn by turn and score them (see vincie/evaluate.py "
-                                          "for the judge). Writes report.json and grid.png.")
-    evaluate.add_argument("--model", required=True, metavar="DIR")
-    evaluate.add_argument("--bench", default="synth", choices=["synth"], help="benchmark (default synth)")
-    evaluate.add_argument("--data", metavar="URL", help="held-out sessions (default: the run's data.eval_url)")
+    evaluate = sub.add_parser("eval", help="multi-turn editing benchmarks",
+                              description="Edit benchmark sessions turn by turn (each output is the next turn's "
+                                          "input) and score them. synth: held-out synthetic sessions and an exact "
+                                          "judge (vincie/evaluate.py). mse-bench (5 turns) and magicbrush (up to 3): "
+                                          "local copies in their published formats (vincie/eval_sets.py); L1 against "
+                                          "ground truth where there is one, CLIP-I / DINO / CLIP-T with local "
+                                          "transformers model directories, and MSE-Bench's rule with a VLM judge "
+                                          "behind any OpenAI-compatible chat endpoint (vincie/judge.py). Prints a "
+                                          "per-turn table; writes report.json and grid.png.")
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="an exported model or a training run directory")
+    evaluate.add_argument("--bench", default="synth", choices=["synth", "mse-bench", "magicbrush"],
+                          help="benchmark (default synth)")
+    evaluate.add_argument("--data", metavar="URL|DIR",
+                          help="synth: held-out sessions (default: the run's data.eval_url); mse-bench: a directory "
+                               "of its parquet files; magicbrush: its test/ directory (edit_sessions.json, images/)")
     evaluate.add_argument("--out", required=True, metavar="DIR")
-    evaluate.add_argument("--sessions", type=int, default=32)
-    evaluate.add_argument("--turns", type=int, default=5)
+    evaluate.add_argument("--sessions", type=int, help="at most this many sessions (default: synth 32, others all)")
+    evaluate.add_argument("--turns", type=int, default=5, help="synth: turns per session (default 5)")
     evaluate.add_argument("--steps", type=int)
     evaluate.add_argument("--cfg", type=float)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    evaluate.add_argument("--raw-weights", action="store_true",
+                          help="training run directory: use the raw weights instead of the EMA")
+    evaluate.add_argument("--clip-model", default="", metavar="DIR",
+                          help="local transformers CLIP directory: CLIP-I and CLIP-T")
+    evaluate.add_argument("--dino-model", default="", metavar="DIR", help="local transformers DINO ViT directory: DINO")
+    evaluate.add_argument("--judge-url", default="", metavar="URL",
+                          help="OpenAI-compatible endpoint base, e.g. http://host:8000/v1 (POST .../chat/completions)")
+    evaluate.add_argument("--judge-model", default="", metavar="NAME", help="the judge model's name at that endpoint")
+    evaluate.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                          help="environment variable holding the endpoint's API key, if it needs one "
+                               "(default OPENAI_API_KEY)")
     evaluate.set_defaults(func=cmd_eval)
 
     train = sub.add_parser("train", help="train the MM-DiT (single process, or one rank under torchrun)",

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from megatron.core.enums import ModelType
-from megatron.core.transformer.module import MegatronModule
 
-from vincie.config import Config
-from vincie.model import MMDiT, ModelInputs
-from vincie.text_encoder import build_text_encoder
-from vincie.vae import build_vae
+from vincie.megatron_layers import MegatronLinears  # first: its warning filters precede megatron-core's import
+from megatron.core.enums import ModelType  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+
+from vincie.config import Config  # noqa: E402
+from vincie.model import MMDiT, ModelInputs  # noqa: E402
+from vincie.text_encoder import build_text_encoder  # noqa: E402
+from vincie.vae import build_vae  # noqa: E402
 
 
 class EditModel(MegatronModule):
     def __init__(self, cfg: Config, text_encoder: nn.Module, stage: dict | None = None):
-        """`stage`: MMDiT's pipeline arguments (layers, pre_process, post_process, sequence_parallel); none for
-        the whole model."""
-        stage = stage or {}
-        dit = MMDiT(cfg.model, **stage)
-        super().__init__(dit.config)
+        """`stage`: this pipeline stage (layers, pre_process, post_process, sequence_parallel); none for the
+        whole model."""
+        stage = dict(stage or {})
+        linears = MegatronLinears(cfg.model, sequence_parallel=stage.pop("sequence_parallel", False))
+        dit = MMDiT(cfg.model, linears, **stage)
+        super().__init__(linears.config)
         # read by megatron-core's pipeline schedules and finalize_model_grads (no word embedding tied to an output)
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = dit.pre_process, dit.post_process

@@ -1,6 +1,9 @@
-"""`vincie eval --bench synth`: multi-turn editing on held-out synthetic sessions, scored by an exact judge.
+"""`vincie eval`: multi-turn editing benchmarks. `--bench synth` (below): held-out synthetic sessions, scored by an
+exact judge. `--bench mse-bench|magicbrush` (`evaluate_benchmark`, at the end): local copies of the public
+benchmarks (vincie.eval_sets), with L1 / CLIP-I / DINO / CLIP-T (vincie.similarity) and a VLM judge applying
+MSE-Bench's rule (vincie.judge).
 
-The judge mirrors MSE-Bench's two criteria with ground truth in place of a GPT judge. For turn k it compares
+The synth judge mirrors MSE-Bench's two criteria with ground truth in place of a GPT judge. For turn k it compares
 the edited image with the true image I_{k+1} pixel by pixel (a pixel *matches* when its mean absolute error over
 RGB is at most 24 of 255):
 - instruction followed: >= 80 % of the pixels inside the true changed region (cur | next masks) match;
@@ -100,7 +103,6 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
     "text_swap_change": how much the x0 estimate moves (mean squared change) when T0 is replaced by the next
     session's instruction, same image and noise. A model that follows instructions moves it by about as much as
     an edit changes an image (copy_input); one that ignores them barely moves it."""
-    from vincie.batch import collate
     from vincie.diffusion import noisy, output_to_velocity
     from vincie.inference import Context
     from vincie.sequence import Block, BlockType, Role
@@ -109,8 +111,8 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
 
     def x0_estimate(source: torch.Tensor, instruction: str, x_t: torch.Tensor, t: float) -> torch.Tensor:
         context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
-        context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), editor.text_encoder.encode([instruction])[0])
-        batch = collate([editor.sample_rows(context, target, x_t, t)], editor.device, editor.cfg.model.text_dim)
+        context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), editor.encode_texts([instruction])[0])
+        batch = editor.collate([editor.sequence(context, target, x_t, t)])
         velocity = output_to_velocity(editor.model(batch.inputs)[batch.target_select], batch.target_inputs,
                                       batch.target_t, editor.cfg.diffusion.prediction)
         return x_t - t * velocity
@@ -135,29 +137,33 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
             "copy_input": float(np.mean(copy)), "mean": float(np.mean(mean))}
 
 
-def grid_png(sessions: list[Session], outputs: list[list[np.ndarray]], scores: list[list[TurnScore]],
-             cell: int = 96) -> bytes:
-    """Per session two rows: ground truth, then the model's edits framed green (success) or red (failure)."""
+FRAME = {True: (40, 200, 60), False: (220, 40, 40), None: (110, 110, 110)}  # success, failure, not judged
+
+
+def grid_png(truths: list[list[np.ndarray]], outputs: list[list[np.ndarray]], success: list[list[bool | None]],
+             instructions: list[list[str]], cell: int = 96) -> bytes:
+    """Per session two rows: the source and the ground truth per turn (truths[i]: the source first, then the true
+    images if the benchmark has them), then the model's edits framed green (success), red (failure) or grey (not
+    judged), each with its instruction."""
     font = ImageFont.load_default()
-    turns = len(outputs[0])
     caption = 30
-    width = cell * (turns + 1)
-    height = len(sessions) * (2 * cell + caption + 8)
+    width = cell * (1 + max(len(out) for out in outputs))
+    height = len(outputs) * (2 * cell + caption + 8)
     sheet = Image.new("RGB", (width, height), (20, 20, 20))
     draw = ImageDraw.Draw(sheet)
     y = 0
-    for session, out, score in zip(sessions, outputs, scores):
-        for k in range(turns + 1):
-            sheet.paste(Image.fromarray(session.images[k]).resize((cell, cell), Image.NEAREST), (k * cell, y))
-            if k:
-                sheet.paste(Image.fromarray(out[k - 1]).resize((cell, cell), Image.NEAREST), (k * cell, y + cell))
-                colour = (40, 200, 60) if score[k - 1].success else (220, 40, 40)
-                draw.rectangle([k * cell, y + cell, (k + 1) * cell - 1, y + 2 * cell - 1], outline=colour, width=2)
-                text = session.instructions[k - 1]
-                draw.text((k * cell + 2, y + 2 * cell + 1), text[:cell // 6] + "\n" + text[cell // 6:cell // 3],
-                          fill=(220, 220, 220), font=font)
+    for truth, out, ok, texts in zip(truths, outputs, success, instructions):
+        for k, picture in enumerate(truth):
+            sheet.paste(Image.fromarray(picture).resize((cell, cell), Image.NEAREST), (k * cell, y))
+        for k, picture in enumerate(out, start=1):
+            sheet.paste(Image.fromarray(picture).resize((cell, cell), Image.NEAREST), (k * cell, y + cell))
+            draw.rectangle([k * cell, y + cell, (k + 1) * cell - 1, y + 2 * cell - 1], outline=FRAME[ok[k - 1]],
+                           width=2)
+            text = texts[k - 1]
+            draw.text((k * cell + 2, y + 2 * cell + 1), text[:cell // 6] + "\n" + text[cell // 6:cell // 3],
+                      fill=(220, 220, 220), font=font)
         draw.text((2, y + cell + 2), "model", fill=(255, 255, 255), font=font)
-        draw.text((2, y + 2), "truth", fill=(255, 255, 255), font=font)
+        draw.text((2, y + 2), "source" if len(truth) == 1 else "truth", fill=(255, 255, 255), font=font)
         y += 2 * cell + caption + 8
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
@@ -201,8 +207,9 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
     }
     os.makedirs(out_dir, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
-    storage.write_bytes_atomic(os.path.join(out_dir, "grid.png"),
-                               grid_png(chosen[:8], outputs[:8], model_scores[:8]))
+    storage.write_bytes_atomic(os.path.join(out_dir, "grid.png"), grid_png(
+        [s.images for s in chosen[:8]], outputs[:8], [[t.success for t in s] for s in model_scores[:8]],
+        [s.instructions for s in chosen[:8]]))
     return report
 
 
@@ -219,4 +226,103 @@ def format_table(report: dict) -> str:
     kinds = report["by_kind"]["model"]
     lines.append("success per edit kind, over all turns (turns): "
                  + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public benchmarks: MSE-Bench and MagicBrush (vincie.eval_sets), with vincie.similarity's metrics and
+# vincie.judge's VLM judge
+
+
+def edit_sessions(editor, sessions: list, steps: int | None, cfg_scale: float | None, seed: int, batch: int,
+                  progress: bool) -> list[list[np.ndarray]]:
+    """Each session edited turn by turn from its source (resized to the model's square size); every edit
+    restored to the source's size. Sessions with the same number of turns share a batch."""
+    from tqdm import tqdm
+
+    from vincie.inference import restore_size
+
+    size = editor.resolution
+    edits: dict[str, list[np.ndarray]] = {}
+    groups = [[s for s in sessions if s.turns == n] for n in sorted({s.turns for s in sessions})]
+    chunks = [group[k:k + batch] for group in groups for k in range(0, len(group), batch)]
+    for index, chunk in enumerate(tqdm(chunks, desc="edit", unit="batch", disable=not progress)):
+        sources = [np.asarray(Image.fromarray(s.source).resize((size, size), Image.BICUBIC)) for s in chunk]
+        results = editor.edit(sources, [s.instructions for s in chunk], steps=steps, cfg_scale=cfg_scale,
+                              seed=seed + index)
+        for session, turns in zip(chunk, results):
+            height, width = session.source.shape[:2]
+            edits[session.id] = [np.asarray(restore_size(r.image, (width, height))) for r in turns]
+    return [edits[s.id] for s in sessions]
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def evaluate_benchmark(editor, bench: str, data: str, out_dir: str, sessions: int | None = None,
+                       steps: int | None = None, cfg_scale: float | None = None, seed: int = 0, clip_model: str = "",
+                       dino_model: str = "", judge=None, batch: int = 8, progress: bool = True) -> dict:
+    """`bench`: mse-bench or magicbrush, read from the local directory `data`. Metrics per turn: L1 (when the
+    benchmark has ground truth), CLIP-I / DINO / CLIP-T (when model directories are given), and the judge's
+    cumulative success (a vincie.judge.VLMJudge, optional)."""
+    from tqdm import tqdm
+
+    from vincie.eval_sets import LOADERS
+    from vincie.judge import cumulative_success
+    from vincie.similarity import Clip, Dino, turn_metrics
+
+    clip = Clip(clip_model) if clip_model else None  # model directories fail before any editing
+    dino = Dino(dino_model) if dino_model else None
+    chosen = LOADERS[bench](data)[:sessions]
+    edits = edit_sessions(editor, chosen, steps, cfg_scale, seed, batch, progress)
+    metrics = [[turn_metrics(edit, s.targets[k] if s.targets else None,
+                             s.captions[k] if s.captions else s.instructions[k], clip, dino)
+                for k, edit in enumerate(session_edits)] for s, session_edits in zip(chosen, edits)]
+    judged = [judge.judge_session(s.source, s.instructions, e)
+              for s, e in tqdm(list(zip(chosen, edits)), desc="judge", unit="session", disable=not progress)] \
+        if judge else None
+    turns = max(s.turns for s in chosen)
+    per_turn = []
+    for k in range(turns):
+        present = [i for i, s in enumerate(chosen) if s.turns > k]
+        row = {"turn": k + 1, "sessions": len(present)}
+        for name in ("l1", "clip_i", "dino", "clip_t"):
+            values = [metrics[i][k][name] for i in present if name in metrics[i][k]]
+            if values:
+                row[name] = mean_or_none(values)
+        if judged is not None:
+            scored = [judged[i][k] for i in present if judged[i][k] is not None]
+            row["success"] = cumulative_success(judged, turns)[k]
+            row["judged"] = len(scored)
+            row["prompt_following"] = mean_or_none([j.prompt_following for j in scored])
+            row["consistency"] = mean_or_none([j.consistency for j in scored])
+        per_turn.append(row)
+    report = {
+        "bench": bench, "data": data, "sessions": len(chosen), "turns": turns, "per_turn": per_turn,
+        "models": {"clip": clip_model or None, "dino": dino_model or None,
+                   "judge": {"url": judge.endpoint, "model": judge.model} if judge else None},
+        "session_results": [
+            {"id": s.id, "instructions": s.instructions, "metrics": m,
+             "judge": [vars(j) | {"success": j.success} if j else None for j in judged[i]] if judged else None}
+            for i, (s, m) in enumerate(zip(chosen, metrics))],
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    storage.write_bytes_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
+    storage.write_bytes_atomic(os.path.join(out_dir, "grid.png"), grid_png(
+        [[s.source] + (s.targets or []) for s in chosen[:8]], edits[:8],
+        [[j.success if j else None for j in judged[i]] if judged else [None] * chosen[i].turns for i in range(
+            min(8, len(chosen)))], [s.instructions for s in chosen[:8]]))
+    return report
+
+
+def format_benchmark_table(report: dict) -> str:
+    rows = report["per_turn"]
+    names = [n for n in ("sessions", "success", "prompt_following", "consistency", "l1", "clip_i", "dino", "clip_t")
+             if any(n in r for r in rows)]
+    lines = ["turn            " + "".join(f"{r['turn']:>9d}" for r in rows)]
+    for name in names:
+        cells = [r.get(name) for r in rows]
+        lines.append(f"{name:16s}" + "".join("        -" if v is None else f"{v:9d}" if isinstance(v, int)
+                                             else f"{v:9.3f}" for v in cells))
     return "\n".join(lines)

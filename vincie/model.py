@@ -1,4 +1,4 @@
-"""The block-causal MM-DiT, built from megatron-core parts.
+"""The block-causal MM-DiT, in plain PyTorch; the linear layers (and so tensor parallelism) come from outside.
 
 Tokens of a batch are laid out sequence-first, [T, B, H] (megatron-core's convention), with text and latent
 tokens interleaved in sequence order. `text_index` / `latent_index` are flat indices into the T*B tokens, so the
@@ -14,108 +14,73 @@ have t = 0), gathered per token and projected once into adaLN shift/scale/gate (
 each layer adds its own learned offsets per stream. Modulations and the final layer are zero-initialised
 (adaLN-Zero, as DiT), so every layer starts as the identity.
 
-Linear layers come from a megatron-core ModuleSpec (`local`: megatron's tensor-parallel linears in pure
-PyTorch); heads are counted per tensor-parallel partition so the same code splits under TP. Their output
-layouts are per head (q, k, v of head 0, then head 1, ...) and per unit (gate, up interleaved), so a contiguous
-split of the weight rows over TP ranks is a split by heads / units, and checkpoints reshard by plain slicing.
+The projections of each layer are made by a `Linears` object: the default here is plain `torch.nn.Linear` in
+one process (inference, exported models, the meta-device size count); training passes
+`vincie.megatron_layers.MegatronLinears` (megatron-core's tensor-parallel linears from a ModuleSpec). This
+module never imports megatron-core, so an exported model runs where it is not installed. Heads are counted per
+tensor-parallel partition, and the output layouts are per head (q, k, v of head 0, then head 1, ...) and per
+unit (gate, up interleaved), so a contiguous split of the weight rows over TP ranks is a split by heads / units:
+checkpoints reshard by plain slicing, and the full (gathered) weights run unchanged in one process.
 
-Parallelism enters from outside the math (vincie/parallel.py decides): `layers` (global indices) and
-`pre_process` / `post_process` make a pipeline stage; `sequence_parallel` keeps the residual stream as this
-rank's 1/TP of the tokens between the attention and MLP blocks.
+Parallelism enters from outside the math: `layers` (global indices) and `pre_process` / `post_process` make a
+pipeline stage; the `Linears` object's `sequence_parallel` keeps the residual stream as this rank's 1/TP of the
+tokens between the attention and MLP blocks. Inference with a KV cache (vincie.kv_cache) runs one new block's
+tokens against the keys and values of the context, which the cache hands each layer's attention.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 
-# megatron-core warns at import and per layer about things that do not apply here (no TE/Apex on CPU, a config
-# default it deprecates, a tp_group argument vincie leaves to parallel_state); keep users' terminals readable
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-warnings.filterwarnings("ignore", message=".*tp_group is None.*")
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
-from megatron.core.tensor_parallel.mappings import (  # noqa: E402
-    gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region)
-from megatron.core.transformer import TransformerConfig  # noqa: E402
-from megatron.core.transformer.module import MegatronModule  # noqa: E402
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
-
-from vincie.attention import MaskSpec, attend, prepare_mask  # noqa: E402
-from vincie.config import ModelConfig, ffn_hidden_size  # noqa: E402
-from vincie.sequence import BlockType  # noqa: E402
+from vincie.attention import MaskSpec, attend, dense_mask, prepare_mask
+from vincie.config import ModelConfig, ffn_hidden_size
+from vincie.sequence import BlockType
 
 NUM_BLOCK_TYPES = len(BlockType)
 
 
-def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: bool = True,
-                    sequence_parallel: bool = False) -> TransformerConfig:
-    """The model's megatron-core config. `qk_layernorm` and `sequence_parallel` tell finalize_model_grads which
-    replicated parameters hold partial gradients on each TP rank (it sums them over the TP group)."""
-    mcfg = TransformerConfig(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_heads,
-        ffn_hidden_size=ffn_hidden_size(cfg),
-        use_cpu_initialization=True,
-        perform_initialization=init,
-        params_dtype=dtype,
-        add_bias_linear=True,
-        gated_linear_unit=True,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.norm_eps,
-        qk_layernorm=True,
-        sequence_parallel=sequence_parallel,
-        tensor_model_parallel_size=tp_world_size(),
-        pipeline_model_parallel_size=pp_world_size(),
-        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size()
-        if parallel_state.model_parallel_is_initialized() else None,
-        pipeline_dtype=dtype,
-        calculate_per_token_loss=True,  # the loss is a sum; finalize_model_grads divides by the global count
-        batch_p2p_comm=False,  # batched isend/irecv over gloo gives silently wrong interleaved-PP gradients
-    )
-    mcfg.has_cond_embedder = True  # read by finalize_model_grads: conditioning embedders on every stage
-    return mcfg
-
-
-def tp_world_size() -> int:
-    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
-        else 1
-
-
-def pp_world_size() -> int:
-    return parallel_state.get_pipeline_model_parallel_world_size() \
-        if parallel_state.model_parallel_is_initialized() else 1
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Specs: which linear implementation each projection uses
+# How the projections are made
 
 
-@dataclass
-class StreamSubmodules:
-    linear_qkv: type | ModuleSpec
-    linear_proj: type | ModuleSpec
-    linear_fc1: type | ModuleSpec
-    linear_fc2: type | ModuleSpec
+PROJECTIONS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # per stream and layer
 
 
-def local_spec() -> StreamSubmodules:
-    return StreamSubmodules(linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear,
-                            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+class Linear(nn.Linear):
+    """nn.Linear with the calling convention of megatron-core's parallel linears: forward -> (output, bias), the
+    bias already added (None)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return super().forward(x), None
 
 
-def layer_spec(spec: str) -> StreamSubmodules:
-    if spec == "local":
-        return local_spec()
-    raise ValueError(f"unknown layer spec {spec!r}")
+class Linears:
+    """Makes each layer's projections and splits the token sequence over tensor-parallel ranks. This default is
+    one process with plain linears; vincie.megatron_layers.MegatronLinears is the tensor-parallel one."""
+    tensor_parallel = 1
+    sequence_parallel = False
+
+    def make(self, name: str, in_features: int, out_features: int) -> nn.Module:
+        """`name` is one of PROJECTIONS; the module's forward returns (output, None)."""
+        return Linear(in_features, out_features)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequence parallel: this rank's tokens [T/tp, B, H] -> all tokens [T, B, H]."""
+        return x
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequence parallel: all tokens [T, B, H] -> this rank's [T/tp, B, H]."""
+        return x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,7 +102,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_frequencies(t, self.freq_dim))
+        return self.mlp(timestep_frequencies(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -156,8 +121,10 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.T
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x (T, B, heads, D), rope = (cos, sin) of the angles, each (T, B, 1, D/2): rotate pairs (x[2i], x[2i+1])."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    """x (T, B, heads, D), rope = (cos, sin) of the angles, each (T, B, 1, D/2): rotate pairs (x[2i], x[2i+1]),
+    in at least fp32."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = wide[..., 0::2], wide[..., 1::2]
     cos, sin = rope
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.to(x.dtype)
@@ -170,19 +137,14 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 class StreamWeights(nn.Module):
     """One stream's projections in a layer: attention qkv/out, SwiGLU MLP, QK-RMSNorm, adaLN modulation."""
 
-    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, sub: StreamSubmodules):
+    def __init__(self, cfg: ModelConfig, linears: Linears):
         super().__init__()
         h, f = cfg.hidden_size, ffn_hidden_size(cfg)
         head_dim = h // cfg.num_heads
-        init = nn.init.xavier_uniform_
-        self.linear_qkv = build_module(sub.linear_qkv, h, 3 * h, config=mcfg, init_method=init, bias=True,
-                                       gather_output=False, skip_bias_add=False)
-        self.linear_proj = build_module(sub.linear_proj, h, h, config=mcfg, init_method=init, bias=True,
-                                        input_is_parallel=True, skip_bias_add=False)
-        self.linear_fc1 = build_module(sub.linear_fc1, h, 2 * f, config=mcfg, init_method=init, bias=True,
-                                       gather_output=False, skip_bias_add=False)
-        self.linear_fc2 = build_module(sub.linear_fc2, f, h, config=mcfg, init_method=init, bias=True,
-                                       input_is_parallel=True, skip_bias_add=False)
+        self.linear_qkv = linears.make("linear_qkv", h, 3 * h)  # column-parallel: rows split by heads
+        self.linear_proj = linears.make("linear_proj", h, h)  # row-parallel
+        self.linear_fc1 = linears.make("linear_fc1", h, 2 * f)  # column-parallel: rows split by units
+        self.linear_fc2 = linears.make("linear_fc2", f, h)  # row-parallel
         # shared by all heads, and each TP rank sees only its own heads: finalize_model_grads sums their
         # gradients over the TP group (it finds them by these names, with config.qk_layernorm)
         self.q_layernorm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
@@ -223,19 +185,16 @@ class MMDiTLayer(nn.Module):
     """Pre-norm transformer layer with adaLN-Zero modulation per token. `dual`: separate text and latent
     weights (joint attention over both); otherwise one set of weights for all tokens."""
 
-    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, sub: StreamSubmodules, dual: bool):
+    def __init__(self, cfg: ModelConfig, linears: Linears, dual: bool):
         super().__init__()
         self.dual = dual
-        self.sequence_parallel = mcfg.sequence_parallel
+        self.linears = linears  # also gathers / scatters the sequence under sequence parallel
         self.hidden = cfg.hidden_size
-        self.heads_local = cfg.num_heads // tp_world_size()
+        self.heads_local = cfg.num_heads // linears.tensor_parallel
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.eps = cfg.norm_eps
-        # the layer gathers and scatters the sequence itself (see gather/scatter), so its linears run without
-        # megatron's own sequence-parallel communication: each stream's token count differs between ranks
-        linear_cfg = dataclasses.replace(mcfg, sequence_parallel=False)
-        self.latent = StreamWeights(cfg, linear_cfg, sub)
-        self.text = StreamWeights(cfg, linear_cfg, sub) if dual else None
+        self.latent = StreamWeights(cfg, linears)
+        self.text = StreamWeights(cfg, linears) if dual else None
 
     def per_stream(self, streams: Streams, x: torch.Tensor, fn) -> torch.Tensor:
         """x [T, B, ...] -> fn applied with each stream's weights -> [T, B, ...]."""
@@ -254,23 +213,14 @@ class MMDiTLayer(nn.Module):
             offsets = torch.where(token_is_text[..., None], self.text.modulation.flatten(), offsets)
         return (shared + offsets).chunk(6, dim=-1)
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Sequence parallel: this rank's tokens [T/tp, B, H] -> all tokens [T, B, H] for the per-stream linears.
-        The column-parallel linear after it already all-reduces the input gradient, so the backward only keeps
-        this rank's part (tensor_parallel_output_grad=False)."""
-        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False) \
-            if self.sequence_parallel else x
-
-    def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """Sequence parallel: the row-parallel output [T, B, H] (already all-reduced) -> this rank's tokens."""
-        return scatter_to_sequence_parallel_region(x) if self.sequence_parallel else x
-
     def forward(self, h: torch.Tensor, shared_mod: torch.Tensor, token_is_text: torch.Tensor, rope: tuple,
-                mask, backend: str, streams: Streams) -> torch.Tensor:
-        """h, shared_mod, token_is_text: [T', B, ...] with T' = T / tp under sequence parallel, else T."""
+                mask, backend: str, streams: Streams, cache=None) -> torch.Tensor:
+        """h, shared_mod, token_is_text: [T', B, ...] with T' = T / tp under sequence parallel, else T.
+        `cache` (vincie.kv_cache.LayerCache): this layer's context keys and values, placed before the tokens' own;
+        `mask` then covers [context, own tokens]."""
         H = h.shape[-1]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(shared_mod, token_is_text)
-        x = self.gather(modulate(F.rms_norm(h, (H,), eps=self.eps), shift_a, scale_a))  # [T, B, H]
+        x = self.linears.gather(modulate(F.rms_norm(h, (H,), eps=self.eps), shift_a, scale_a))  # [T, B, H]
         T, B = x.shape[:2]
 
         def qkv(w: StreamWeights, t: torch.Tensor) -> torch.Tensor:
@@ -279,17 +229,21 @@ class MMDiTLayer(nn.Module):
 
         q, k, v = self.per_stream(streams, x, qkv).unbind(2)  # each [T, B, heads/tp, D]
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attend(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), mask, backend)  # (B, heads/tp, T, D)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # each (B, heads/tp, T, D)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, heads/tp, L + T, D): the context's, then these tokens'
+        out = attend(q, k, v, mask, backend)  # (B, heads/tp, T, D)
         out = out.permute(2, 0, 1, 3).reshape(T, B, self.heads_local * self.head_dim)
-        h = h + gate_a * self.scatter(self.per_stream(streams, out, lambda w, t: run_linear(w.linear_proj, t)))
+        h = h + gate_a * self.linears.scatter(
+            self.per_stream(streams, out, lambda w, t: run_linear(w.linear_proj, t)))
 
-        x = self.gather(modulate(F.rms_norm(h, (H,), eps=self.eps), shift_m, scale_m))  # [T, B, H]
+        x = self.linears.gather(modulate(F.rms_norm(h, (H,), eps=self.eps), shift_m, scale_m))  # [T, B, H]
 
         def mlp(w: StreamWeights, t: torch.Tensor) -> torch.Tensor:
             gate, up = run_linear(w.linear_fc1, t).unflatten(-1, (-1, 2)).unbind(-1)  # [N, ffn/tp] each
             return run_linear(w.linear_fc2, F.silu(gate) * up)
 
-        return h + gate_m * self.scatter(self.per_stream(streams, x, mlp))
+        return h + gate_m * self.linears.scatter(self.per_stream(streams, x, mlp))
 
 
 class FinalLayer(nn.Module):
@@ -329,23 +283,22 @@ class ModelInputs:
         return ModelInputs(**fields)
 
 
-class MMDiT(MegatronModule):
+class MMDiT(nn.Module):
     """The MM-DiT, or one pipeline stage of it: `layers` are the global indices of the layers it holds;
     `pre_process` (the first stage) embeds the tokens, the other stages take the previous stage's hidden states
     through `set_input_tensor`; `post_process` (the last stage) applies the final layer. The conditioning
     (timestep, type and turn embeddings, adaLN projection, RoPE angles, attention mask) is computed on every
     stage from the batch; its embedders are replicated per stage and their gradients summed over the pipeline
-    group by finalize_model_grads (the `pipeline_parallel` tag, as megatron-core's DiT models do)."""
+    group by finalize_model_grads (the `pipeline_parallel` tag, as megatron-core's DiT models do).
+    `linears` makes the projections (default: plain nn.Linear, one process; see Linears)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: bool = True,
-                 layers: range | None = None, pre_process: bool = True, post_process: bool = True,
-                 sequence_parallel: bool = False):
-        super().__init__(megatron_config(cfg, dtype, init, sequence_parallel))
+    def __init__(self, cfg: ModelConfig, linears: Linears | None = None, layers: range | None = None,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__()
         self.cfg = cfg
+        self.linears = linears = linears or Linears()
         self.pre_process, self.post_process = pre_process, post_process
-        self.sequence_parallel = sequence_parallel
         self.input_tensor = None
-        sub = layer_spec(cfg.spec)
         h = cfg.hidden_size
         self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2
         if pre_process:
@@ -364,16 +317,15 @@ class MMDiT(MegatronModule):
                 p.pipeline_parallel = True
         layers = range(cfg.num_layers) if layers is None else layers
         # keyed by global layer index, so parameter names are the same in every pipeline layout
-        self.layers = nn.ModuleDict({str(i): MMDiTLayer(cfg, self.config, sub, dual=i < cfg.dual_stream_layers)
+        self.layers = nn.ModuleDict({str(i): MMDiTLayer(cfg, linears, dual=i < cfg.dual_stream_layers)
                                      for i in layers})
         if post_process:
             self.final = FinalLayer(h, self.patch_dim, cfg.norm_eps)
-        if init:
-            nn.init.normal_(self.type_embed.weight, std=0.02)
-            nn.init.normal_(self.turn_embed.weight, std=0.02)
-            for m in self.t_embedder.mlp:
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.type_embed.weight, std=0.02)
+        nn.init.normal_(self.turn_embed.weight, std=0.02)
+        for m in self.t_embedder.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron-core's pipeline schedules with the previous stage's output (a list of one)."""
@@ -384,10 +336,6 @@ class MMDiT(MegatronModule):
             return self.cfg.attention_backend
         return "flex" if device.type == "cuda" else "sdpa"
 
-    def split_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, B, ...] -> this rank's [T/tp, B, ...] under sequence parallel (backward: all-gather)."""
-        return scatter_to_sequence_parallel_region(x) if self.sequence_parallel else x
-
     def embed(self, inputs: ModelInputs, T: int, B: int) -> torch.Tensor:
         """-> h [T, B, H]: text and latent tokens projected and placed in sequence order."""
         h = self.patch_embed.weight.new_zeros(T * B, self.cfg.hidden_size)
@@ -395,32 +343,41 @@ class MMDiT(MegatronModule):
         h[inputs.latent_index] = self.patch_embed(inputs.latent_tokens).to(h.dtype)
         return h.view(T, B, -1)
 
-    def forward(self, inputs: ModelInputs) -> torch.Tensor:
+    def forward(self, inputs: ModelInputs, cache=None) -> torch.Tensor:
         """-> the last stage: predicted velocity for every latent token [N_lat, C*p*p] (the loss uses the NOISY
-        ones); other stages: hidden states [T', B, H] for the next stage (T' = T/tp under sequence parallel)."""
+        ones); other stages: hidden states [T', B, H] for the next stage (T' = T/tp under sequence parallel).
+
+        `cache` (vincie.kv_cache.KVCache, one process): `inputs` hold only new tokens (one block per row), which
+        attend to the cached context's keys and values and to each other (the block-causal rule within the
+        block); RoPE positions, block timestep, type and turn come from `inputs` as in the whole sequence."""
         spec = inputs.mask
         B, T = spec.token_block.shape
         H = self.cfg.hidden_size
         streams = Streams(inputs.text_index, inputs.latent_index, T * B)
-        h = self.split_sequence(self.embed(inputs, T, B)) if self.pre_process else self.input_tensor
+        split = self.linears.scatter
+        h = split(self.embed(inputs, T, B)) if self.pre_process else self.input_tensor
         cond_block = self.t_embedder(inputs.block_t) + self.type_embed(inputs.block_type) \
             + self.turn_embed(inputs.block_turn)  # (B, NB, H)
         cond_token = torch.gather(cond_block, 1, spec.token_block[..., None].expand(-1, -1, H)).transpose(0, 1)
-        shared_mod = self.split_sequence(self.adaln(F.silu(cond_token)))  # [T', B, 6H]
+        shared_mod = split(self.adaln(F.silu(cond_token)))  # [T', B, 6H]
         token_is_text = torch.gather(inputs.block_type == int(BlockType.TEXT), 1, spec.token_block).transpose(0, 1)
-        token_is_text = self.split_sequence(token_is_text)  # [T', B]
+        token_is_text = split(token_is_text)  # [T', B]
         head_dim = H // self.cfg.num_heads
         angles = rope_angles(inputs.positions, head_dim, self.cfg.rope_theta)[:, :, None, :]  # [T, B, 1, D/2]
         rope = (torch.cos(angles), torch.sin(angles))
-        backend = self.attention_backend(h.device)
-        mask = prepare_mask(spec, backend)
-        for layer in self.layers.values():
-            h = layer(h, shared_mod, token_is_text, rope, mask, backend, streams)
+        if cache is None:
+            backend = self.attention_backend(h.device)
+            mask = prepare_mask(spec, backend)
+        else:
+            backend = "sdpa"
+            mask = cache.attention_mask(dense_mask(spec))  # (B, 1, T, L + T)
+        for index, layer in self.layers.items():
+            h = layer(h, shared_mod, token_is_text, rope, mask, backend, streams,
+                      cache.layer(int(index)) if cache is not None else None)
         if not self.post_process:
             return h
-        if self.sequence_parallel:  # the final layer and the loss run on all tokens, the same on every TP rank
-            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
-        out = self.final(h, cond_token)  # [T, B, C*p*p]
+        # the final layer and the loss run on all tokens, the same on every TP rank
+        out = self.final(self.linears.gather(h), cond_token)  # [T, B, C*p*p]
         return out.reshape(T * B, -1)[inputs.latent_index]
 
 
@@ -431,4 +388,4 @@ def count_parameters(model: nn.Module) -> int:
 def build_on_meta(cfg: ModelConfig) -> MMDiT:
     """The model without memory: for sizes and FLOPs of the 3b/7b presets on a CPU."""
     with torch.device("meta"):
-        return MMDiT(cfg, init=False)
+        return MMDiT(cfg)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import vincie.model  # noqa: F401  (its warning filters must precede megatron-core's import)
+import vincie.megatron_layers  # noqa: F401  (its warning filters must precede megatron-core's import)
 from megatron.core import parallel_state
 
 from vincie.config import Config, ParallelConfig, check_model_parallel
