@@ -63,6 +63,19 @@ def run_vincie(*args: str, check: bool = False, env: dict | None = None, timeout
     return result
 
 
+def run_main(capsys, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Runs the `vincie` command inside this process (vincie.cli.main: the same code, without an interpreter's
+    start-up), its output captured as run_vincie returns it."""
+    from vincie.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    if check and code != 0:
+        raise AssertionError(f"vincie {' '.join(args)} failed ({code}):\n{captured.out}\n{captured.err}")
+    return subprocess.CompletedProcess(["vincie", *args], code, captured.out, captured.err)
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The one line a failed command printed on stderr (asserting there is exactly one)."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]

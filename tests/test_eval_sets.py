@@ -23,7 +23,7 @@ from vincie.errors import VincieError
 from vincie.eval_sets import load_magicbrush, load_mse_bench
 from vincie.judge import VLMJudge, cumulative_success
 
-from conftest import error_line, run_vincie
+from conftest import error_line, run_main
 from helpers import make_plain_run
 
 
@@ -208,7 +208,8 @@ def test_similarity_metrics_with_tiny_local_models(tiny_models):
     clip, dino = Clip(tiny_models[0]), Dino(tiny_models[1])
     truth, edited = picture(1, 48, 64), picture(2, 32, 32)
     same = turn_metrics(truth, truth, "a red circle", clip, dino)
-    assert same["l1"] == 0 and same["clip_i"] == pytest.approx(1, abs=1e-9) and same["dino"] == pytest.approx(1, abs=1e-9)
+    assert same["l1"] == 0
+    assert same["clip_i"] == pytest.approx(1, abs=1e-9) and same["dino"] == pytest.approx(1, abs=1e-9)
     scores = turn_metrics(edited, truth, "a red circle", clip, dino)
     resized = np.asarray(Image.fromarray(edited).resize((64, 48), Image.BICUBIC), dtype=float)
     assert scores["l1"] == pytest.approx(np.abs(resized - truth).mean() / 255)
@@ -227,14 +228,14 @@ def test_similarity_metrics_with_tiny_local_models(tiny_models):
     assert "clip_i" not in turn_metrics(edited, None, "x", clip, None)  # no ground truth: CLIP-T only
 
 
-def test_eval_on_benchmarks_end_to_end(tmp_path, magicbrush, mse_bench, tiny_models):
+def test_eval_on_benchmarks_end_to_end(tmp_path, magicbrush, mse_bench, tiny_models, capsys):
     run = make_plain_run(tmp_path)
-    run_vincie("export", "--checkpoint", run, "--out", str(tmp_path / "model"), check=True)
+    run_main(capsys, "export", "--checkpoint", run, "--out", str(tmp_path / "model"), check=True)
     server = ChatServer([])  # every turn: 9 and 9
     try:
-        result = run_vincie("eval", "--model", str(tmp_path / "model"), "--bench", "magicbrush", "--data", magicbrush,
-                            "--out", str(tmp_path / "mb"), "--clip-model", tiny_models[0], "--dino-model",
-                            tiny_models[1], "--judge-url", server.url, "--judge-model", "m", check=True)
+        result = run_main(capsys, "eval", "--model", str(tmp_path / "model"), "--bench", "magicbrush", "--data",
+                          magicbrush, "--out", str(tmp_path / "mb"), "--clip-model", tiny_models[0], "--dino-model",
+                          tiny_models[1], "--judge-url", server.url, "--judge-model", "m", check=True)
         report = json.loads((tmp_path / "mb" / "report.json").read_text())
         rows = report["per_turn"]
         assert [r["sessions"] for r in rows] == [2, 1, 1] and report["sessions"] == 2
@@ -246,12 +247,12 @@ def test_eval_on_benchmarks_end_to_end(tmp_path, magicbrush, mse_bench, tiny_mod
         assert (tmp_path / "mb" / "grid.png").stat().st_size > 1000
         edited = report["session_results"][0]
         assert edited["id"] == "101" and len(edited["metrics"]) == 3
-        run_vincie("eval", "--model", str(tmp_path / "model"), "--bench", "mse-bench", "--data", mse_bench,
-                         "--out", str(tmp_path / "mse"), "--sessions", "1", check=True)
+        run_main(capsys, "eval", "--model", str(tmp_path / "model"), "--bench", "mse-bench", "--data", mse_bench,
+                 "--out", str(tmp_path / "mse"), "--sessions", "1", check=True)
         rows = json.loads((tmp_path / "mse" / "report.json").read_text())["per_turn"]
         assert len(rows) == 5 and all(set(r) == {"turn", "sessions"} for r in rows)  # no truth, no models, no judge
     finally:
         server.close()
-    missing = run_vincie("eval", "--model", str(tmp_path / "model"), "--bench", "magicbrush", "--out",
-                         str(tmp_path / "x"))
+    missing = run_main(capsys, "eval", "--model", str(tmp_path / "model"), "--bench", "magicbrush", "--out",
+                       str(tmp_path / "x"))
     assert missing.returncode == 2 and "needs --data" in error_line(missing)

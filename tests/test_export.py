@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from vincie import checkpoint
 
-from conftest import REPO, error_line, run_vincie
+from conftest import REPO, error_line, run_main, run_vincie
 from helpers import make_data, make_plain_run, torchrun, write_config
 
 
@@ -33,6 +33,7 @@ def export(*args: str) -> subprocess.CompletedProcess:
     return run_vincie("export", *args, check=True)
 
 
+@pytest.mark.slow
 def test_export_of_a_tp2_checkpoint_predicts_like_the_training_model_without_megatron(tmp_path, tp2_run):
     step = checkpoint.latest(str(tp2_run / "run"))
     assert not os.path.exists(os.path.join(step, checkpoint.STATE))  # a sharded (dist_checkpointing) checkpoint
@@ -52,10 +53,12 @@ def test_export_of_a_tp2_checkpoint_predicts_like_the_training_model_without_meg
     assert float((got - expected).abs().max()) <= 1e-5
 
 
-def test_export_chooses_ema_or_raw_weights_and_bf16(tmp_path, tp2_run):
+@pytest.mark.slow
+def test_export_chooses_ema_or_raw_weights_and_bf16(tmp_path, tp2_run, capsys):
     step = checkpoint.latest(str(tp2_run / "run"))
-    export("--checkpoint", str(tp2_run / "run"), "--out", str(tmp_path / "ema"))  # the run's latest, EMA
-    export("--checkpoint", step, "--out", str(tmp_path / "bf16"), "--weights", "raw", "--dtype", "bf16")
+    run_main(capsys, "export", "--checkpoint", str(tp2_run / "run"), "--out", str(tmp_path / "ema"), check=True)
+    run_main(capsys, "export", "--checkpoint", step, "--out", str(tmp_path / "bf16"), "--weights", "raw", "--dtype",
+             "bf16", check=True)
     ema, raw = checkpoint.load_weights(step, use_ema=True), checkpoint.load_weights(step, use_ema=False)
     exported = load_file(tmp_path / "ema" / "model.safetensors")
     assert exported.keys() == ema.keys() and len(exported) > 40
@@ -76,15 +79,15 @@ def test_export_chooses_ema_or_raw_weights_and_bf16(tmp_path, tp2_run):
     assert "vincie edit --model" in card and f"{config['parameters']:,}" in card
 
 
-def test_export_bad_input_is_one_line_and_leaves_nothing(tmp_path, tp2_run):
-    missing = run_vincie("export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+def test_export_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    missing = run_main(capsys, "export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert missing.returncode == 2 and "no such directory" in error_line(missing)
     (tmp_path / "empty").mkdir()
-    empty = run_vincie("export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    empty = run_main(capsys, "export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert empty.returncode == 2 and "not a training run directory" in error_line(empty)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    taken = run_vincie("export", "--checkpoint", str(tp2_run / "run"), "--out", str(tmp_path / "taken"))
+    taken = run_main(capsys, "export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "taken"))
     assert taken.returncode == 2 and "--overwrite" in error_line(taken)
     assert os.listdir(tmp_path / "taken") == ["keep.txt"]
     assert sorted(os.listdir(tmp_path)) == ["empty", "taken"]  # no output, no temporary directory
@@ -95,10 +98,10 @@ def plain_run(tmp_path_factory):
     return make_plain_run(tmp_path_factory.mktemp("plain"))
 
 
-def test_edit_on_an_export_equals_edit_on_its_run_at_any_input_size(tmp_path, plain_run):
+def test_edit_on_an_export_equals_edit_on_its_run_at_any_input_size(tmp_path, plain_run, capsys):
     from PIL import Image
 
-    export("--checkpoint", str(plain_run), "--out", str(tmp_path / "model"))
+    run_main(capsys, "export", "--checkpoint", str(plain_run), "--out", str(tmp_path / "model"), check=True)
     # stored 48 wide x 80 high, EXIF orientation 6 (rotate): shown, and so edited, as 80 x 48
     rng = np.random.default_rng(0)
     exif = Image.Exif()
@@ -107,8 +110,8 @@ def test_edit_on_an_export_equals_edit_on_its_run_at_any_input_size(tmp_path, pl
     args = ["--image", str(tmp_path / "in.jpg"), "--instruction", "add a red circle", "--instruction",
             "make it bigger", "--seed", "3", "--chain-masks"]
     result = run_vincie("edit", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "a"), *args, check=True)
-    assert "2 turns" in result.stdout
-    run_vincie("edit", "--model", str(plain_run), "--out", str(tmp_path / "b"), *args, check=True)
+    assert "2 turns" in result.stdout  # as a user runs it: its own process
+    run_main(capsys, "edit", "--model", str(plain_run), "--out", str(tmp_path / "b"), *args, check=True)
     names = ["strip.png"] + [f"turn-{k:02d}{part}.png" for k in (1, 2) for part in ("", "-cur-mask", "-next-mask")]
     assert sorted(os.listdir(tmp_path / "a")) == sorted(names)
     for name in names:
@@ -116,7 +119,8 @@ def test_edit_on_an_export_equals_edit_on_its_run_at_any_input_size(tmp_path, pl
             assert np.array_equal(np.asarray(a), np.asarray(b)), name  # the export holds the run's EMA weights
             if name != "strip.png":
                 assert a.size == (80, 48), name  # restored to the input's size, as shown
-    raw = run_vincie("edit", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "c"), *args, "--raw-weights")
+    raw = run_main(capsys, "edit", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "c"), *args,
+                   "--raw-weights")
     assert raw.returncode == 2 and "holds one set of weights" in error_line(raw)
-    neither = run_vincie("edit", "--model", str(tmp_path), "--out", str(tmp_path / "d"), *args)
+    neither = run_main(capsys, "edit", "--model", str(tmp_path), "--out", str(tmp_path / "d"), *args)
     assert neither.returncode == 2 and "neither an exported model" in error_line(neither)

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vincie",
         description="vincie: train in-context multi-turn image editing from video (after VINCIE, arXiv 2506.10941).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{config,data,train,launch,export,edit,eval,bench}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{config,data,train,launch,export,edit,eval,bench}")
 
     config = sub.add_parser("config", help="show a resolved, validated config",
                             description="Load a preset or YAML file, apply overrides, validate, print the result.")

@@ -137,22 +137,30 @@ def model_card(config: dict) -> str:
             else f"transformers model at {te['path']} (not copied; must exist where this model runs)")
     latent = (f"built-in space-to-depth, factor {vae['factor']} (no parameters)" if vae["kind"] == "space_to_depth"
               else f"diffusers AutoencoderKL at {vae['path']} (not copied; must exist where this model runs)")
+    rows = [
+        ("preset", config["preset"] or "custom"),
+        ("MM-DiT parameters", f"{config['parameters']:,}"),
+        ("shape", f"hidden {m['hidden_size']}, {m['num_layers']} layers ({m['dual_stream_layers']} dual-stream), "
+                  f"{m['num_heads']} heads, patch {m['patch_size']}, {m['latent_channels']} latent channels"),
+        ("attention", config["sequence"]["mode"]),
+        ("resolution", f"{config['data']['resolution']} x {config['data']['resolution']} (inputs are resized to it; "
+                       "outputs restored to the input's size)"),
+        ("text encoder", text),
+        ("latent", latent),
+        ("sampler defaults", f"{d['sample_steps']} Euler steps, shift {d['sample_shift']}, guidance "
+                             f"{d['cfg_scale']}, network predicts {d['prediction']}"),
+        ("weights", f"{src['weights']} weights of step {src['step']}, stored as {config['dtype']}"),
+        ("source", f"`{src['checkpoint']}` (trained with tensor parallel {src['parallel']['tensor']}, pipeline "
+                   f"parallel {src['parallel']['pipeline']})"),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"""# vincie model: {src['run_name']} (step {src['step']})
 
 In-context multi-turn image editing (after VINCIE, arXiv 2506.10941), exported by `vincie export`.
 
 | | |
 |---|---|
-| preset | {config['preset'] or 'custom'} |
-| MM-DiT parameters | {config['parameters']:,} |
-| shape | hidden {m['hidden_size']}, {m['num_layers']} layers ({m['dual_stream_layers']} dual-stream), {m['num_heads']} heads, patch {m['patch_size']}, {m['latent_channels']} latent channels |
-| attention | {config['sequence']['mode']} |
-| resolution | {config['data']['resolution']} x {config['data']['resolution']} (inputs are resized to it; outputs restored to the input's size) |
-| text encoder | {text} |
-| latent | {latent} |
-| sampler defaults | {d['sample_steps']} Euler steps, shift {d['sample_shift']}, guidance {d['cfg_scale']}, network predicts {d['prediction']} |
-| weights | {src['weights']} weights of step {src['step']}, stored as {config['dtype']} |
-| source | `{src['checkpoint']}` (trained with tensor parallel {src['parallel']['tensor']}, pipeline parallel {src['parallel']['pipeline']}) |
+{table}
 
 ## Use
 

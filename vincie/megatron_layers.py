@@ -72,7 +72,7 @@ def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: 
 
 @dataclass
 class StreamSubmodules:
-    """Which linear implementation each projection of a stream uses (vincie.model.PROJECTIONS)."""
+    """Which linear implementation each projection of a stream uses."""
     linear_qkv: type | ModuleSpec
     linear_proj: type | ModuleSpec
     linear_fc1: type | ModuleSpec

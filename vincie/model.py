@@ -23,9 +23,10 @@ unit (gate, up interleaved), so a contiguous split of the weight rows over TP ra
 checkpoints reshard by plain slicing, and the full (gathered) weights run unchanged in one process.
 
 Parallelism enters from outside the math: `layers` (global indices) and `pre_process` / `post_process` make a
-pipeline stage; the `Linears` object's `sequence_parallel` keeps the residual stream as this rank's 1/TP of the
-tokens between the attention and MLP blocks. Inference with a KV cache (vincie.kv_cache) runs one new block's
-tokens against the keys and values of the context, which the cache hands each layer's attention.
+pipeline stage; under sequence parallel, the `Linears` object's gather / scatter keep the residual stream as
+this rank's 1/TP of the tokens between the attention and MLP blocks. Inference with a KV cache (vincie.kv_cache)
+runs one new block's tokens against the keys and values of the context, which the cache hands each layer's
+attention.
 """
 
 from __future__ import annotations
@@ -48,9 +49,6 @@ NUM_BLOCK_TYPES = len(BlockType)
 # How the projections are made
 
 
-PROJECTIONS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # per stream and layer
-
-
 class Linear(nn.Linear):
     """nn.Linear with the calling convention of megatron-core's parallel linears: forward -> (output, bias), the
     bias already added (None)."""
@@ -67,11 +65,11 @@ class Linear(nn.Linear):
 class Linears:
     """Makes each layer's projections and splits the token sequence over tensor-parallel ranks. This default is
     one process with plain linears; vincie.megatron_layers.MegatronLinears is the tensor-parallel one."""
-    tensor_parallel = 1
-    sequence_parallel = False
+    tensor_parallel = 1  # heads and MLP units are split over this many ranks
 
     def make(self, name: str, in_features: int, out_features: int) -> nn.Module:
-        """`name` is one of PROJECTIONS; the module's forward returns (output, None)."""
+        """`name`: linear_qkv, linear_proj, linear_fc1 or linear_fc2 (per stream and layer); the module's forward
+        returns (output, None)."""
         return Linear(in_features, out_features)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
