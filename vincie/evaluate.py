@@ -222,7 +222,8 @@ def format_table(report: dict) -> str:
     lines.append("turn-1 x0 error by noise level t: " + ", ".join(f"t={t} {v:.4f}" for t, v in probe["x0_mse"].items())
                  + f" (copy-input {probe['copy_input']:.4f}, mean {probe['mean']:.4f})")
     lines.append("turn-1 x0 change when the instruction is swapped: "
-                 + ", ".join(f"t={t} {v:.4f}" for t, v in probe["text_swap_change"].items()))
+                 + ", ".join(f"t={t} {v:.1e}" for t, v in probe["text_swap_change"].items())
+                 + " (about copy-input when the instruction is followed, near 0 when it is ignored)")
     kinds = report["by_kind"]["model"]
     lines.append("success per edit kind, over all turns (turns): "
                  + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
