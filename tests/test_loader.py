@@ -367,3 +367,18 @@ def test_precomputed_latents_give_the_same_training_batches(tmp_path, clean):
     for name in ("latent_tokens", "text_index", "latent_index", "positions", "block_t", "block_type"):
         assert torch.equal(getattr(plain.inputs, name), getattr(fast.inputs, name)), name
     assert torch.equal(plain.target, fast.target)
+
+
+@pytest.mark.slow
+def test_bench_loader_reports_both_decoders_both_sources_and_the_wait_share():
+    import json
+
+    result = run_vincie("bench", "loader", "--sessions", "4", "--resolution", "64", "--bucket", "32", "--repeats", "1",
+                        "--steps", "4", "--tiny-sessions", "32", "--json", "train.batch_size=2", check=True,
+                        timeout=900)
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    for source in ("local", "s3"):
+        for decoder in ("dali", "pil"):
+            assert report[f"{source}_{decoder}_sessions_per_s"] > 0
+            assert report[f"{source}_{decoder}_images_per_s"] > 4 * report[f"{source}_{decoder}_sessions_per_s"]
+    assert 0 <= report["tiny_data_wait_share"] < 1

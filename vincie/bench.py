@@ -147,7 +147,8 @@ def bench_loader(args: argparse.Namespace) -> int:
                       workers=1)
             tiny_cfg = config_from_args(args, extra=[f"data.train_url={tiny}", f"data.workers={args.workers}",
                                                      f"run.out_dir={os.path.join(tmp, 'run')}"])
-            results |= {"tiny_workers": args.workers} | tiny_wait_share(tiny_cfg, args.steps, warmup=5)
+            results |= {"tiny_workers": args.workers} | tiny_wait_share(tiny_cfg, args.steps,
+                                                                        warmup=min(5, args.steps // 2))
     print_results(results, args.json)
     return 0
 
