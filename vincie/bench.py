@@ -167,13 +167,15 @@ def random_editor(cfg, seed: int):
     from vincie.text_encoder import build_text_encoder
     from vincie.vae import build_vae
 
+    device = default_device()
     torch.manual_seed(seed)
-    model, text_encoder = MMDiT(cfg.model), build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
+    with torch.device(device):  # made where it runs: no host-side initialisation of a large model
+        model, text_encoder = MMDiT(cfg.model), build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for p in [*model.parameters(), *text_encoder.parameters()]:
-            p.normal_(0.0, 0.02)
-    device = default_device()
-    return Editor(cfg, model.to(device), build_vae(cfg.vae).to(device), text_encoder.to(device), device)
+            p.normal_(0.0, 0.02, generator=generator)
+    return Editor(cfg, model, build_vae(cfg.vae).to(device), text_encoder, device)
 
 
 class PeakMemory:

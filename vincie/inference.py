@@ -187,6 +187,7 @@ class Editor:
         batch.inputs.latent_tokens = batch.inputs.latent_tokens.to(self.dtype)
         return batch
 
+    @torch.no_grad()
     def extend(self, contexts: list[Context], block: Block, tokens: list[torch.Tensor]) -> list[Context]:
         """Each context plus one clean block; with the cache, the block's keys and values are computed against
         the row's context (one batched forward) and kept with it."""
