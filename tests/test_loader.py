@@ -167,11 +167,11 @@ def test_training_resumed_from_a_checkpoint_with_another_worker_count_reads_ever
     init_distributed()
     steps = 10  # 40 sessions, batch 4: one epoch
 
-    def trainer(workers):
+    def trainer(workers, *overrides):
         config = write_config(tmp_path / f"c{workers}.yaml", tmp_path / "run", clean,
                               train={"steps": steps, "batch_size": 4, "checkpoint_every": 1000},
                               data={"workers": workers})
-        t = Trainer(load_config(config), init_distributed(), progress=False)
+        t = Trainer(load_config(config, list(overrides)), init_distributed(), progress=False)
         next_items = t.loader.next
         t.loader.next = lambda n: seen.extend(next_items(n)) or seen[-n:]  # records what training consumed
         return t
@@ -190,6 +190,8 @@ def test_training_resumed_from_a_checkpoint_with_another_worker_count_reads_ever
     ids = keys(seen)
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(index_ids(clean)), f"interrupted at step {stop}"
     assert second.loader.state == SamplerState(1, 0) and second.data_totals["sessions"] == 40
+    with pytest.raises(VincieError, match=r"counts 40 sessions per epoch, \S+ now gives \d+ "):
+        trainer(0, "data.min_turns=3").resume()  # another epoch: the position would mean other sessions
 
 
 # ---------------------------------------------------------------------------------------------------------------

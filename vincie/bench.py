@@ -87,12 +87,13 @@ def read_all(cfg, root: str, decoder: str) -> tuple[float, int, int]:
     reader = SessionReader(cfg, root, max_turns=cfg.data.max_turns, decoder=decoder)
     reader.read(refs[0])  # warm up: pipelines built, connection open
     pictures = 0
+    group = cfg.data.read_batch
     start = time.perf_counter()
-    for ref in refs:
-        item = reader.read(ref)
-        if isinstance(item, Skipped):
-            raise VincieError(f"bench data is bad: {item.message}")
-        pictures += item.images.shape[0] + (2 * item.turns if item.has_masks else 0)
+    for k in range(0, len(refs), group):  # as a loader process reads them
+        for item in reader.read_many(refs[k:k + group]):
+            if isinstance(item, Skipped):
+                raise VincieError(f"bench data is bad: {item.message}")
+            pictures += item.images.shape[0] + (2 * item.turns if item.has_masks else 0)
     return time.perf_counter() - start, len(refs), pictures
 
 
@@ -107,7 +108,8 @@ def tiny_wait_share(cfg, steps: int, warmup: int) -> dict:
     trainer.loader.close()
     measured = logs[warmup:]
     step_s = sum(log["step_s"] for log in measured)
-    return {"tiny_step_s": step_s / len(measured), "tiny_data_wait_share": sum(log["data_s"] for log in measured) / step_s}
+    return {"tiny_step_s": step_s / len(measured),
+            "tiny_data_wait_share": sum(log["data_s"] for log in measured) / step_s}
 
 
 def bench_loader(args: argparse.Namespace) -> int:
