@@ -311,14 +311,14 @@ def test_an_s3_outage_mid_epoch_costs_time_not_sessions(s3_data):
     same port with the same data: the loader processes retry with backoff, and the epoch is read whole, in order."""
     root, proxy = s3_data
     loader = Loader(s3_config(root, proxy, "data.workers=2", "storage.read_attempts=8",
-                              "storage.retry_backoff_s=0.25"))
+                              "storage.retry_backoff_s=0.25", "data.read_batch=1", "train.batch_size=2"))
     expected = [loader.order.at(p).id for p in range(24)]
     items = loader.next(4)
     proxy.down()
     threading.Timer(5.0, proxy.up).start()
     start = time.monotonic()
     items += loader.next(20)
-    assert time.monotonic() - start > 3  # the outage was felt (the workers had read at most 4 ahead)
+    assert time.monotonic() - start > 3  # the outage was felt (the workers read 2 steps of 2 sessions ahead)
     assert keys(items) == expected and not any(isinstance(item, Skipped) for item in items)
     value = loader.metrics.registry.get_sample_value
     assert sum(value("vincie_data_skipped_total", {"reason": r}) for r in SKIP_REASONS) == 0
@@ -327,7 +327,7 @@ def test_an_s3_outage_mid_epoch_costs_time_not_sessions(s3_data):
 @pytest.mark.slow
 def test_s3_errors_and_timeouts_are_retried_then_skipped_and_counted(s3_data, capsys):
     root, proxy = s3_data
-    loader = Loader(s3_config(root, proxy, "data.workers=0", "storage.read_attempts=2",
+    loader = Loader(s3_config(root, proxy, "data.workers=0", "data.read_batch=1", "storage.read_attempts=2",
                               "storage.retry_backoff_s=0.1"))
     items = loader.next(2)
     proxy.set_mode("error")  # every request answered with HTTP 503 SlowDown

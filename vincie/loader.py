@@ -94,9 +94,11 @@ class SessionReader:
         """Sessions read one by one and decoded together."""
         self.ensure_process()
         fetched: list[Fetched | Skipped] = []
-        for ref in refs:
+        for ref, data in zip(refs, self.fetch_many(refs)):
             try:
-                fetched.append(Fetched(ref, self.parse(ref, self.fetch(ref))))
+                if isinstance(data, Skip):
+                    raise data
+                fetched.append(Fetched(ref, self.parse(ref, data)))
             except Skip as exc:
                 fetched.append(Skipped(ref.id, ref.shard, exc.reason, str(exc)))
         return self.load_many(fetched) if decode else fetched
@@ -132,25 +134,40 @@ class SessionReader:
             out.append(session)
         return out
 
-    def fetch(self, ref: RowRef) -> bytes:
-        url = storage.join(self.root, ref.shard)
-        path = self.fs._strip_protocol(url)
+    def fetch_many(self, refs: list[RowRef]) -> list[bytes | Skip]:
+        """The byte ranges of the sessions, requested concurrently (fsspec `cat_ranges`; on S3 the GETs overlap).
+        Ranges that fail are retried, all together, after retry_backoff_s x 2^k; a missing shard is not."""
+        urls = [storage.join(self.root, ref.shard) for ref in refs]
+        out: list[bytes | Skip | None] = [None] * len(refs)
+        pending = list(range(len(refs)))
         attempts = self.cfg.storage.read_attempts
         for attempt in range(1, attempts + 1):
             try:
-                with storage.storage_errors(url, self.cfg.storage):
-                    data = self.fs.cat_file(path, start=ref.offset, end=ref.offset + ref.size)
-                break
+                with storage.storage_errors(self.root, self.cfg.storage):
+                    results = self.fs.cat_ranges([self.fs._strip_protocol(urls[k]) for k in pending],
+                                                 [refs[k].offset for k in pending],
+                                                 [refs[k].offset + refs[k].size for k in pending], on_error="return")
             except storage.StorageError as exc:
-                if isinstance(exc.__cause__, FileNotFoundError):
-                    raise Skip("missing_shard", f"{url}: the shard is gone (deleted after the index was built?)")
-                if attempt == attempts:
-                    raise Skip("storage", f"{exc} (gave up after {attempts} attempts)")
-                time.sleep(min(30.0, self.cfg.storage.retry_backoff_s * 2 ** (attempt - 1)))
-        if len(data) != ref.size:
-            raise Skip("bad_tar", f"{url}: {len(data)} of the {ref.size} bytes at offset {ref.offset}: the shard is "
-                                  "shorter than the index says (truncated?)")
-        return data
+                results = [exc.__cause__ or exc] * len(pending)
+            failed = []
+            for k, data in zip(pending, results):
+                ref, url = refs[k], urls[k]
+                if isinstance(data, FileNotFoundError):
+                    out[k] = Skip("missing_shard", f"{url}: the shard is gone (deleted after the index was built?)")
+                elif isinstance(data, BaseException):
+                    failed.append(k)
+                    out[k] = Skip("storage", f"{storage.describe_error(url, data, self.cfg.storage)} (gave up "
+                                             f"after {attempts} attempts)")
+                elif len(data) != ref.size:
+                    out[k] = Skip("bad_tar", f"{url}: {len(data)} of the {ref.size} bytes at offset {ref.offset}: "
+                                             "the shard is shorter than the index says (truncated?)")
+                else:
+                    out[k] = data
+            pending = failed
+            if not pending or attempt == attempts:
+                break
+            time.sleep(min(30.0, self.cfg.storage.retry_backoff_s * 2 ** (attempt - 1)))
+        return out
 
     def parse(self, ref: RowRef, data: bytes) -> dict:
         """The session's tar members -> a WebDataset sample {"__key__", suffix: bytes}."""
