@@ -26,7 +26,7 @@ from vincie.train import Trainer
 
 from conftest import run_vincie
 from faults import FaultProxy
-from helpers import MICRO_MODEL, write_config
+from helpers import write_config
 
 
 def synth_samples(count, first=0, image_format="jpg", turns=(2, 3), resolution=32):
