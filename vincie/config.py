@@ -161,7 +161,8 @@ class DataConfig:
     source_weights: dict[str, float] = field(default_factory=dict)
     workers: int = 1  # loader processes per rank that read and decode sessions ahead (0: in the training process)
     decode_threads: int = 1  # DALI threads per decoding process
-    prefetch: int = 2  # sessions each loader process holds ready
+    read_batch: int = 4  # sessions a loader process reads and decodes together (one DALI run)
+    prefetch_steps: int = 2  # steps' worth of sessions the loader processes read ahead, together
     # a run stops when more than this share of the sessions it read were bad (skipped), once it read bad_min_sessions
     max_bad_share: float = 0.01
     bad_min_sessions: int = 100
@@ -553,6 +554,7 @@ def validate_data(cfg: Config) -> None:
             f"must be >= 0, got {d.source_weights}")
     require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
     require(d.decode_threads >= 1, "data.decode_threads", f"must be >= 1, got {d.decode_threads}")
-    require(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
+    require(d.read_batch >= 1, "data.read_batch", f"must be >= 1, got {d.read_batch}")
+    require(d.prefetch_steps >= 1, "data.prefetch_steps", f"must be >= 1, got {d.prefetch_steps}")
     require(0 <= d.max_bad_share <= 1, "data.max_bad_share", f"must be in [0, 1], got {d.max_bad_share}")
     require(d.bad_min_sessions >= 1, "data.bad_min_sessions", f"must be >= 1, got {d.bad_min_sessions}")

@@ -75,9 +75,42 @@ def check_complete(key: str, name: str, data: bytes) -> None:
         raise SessionFormatError(f"session {key}: {name} is truncated (no end marker)", "corrupt_image")
 
 
-class DaliDecoder:
+@dataclass
+class Request:
+    """One session's encoded pictures, its source size and the bucket it is decoded to."""
+    key: str
+    images: list[Member]
+    masks: list[Member]
+    width: int
+    height: int
+    bucket: tuple[int, int]  # (H, W)
+
+    @property
+    def box(self) -> Box:
+        return crop_box(self.width, self.height, self.bucket)
+
+
+class Decoder:
+    """The decode interface: `decode_many` (sessions together; a bad one gets its error, the others their frames)
+    and `decode` (one session, raising)."""
+    shapes: list[tuple[int, int]]
+
+    def decode_many(self, requests: list[Request]) -> list[Frames | SessionFormatError]:
+        raise NotImplementedError
+
+    def decode(self, key: str, images: list[Member], masks: list[Member], width: int, height: int) -> Frames:
+        bucket = nearest_bucket(width, height, self.shapes)
+        (result,) = self.decode_many([Request(key, images, masks, width, height, bucket)])
+        if isinstance(result, SessionFormatError):
+            raise result
+        return result
+
+
+class DaliDecoder(Decoder):
     """DALI pipelines (one for images, one for masks) fed through `external_source`; a CPU pipeline when
-    `device_id` is None, else nvJPEG (`mixed`) decoding and GPU resizing on that device, with outputs on it."""
+    `device_id` is None, else nvJPEG (`mixed`) decoding and GPU resizing on that device, with outputs on it.
+    Several sessions are decoded in one pipeline run (up to `max_batch` pictures): a run costs ~2 ms on this CPU
+    before any decoding, as much as a small session's pictures."""
 
     def __init__(self, shapes: list[tuple[int, int]], threads: int, max_batch: int, device_id: int | None = None):
         self.shapes, self.threads, self.max_batch, self.device_id = shapes, threads, max_batch, device_id
@@ -88,56 +121,72 @@ class DaliDecoder:
             self.pipes[kind] = build_pipeline(kind, self.max_batch, self.threads, self.device_id)
         return self.pipes[kind]
 
-    def run(self, kind: str, data: list[bytes], shape: tuple[int, int], box: Box) -> tuple[torch.Tensor, np.ndarray]:
-        """-> (pixels: images (N, 3, H, W) float / masks (N, H, W) bool, source shapes (N, 3) as (H, W, C))."""
+    def run(self, kind: str, data: list[bytes], shapes: list[tuple[int, int]],
+            boxes: list[Box]) -> tuple[list[torch.Tensor], np.ndarray]:
+        """One pipeline run -> (per picture: image (3, H, W) float / mask (H, W) bool, source shapes (N, 3) as
+        (H, W, C)). Raises RuntimeError when DALI fails (the pipeline is then dropped)."""
         pipe = self.pipeline(kind)
-        n = len(data)
         pipe.feed_input("encoded", [np.frombuffer(d, np.uint8) for d in data])
-        pipe.feed_input("size", [np.array(shape, np.float32)] * n)
-        pipe.feed_input("roi_start", [np.array([box[1], box[0]], np.float32)] * n)
-        pipe.feed_input("roi_end", [np.array([box[3], box[2]], np.float32)] * n)
-        pixels, source = pipe.run()
+        pipe.feed_input("size", [np.array(shape, np.float32) for shape in shapes])
+        pipe.feed_input("roi_start", [np.array([box[1], box[0]], np.float32) for box in boxes])
+        pipe.feed_input("roi_end", [np.array([box[3], box[2]], np.float32) for box in boxes])
+        try:
+            pixels, source = pipe.run()
+        except RuntimeError:
+            self.pipes.pop(kind, None)  # unusable after a failed run
+            raise
         out = to_torch(pixels, self.device_id)
-        return (out if kind == "image" else out[..., 0]), np.array(source.as_tensor())
+        return (out if kind == "image" else [x[..., 0] for x in out]), np.array(source.as_tensor())
 
-    def decode_members(self, key: str, kind: str, members: list[Member], width: int, height: int,
-                       shape: tuple[int, int], box: Box) -> torch.Tensor:
-        parts = []
-        for start in range(0, len(members), self.max_batch):
-            chunk = members[start:start + self.max_batch]
+    def decode_kind(self, kind: str, requests: list[Request]) -> list[list[torch.Tensor]]:
+        """Every picture of one kind of all requests, max_batch per run -> per request its pictures. Raises
+        SessionFormatError naming the member when there is one request, or the group, when something is bad."""
+        entries = [(k, member) for k, r in enumerate(requests) for member in (r.images if kind == "image" else r.masks)]
+        out: list[list[torch.Tensor]] = [[] for _ in requests]
+        for start in range(0, len(entries), self.max_batch):
+            chunk = entries[start:start + self.max_batch]
             try:
-                pixels, source = self.run(kind, [data for _, data in chunk], shape, box)
+                pixels, source = self.run(kind, [data for _, (_, data) in chunk],
+                                          [requests[k].bucket for k, _ in chunk], [requests[k].box for k, _ in chunk])
             except RuntimeError:
-                self.pipes.pop(kind, None)
-                raise self.name_bad_member(key, kind, chunk, shape, box) from None
-            for (name, _), (h, w, _c) in zip(chunk, source):
-                if (h, w) != (height, width):
-                    raise SessionFormatError(f"session {key}: {name} is {w}x{h}, expected {width}x{height}",
+                if len(requests) > 1:
+                    raise SessionFormatError("a session of the group does not decode", "corrupt_image") from None
+                raise self.name_bad_member(requests[0], kind, [m for _, m in chunk]) from None
+            for (k, (name, _)), (h, w, _c), x in zip(chunk, source, pixels):
+                r = requests[k]
+                if (h, w) != (r.height, r.width):
+                    raise SessionFormatError(f"session {r.key}: {name} is {w}x{h}, expected {r.width}x{r.height}",
                                              "corrupt_image")
-            parts.append(pixels)
-        return torch.cat(parts)
+                out[k].append(x)
+        return out
 
-    def name_bad_member(self, key: str, kind: str, members: list[Member], shape: tuple[int, int],
-                        box: Box) -> SessionFormatError:
+    def name_bad_member(self, request: Request, kind: str, members: list[Member]) -> SessionFormatError:
         for name, data in members:
             try:
-                self.run(kind, [data], shape, box)
+                self.run(kind, [data], [request.bucket], [request.box])
             except RuntimeError as exc:
-                self.pipes.pop(kind, None)
-                return SessionFormatError(f"session {key}: cannot decode {name} (DALI: {dali_error(exc)})",
+                return SessionFormatError(f"session {request.key}: cannot decode {name} (DALI: {dali_error(exc)})",
                                           "corrupt_image")
-        return SessionFormatError(f"session {key}: DALI failed on a batch of {len(members)} {kind}s that decode "
-                                  "one by one", "corrupt_image")
+        return SessionFormatError(f"session {request.key}: DALI failed on {len(members)} {kind}s that decode one "
+                                  "by one", "corrupt_image")
 
-    def decode(self, key: str, images: list[Member], masks: list[Member], width: int, height: int) -> Frames:
-        shape = nearest_bucket(width, height, self.shapes)
-        box = crop_box(width, height, shape)
-        for name, data in images + masks:
-            check_complete(key, name, data)
-        pixels = self.decode_members(key, "image", images, width, height, shape, box)
-        mask = self.decode_members(key, "mask", masks, width, height, shape, box) if masks else \
-            torch.zeros(0, *shape, dtype=torch.bool, device=pixels.device)
-        return Frames(pixels, mask)
+    def decode_group(self, requests: list[Request]) -> list[Frames]:
+        for r in requests:
+            for name, data in r.images + r.masks:
+                check_complete(r.key, name, data)
+        images, masks = self.decode_kind("image", requests), self.decode_kind("mask", requests)
+        return [Frames(torch.stack(i), torch.stack(m) if m else torch.zeros(0, *r.bucket, dtype=torch.bool,
+                                                                           device=i[0].device))
+                for r, i, m in zip(requests, images, masks)]
+
+    def decode_many(self, requests: list[Request]) -> list[Frames | SessionFormatError]:
+        """Sessions decoded together; when one is bad, each is decoded alone, so the others still come back."""
+        try:
+            return self.decode_group(requests)
+        except SessionFormatError as exc:
+            if len(requests) == 1:
+                return [exc]
+            return [self.decode_many([r])[0] for r in requests]
 
 
 def dali_error(exc: RuntimeError) -> str:
@@ -176,16 +225,20 @@ def build_pipeline(kind: str, batch: int, threads: int, device_id: int | None):
     return built
 
 
-def to_torch(batch, device_id: int | None) -> torch.Tensor:
-    """A DALI batch of equal-shaped samples -> one tensor (on the pipeline's GPU for a mixed pipeline)."""
-    dense = batch.as_tensor()
+def to_torch(batch, device_id: int | None) -> list[torch.Tensor]:
+    """A DALI batch -> one tensor per sample (on the pipeline's GPU for a mixed pipeline)."""
+    dense = batch.is_dense_tensor()
+    parts = [batch.as_tensor()] if dense else [batch[i] for i in range(len(batch))]
     if device_id is None:
-        return torch.from_numpy(np.array(dense))
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        out = [torch.from_numpy(np.array(part)) for part in parts]
+    else:
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=f"cuda:{device_id}")
-    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device_id))
-    return out
+        out = []
+        for part in parts:
+            out.append(torch.empty(part.shape(), dtype=to_torch_type[part.dtype], device=f"cuda:{device_id}"))
+            feed_ndarray(part, out[-1], cuda_stream=torch.cuda.current_stream(device_id))
+    return list(out[0].unbind(0)) if dense else out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,17 +274,32 @@ def reference_mask(key: str, member: Member, shape: tuple[int, int], box: Box, w
     return torch.from_numpy(mask[rows][:, cols] >= 128)
 
 
-class PilDecoder:
-    """The reference: PIL decoding and resizing on a pool of `threads` threads (PIL releases the GIL there)."""
+class PilDecoder(Decoder):
+    """The reference: PIL decoding and resizing, every picture of the requests on a pool of `threads` threads
+    (PIL releases the GIL there)."""
 
     def __init__(self, shapes: list[tuple[int, int]], threads: int):
         self.shapes = shapes
         self.pool = ThreadPoolExecutor(threads)
 
-    def decode(self, key: str, images: list[Member], masks: list[Member], width: int, height: int) -> Frames:
-        shape = nearest_bucket(width, height, self.shapes)
-        box = crop_box(width, height, shape)
-        pixels = list(self.pool.map(lambda m: reference_image(key, m, shape, box, width, height), images))
-        mask = list(self.pool.map(lambda m: reference_mask(key, m, shape, box, width, height), masks))
-        return Frames(torch.stack(pixels).float(),
-                      torch.stack(mask) if mask else torch.zeros(0, *shape, dtype=torch.bool))
+    def decode_many(self, requests: list[Request]) -> list[Frames | SessionFormatError]:
+        def work(task):
+            r, reference, member = requests[task[0]], task[1], task[2]
+            try:
+                return reference(r.key, member, r.bucket, r.box, r.width, r.height)
+            except SessionFormatError as exc:
+                return exc
+
+        tasks = [(k, reference, member) for k, r in enumerate(requests)
+                 for reference, members in ((reference_image, r.images), (reference_mask, r.masks))
+                 for member in members]
+        per_request: list[dict] = [{reference_image: [], reference_mask: []} for _ in requests]
+        for (k, reference, _), x in zip(tasks, self.pool.map(work, tasks)):
+            per_request[k][reference].append(x)
+        results = []
+        for r, out in zip(requests, per_request):
+            images, masks = out[reference_image], out[reference_mask]
+            errors = [x for x in images + masks if isinstance(x, SessionFormatError)]
+            results.append(errors[0] if errors else Frames(
+                torch.stack(images), torch.stack(masks) if masks else torch.zeros(0, *r.bucket, dtype=torch.bool)))
+        return results

@@ -20,6 +20,8 @@ vincie_data_skipped_total{reason}.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import io
 import itertools
 import os
@@ -34,10 +36,13 @@ from data_index.index import read_index
 from vincie import features, storage
 from vincie.config import Config, bucket_shapes
 from vincie.data import LoadedSession, RowRef, SamplerState, SessionOrder
-from vincie.decode import DaliDecoder, PilDecoder, nearest_bucket
+from vincie.decode import DaliDecoder, PilDecoder, Request, nearest_bucket
 from vincie.errors import VincieError
 from vincie.metrics import Metrics
 from vincie.session import SessionFormatError, find_member, parse_header
+
+
+PICTURES_PER_RUN = 64  # the most images (or masks) one DALI run decodes; more take several runs
 
 
 @dataclass
@@ -82,43 +87,87 @@ class SessionReader:
             self.fs.retries = 1
             threads = self.cfg.data.decode_threads
             self.decoder = PilDecoder(self.shapes, threads) if self.decoder_kind == "pil" else \
-                DaliDecoder(self.shapes, threads, max_batch=2 * self.max_turns + 1, device_id=self.device_id)
+                DaliDecoder(self.shapes, threads, max_batch=PICTURES_PER_RUN, device_id=self.device_id)
             self.warned_features = False
 
-    def read(self, ref: RowRef, decode: bool = True) -> LoadedSession | Fetched | Skipped:
+    def read_many(self, refs: list[RowRef], decode: bool = True) -> list[LoadedSession | Fetched | Skipped]:
+        """Sessions read one by one and decoded together."""
         self.ensure_process()
-        try:
-            sample = self.parse(ref, self.fetch(ref))
-            return self.load(ref, sample) if decode else Fetched(ref, sample)
-        except Skip as exc:
-            return Skipped(ref.id, ref.shard, exc.reason, str(exc))
+        fetched: list[Fetched | Skipped] = []
+        for ref, data in zip(refs, self.fetch_many(refs)):
+            try:
+                if isinstance(data, Skip):
+                    raise data
+                fetched.append(Fetched(ref, self.parse(ref, data)))
+            except Skip as exc:
+                fetched.append(Skipped(ref.id, ref.shard, exc.reason, str(exc)))
+        return self.load_many(fetched) if decode else fetched
 
-    def load_fetched(self, item: Fetched) -> LoadedSession | Skipped:
+    def read(self, ref: RowRef) -> LoadedSession | Skipped:
+        return self.read_many([ref])[0]
+
+    def load_many(self, items: list[Fetched | Skipped]) -> list[LoadedSession | Skipped]:
+        """Read sessions -> decoded sessions (one decoder call for all that need decoding)."""
         self.ensure_process()
-        try:
-            return self.load(item.ref, item.sample)
-        except Skip as exc:
-            return Skipped(item.ref.id, item.ref.shard, exc.reason, str(exc))
+        prepared = []
+        for item in items:
+            try:
+                prepared.append(item if isinstance(item, Skipped) else self.prepare(item.ref, item.sample))
+            except Skip as exc:
+                prepared.append(Skipped(item.ref.id, item.ref.shard, exc.reason, str(exc)))
+        requests = [p[2] for p in prepared if not isinstance(p, Skipped) and p[2] is not None]
+        decoded = iter(self.decoder.decode_many(requests))
+        out = []
+        for p in prepared:
+            if isinstance(p, Skipped):
+                out.append(p)
+                continue
+            ref, session, request = p
+            if request is not None:
+                frames = next(decoded)
+                if isinstance(frames, SessionFormatError):
+                    out.append(Skipped(ref.id, ref.shard, frames.reason, f"{ref.shard}: {frames}"))
+                    continue
+                session.images = frames.images
+                if session.has_masks:
+                    session.cur_masks, session.next_masks = frames.masks[0::2], frames.masks[1::2]
+            out.append(session)
+        return out
 
-    def fetch(self, ref: RowRef) -> bytes:
-        url = storage.join(self.root, ref.shard)
-        path = self.fs._strip_protocol(url)
+    def fetch_many(self, refs: list[RowRef]) -> list[bytes | Skip]:
+        """The byte ranges of the sessions, requested concurrently (fsspec `cat_ranges`; on S3 the GETs overlap).
+        Ranges that fail are retried, all together, after retry_backoff_s x 2^k; a missing shard is not."""
+        urls = [storage.join(self.root, ref.shard) for ref in refs]
+        out: list[bytes | Skip | None] = [None] * len(refs)
+        pending = list(range(len(refs)))
         attempts = self.cfg.storage.read_attempts
         for attempt in range(1, attempts + 1):
             try:
-                with storage.storage_errors(url, self.cfg.storage):
-                    data = self.fs.cat_file(path, start=ref.offset, end=ref.offset + ref.size)
-                break
+                with storage.storage_errors(self.root, self.cfg.storage):
+                    results = self.fs.cat_ranges([self.fs._strip_protocol(urls[k]) for k in pending],
+                                                 [refs[k].offset for k in pending],
+                                                 [refs[k].offset + refs[k].size for k in pending], on_error="return")
             except storage.StorageError as exc:
-                if isinstance(exc.__cause__, FileNotFoundError):
-                    raise Skip("missing_shard", f"{url}: the shard is gone (deleted after the index was built?)")
-                if attempt == attempts:
-                    raise Skip("storage", f"{exc} (gave up after {attempts} attempts)")
-                time.sleep(min(30.0, self.cfg.storage.retry_backoff_s * 2 ** (attempt - 1)))
-        if len(data) != ref.size:
-            raise Skip("bad_tar", f"{url}: {len(data)} of the {ref.size} bytes at offset {ref.offset}: the shard is "
-                                  "shorter than the index says (truncated?)")
-        return data
+                results = [exc.__cause__ or exc] * len(pending)
+            failed = []
+            for k, data in zip(pending, results):
+                ref, url = refs[k], urls[k]
+                if isinstance(data, FileNotFoundError):
+                    out[k] = Skip("missing_shard", f"{url}: the shard is gone (deleted after the index was built?)")
+                elif isinstance(data, BaseException):
+                    failed.append(k)
+                    out[k] = Skip("storage", f"{storage.describe_error(url, data, self.cfg.storage)} (gave up "
+                                             f"after {attempts} attempts)")
+                elif len(data) != ref.size:
+                    out[k] = Skip("bad_tar", f"{url}: {len(data)} of the {ref.size} bytes at offset {ref.offset}: "
+                                             "the shard is shorter than the index says (truncated?)")
+                else:
+                    out[k] = data
+            pending = failed
+            if not pending or attempt == attempts:
+                break
+            time.sleep(min(30.0, self.cfg.storage.retry_backoff_s * 2 ** (attempt - 1)))
+        return out
 
     def parse(self, ref: RowRef, data: bytes) -> dict:
         """The session's tar members -> a WebDataset sample {"__key__", suffix: bytes}."""
@@ -136,7 +185,9 @@ class SessionReader:
                                   f"(run: vincie data index verify {self.root})")
         return {k: v for k, v in samples[0].items() if k != "__url__"}
 
-    def load(self, ref: RowRef, sample: dict) -> LoadedSession:
+    def prepare(self, ref: RowRef, sample: dict) -> tuple[RowRef, LoadedSession, Request | None]:
+        """A parsed sample -> (ref, the session without pixels, what to decode for them: None when precomputed
+        latents stand in). Raises Skip."""
         key = ref.id
         try:
             if "json" not in sample:
@@ -146,19 +197,18 @@ class SessionReader:
             has_masks = header["has_masks"]
             shape = nearest_bucket(header["width"], header["height"], self.shapes)
             latents, text = self.read_features(ref, sample, shape, turns)
-            images = cur = nxt = None
+            request = None
             if latents is None:
                 members = [find_member(sample, key, f"{i:03d}.img", ("jpg", "png", "jpeg")) for i in range(turns + 1)]
                 masks = [find_member(sample, key, f"{i:03d}.{kind}", ("png",))
                          for i in range(turns if has_masks else 0) for kind in ("cur", "next")]
-                frames = self.decoder.decode(key, members, masks, header["width"], header["height"])
-                images = frames.images
-                cur, nxt = (frames.masks[0::2], frames.masks[1::2]) if has_masks else (None, None)
+                request = Request(key, members, masks, header["width"], header["height"], shape)
         except SessionFormatError as exc:
             raise Skip(exc.reason, f"{ref.shard}: {exc}") from None
-        return LoadedSession(key=key, instructions=list(header["instructions"][:turns]), has_masks=has_masks,
-                             size=shape, images=images, cur_masks=cur, next_masks=nxt, latents=latents, text=text,
-                             meta=header["meta"])
+        session = LoadedSession(key=key, instructions=list(header["instructions"][:turns]), has_masks=has_masks,
+                                size=shape, images=None, cur_masks=None, next_masks=None, latents=latents, text=text,
+                                meta=header["meta"])
+        return ref, session, request
 
     def read_features(self, ref: RowRef, sample: dict, shape: tuple[int, int], turns: int):
         """-> (latents cut to `turns`, text features cut to `turns`), each None when absent or made for another
@@ -184,24 +234,42 @@ class SessionReader:
 
 
 class RankStream(IterableDataset):
-    """The items of one data-parallel rank from stream position `start`: (j, session j of the rank), worker w of W
-    yielding j = w, w + W, ..."""
+    """The items of one data-parallel rank from stream position `start`, (j, session j of the rank), in chunks of
+    `chunk` consecutive items read and decoded together: worker w of W takes chunks w, w + W, ..."""
 
     def __init__(self, reader: SessionReader, order: SessionOrder, start: int, dp_rank: int, dp_size: int,
-                 decode: bool):
-        self.reader, self.order, self.start, self.dp_rank, self.dp_size, self.decode = \
-            reader, order, start, dp_rank, dp_size, decode
+                 chunk: int, decode: bool):
+        self.reader, self.order, self.start, self.dp_rank, self.dp_size = reader, order, start, dp_rank, dp_size
+        self.chunk, self.decode = chunk, decode
 
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        for j in itertools.count(worker, workers):
-            ref = self.order.at(self.start + self.dp_rank + j * self.dp_size)
-            yield j, self.reader.read(ref, self.decode)
+        for c in itertools.count(worker, workers):
+            items = range(c * self.chunk, (c + 1) * self.chunk)
+            refs = [self.order.at(self.start + self.dp_rank + j * self.dp_size) for j in items]
+            for j, item in zip(items, self.reader.read_many(refs, self.decode)):
+                yield j, tensors_as(item, torch.Tensor.numpy)
 
 
 def identity(x):
     return x
+
+
+def tensors_as(item, convert):
+    """A LoadedSession's tensors converted (torch <-> numpy). Loader processes hand sessions over as numpy
+    arrays, which pickle by value through the worker's pipe: torch tensors go through shared memory, one file
+    descriptor per tensor passed over a socket, which cost ~10 ms per session here against ~0.1 ms."""
+    if not isinstance(item, LoadedSession):
+        return item
+
+    def each(x):
+        return None if x is None else convert(x)
+
+    latents = None if item.latents is None else {k: convert(v) for k, v in item.latents.items()}
+    return dataclasses.replace(item, images=each(item.images), cur_masks=each(item.cur_masks),
+                               next_masks=each(item.next_masks), latents=latents,
+                               text=None if item.text is None else [convert(t) for t in item.text])
 
 
 class Loader:
@@ -218,6 +286,7 @@ class Loader:
         self.metrics = metrics or Metrics()
         self.position = 0  # stream positions consumed by all ranks together
         self.iterator = None
+        self.buffer: collections.deque = collections.deque()  # the rest of the chunk the iterator gave last
         self.consumed = 0  # items this rank took from the current iterator
         self.logged: set[tuple[str, ...]] = set()
 
@@ -230,12 +299,16 @@ class Loader:
         self.position = self.order.position(state)
 
     def start(self) -> None:
-        stream = RankStream(self.reader, self.order, self.position, self.dp_rank, self.dp_size,
+        d = self.cfg.data
+        stream = RankStream(self.reader, self.order, self.position, self.dp_rank, self.dp_size, d.read_batch,
                             self.decode_in_workers)
-        workers = self.cfg.data.workers
-        self.iterator = iter(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=identity,
-                                        prefetch_factor=self.cfg.data.prefetch if workers else None,
-                                        multiprocessing_context="fork" if workers else None))
+        ahead = d.prefetch_steps * self.cfg.train.batch_size // self.dp_size  # sessions, all workers together
+        # batch_size = the stream's chunk: a worker yields a chunk's items in a row, so each batch is one chunk
+        chunks_ahead = -(-ahead // (d.workers * d.read_batch)) if d.workers else None  # per worker
+        self.iterator = iter(DataLoader(stream, batch_size=d.read_batch, num_workers=d.workers, collate_fn=identity,
+                                        prefetch_factor=chunks_ahead,
+                                        multiprocessing_context="fork" if d.workers else None))
+        self.buffer.clear()
         self.consumed = 0
 
     def next(self, count: int) -> list[LoadedSession | Skipped]:
@@ -244,16 +317,20 @@ class Loader:
         if self.iterator is None:
             self.start()
         items = []
-        for _ in range(count):
-            j, item = next(self.iterator)
+        while len(items) < count:
+            if not self.buffer:
+                self.buffer.extend(next(self.iterator))
+            j, item = self.buffer.popleft()
             if j != self.consumed:
                 raise RuntimeError(f"loader: got item {j}, expected {self.consumed}")  # a bug, not bad data
             self.consumed += 1
-            if isinstance(item, Fetched):
-                item = self.reader.load_fetched(item)
+            items.append(tensors_as(item, torch.from_numpy))
+        fetched = [k for k, item in enumerate(items) if isinstance(item, Fetched)]  # GPU: decode here, together
+        for k, item in zip(fetched, self.reader.load_many([items[k] for k in fetched])):
+            items[k] = item
+        for item in items:
             if isinstance(item, Skipped):
                 self.report(item)
-            items.append(item)
         self.position += count * self.dp_size
         return items
 
@@ -267,6 +344,7 @@ class Loader:
     def close(self) -> None:
         """Stops the loader processes; what they read ahead is dropped."""
         self.iterator = None  # the DataLoader iterator shuts its workers down when released
+        self.buffer.clear()
 
 
 def load_sessions(cfg: Config, url: str, max_turns: int, count: int | None = None) -> list[LoadedSession]:

@@ -187,14 +187,16 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(), "config": to_dict(self.cfg)}
 
     def load_common(self, common: dict) -> None:
-        if common["sessions_per_epoch"] != len(self.loader.order):
-            raise VincieError(f"the checkpoint's data position counts {common['sessions_per_epoch']} sessions per "
+        # checkpoints from before the loader lack the epoch length and totals; their (epoch, cursor) means the same
+        saved_length = common.get("sessions_per_epoch", len(self.loader.order))
+        if saved_length != len(self.loader.order):
+            raise VincieError(f"the checkpoint's data position counts {saved_length} sessions per "
                               f"epoch, {self.cfg.data.train_url} now gives {len(self.loader.order)} (the index or "
                               "the data.* filters changed), so it cannot be restored exactly; restore them, or "
                               "train into a new run.out_dir")
         self.step = common["step"]
         self.loader.seek(SamplerState(**common["sampler"]))
-        self.data_totals = common["data_totals"]
+        self.data_totals = common.get("data_totals", self.data_totals)
         torch.set_rng_state(common["torch_rng"])
 
     def load(self, state: dict) -> None:
