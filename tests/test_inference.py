@@ -54,13 +54,14 @@ class TokenCounter:
         editor.model.forward = counted
 
 
-@pytest.mark.parametrize("cfg_scale, chain_masks", [(1.0, False), (3.0, False), (3.0, True)],
-                         ids=["plain", "guidance", "guidance-chained-masks"])
-def test_kv_cache_equals_recompute_over_five_turns(cfg_scale, chain_masks):
+@pytest.mark.parametrize("cfg_scale, chain_masks, overrides", [(1.0, False, ()), (3.0, False, ()), (3.0, True, ()),
+                                                               (3.0, True, ("model.source_channels=true",))],
+                         ids=["plain", "guidance", "guidance-chained-masks", "source-channels"])
+def test_kv_cache_equals_recompute_over_five_turns(cfg_scale, chain_masks, overrides):
     """In float64, so that the comparison is about the algorithm: in float32 the two ways differ by ~1e-6 (other
     summation orders), which can move one value across a uint8 rounding boundary of a generated image that then
     becomes context (the next test compares float32 outputs before rounding)."""
-    editor = micro_editor(dtype=torch.float64)
+    editor = micro_editor(*overrides, dtype=torch.float64)
     results = {}
     for cached in (True, False):
         editor.use_cache = cached

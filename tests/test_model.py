@@ -108,3 +108,33 @@ def test_model_respects_block_causal_attention():
 def test_architecture_doc_names_the_release_values():
     doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
     assert re.search(r"hidden 2560, 32 layers, 20 heads", doc)
+
+
+def test_source_channels_give_each_target_the_image_its_turn_edits():
+    """model.source_channels: every NOISY latent token carries the same token of the current image of its turn
+    (I_k for the turn-k targets: next image, current and next mask), zeros where the context dropped I_k, and the
+    targets' outputs depend on it."""
+    cfg, model, samples = micro_batch(n=4, seed=3, **{"model.source_channels": "true"})
+    checked = 0
+    for s in samples:
+        latent_blocks = [b for b in s.blocks if b.type != BlockType.TEXT]
+        clean_images = {b.source: x for b, x in zip(latent_blocks, s.latents)
+                        if b.type == BlockType.IMAGE and b.role == Role.CLEAN}
+        for b, source in zip(latent_blocks, s.sources):
+            if b.role == Role.CLEAN or b.turn not in clean_images:
+                assert source is None
+            else:
+                assert torch.equal(source, clean_images[b.turn])
+                checked += 1
+    assert checked >= 4
+    batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
+    assert batch.inputs.latent_source.shape == batch.inputs.latent_tokens.shape
+    assert batch.inputs.latent_source[~batch.target_select].abs().sum() == 0
+    with torch.no_grad():
+        for p in model.parameters():  # off adaLN-Zero, so that the inputs reach the output
+            p.add_(torch.randn_like(p) * 0.05)
+        before = model(batch.inputs)
+        batch.inputs.latent_source = batch.inputs.latent_source + torch.randn_like(batch.inputs.latent_source)
+        after = model(batch.inputs)
+    moved = (after - before).abs().amax(dim=1) > 1e-4  # (N_lat,)
+    assert moved[batch.target_select].all()

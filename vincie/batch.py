@@ -61,6 +61,7 @@ class SampleTokens:
     grid: tuple[int, int]
     full_attention: bool
     weights: list[torch.Tensor | None] | None = None  # per latent block: (n,) loss weight per target token
+    sources: list[torch.Tensor | None] | None = None  # per latent block, with model.source_channels: see source_tokens
 
 
 @dataclass
@@ -77,6 +78,14 @@ class Batch:
     def target_inputs(self) -> torch.Tensor:
         """(N_target, P): the noisy latents x_t of the target tokens."""
         return self.inputs.latent_tokens[self.target_select]
+
+
+def source_tokens(blocks: list[Block], latents: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Per latent block: for a NOISY block of turn k, the tokens (n, P) of the row's CLEAN image I_k (the image the
+    turn edits), or None when the context dropped it; None for clean blocks. `latents` follow the latent blocks."""
+    latent_blocks = [b for b in blocks if b.type != BlockType.TEXT]
+    current = {b.source: x for b, x in zip(latent_blocks, latents) if b.type == BlockType.IMAGE and b.role == Role.CLEAN}
+    return [current.get(b.turn) if b.role == Role.NOISY else None for b in latent_blocks]
 
 
 def element_key(block: Block) -> tuple[str, int]:
@@ -166,8 +175,9 @@ class SessionEncoder:
                 latents.append(x0)
                 targets.append(None)
                 weights.append(None)
+        sources = source_tokens(blocks, latents) if self.cfg.model.source_channels else None
         return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full",
-                            weights)
+                            weights, sources)
 
     def null_sample(self) -> SampleTokens:
         """A sample that carries no loss (no target tokens): what a data-parallel rank trains on when every session
@@ -201,6 +211,8 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
     NB = spec.block_noisy.shape[1]
     text_index, latent_index, text_tokens, latent_tokens = [], [], [], []
     targets, select, tasks, target_t, target_weight = [], [], [], [], []
+    with_sources = any(s.sources is not None for s in samples)
+    sources = []
     positions = torch.zeros(T, B, 3, dtype=torch.int64)
     block_t = torch.zeros(B, NB)
     block_type = torch.zeros(B, NB, dtype=torch.int64)
@@ -212,7 +224,8 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
         block_type[b, :nb] = torch.tensor([int(x.type) for x in s.blocks])
         block_turn[b, :nb] = torch.tensor([x.turn for x in s.blocks])
         texts = iter(s.text)
-        latents = iter(zip(s.latents, s.targets, s.weights or [None] * len(s.latents)))
+        latents = iter(zip(s.latents, s.targets, s.weights or [None] * len(s.latents),
+                           s.sources or [None] * len(s.latents)))
         for j, block in enumerate(s.blocks):
             start, n = int(l.block_start[j]), int(l.block_length[j])
             flat = torch.arange(start, start + n) * B + b
@@ -220,9 +233,10 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                 text_index.append(flat)
                 text_tokens.append(next(texts))
             else:
-                x, target, weight = next(latents)
+                x, target, weight, source = next(latents)
                 latent_index.append(flat)
                 latent_tokens.append(x)
+                sources.append(torch.zeros_like(x) if source is None else source)
                 select.append(torch.full((n,), target is not None))
                 if target is not None:
                     targets.append(target)
@@ -235,6 +249,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
         text_index=torch.cat(text_index) if text_index else torch.zeros(0, dtype=torch.int64),
         latent_index=torch.cat(latent_index) if latent_index else torch.zeros(0, dtype=torch.int64),
         positions=positions, block_t=block_t, block_type=block_type, block_turn=block_turn, mask=spec,
+        latent_source=(torch.cat(sources) if sources else torch.zeros(0, latent_dim)) if with_sources else None,
     ).to(device)
     return Batch(inputs=inputs,
                  target=torch.cat(targets).to(device) if targets else torch.zeros(0, 1, device=device),

@@ -100,6 +100,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     spec: Literal["local", "te"] = "local"  # layer implementations: pure PyTorch, or Transformer Engine
+    # each target's tokens also carry the image its turn edits (the current image, when in the context), through
+    # their own input projection: InstructPix2Pix's channel concatenation (concat + linear = a sum of two linears).
+    # Copying the source is then a short path, not a lookup through attention (docs/ARCHITECTURE.md, "The tiny preset")
+    source_channels: bool = False
     attention_backend: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex on GPU, sdpa on CPU
 
 

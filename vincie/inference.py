@@ -26,8 +26,8 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from vincie.batch import Batch, SampleTokens, collate, image_to_tensor, patchify, sample_layout, tensor_to_image, \
-    unpatchify
+from vincie.batch import Batch, SampleTokens, collate, image_to_tensor, patchify, sample_layout, source_tokens, \
+    tensor_to_image, unpatchify
 from vincie.config import Config, from_dict, validate
 from vincie.diffusion import euler_sample, output_to_velocity
 from vincie.errors import VincieError
@@ -156,7 +156,9 @@ class Editor:
                    if b.type != BlockType.TEXT]
         block_t = torch.zeros(len(blocks))
         block_t[-1] = t
-        return SampleTokens(blocks, text, latents, targets, block_t, self.grid, self.cfg.sequence.mode == "full")
+        sources = source_tokens(blocks, latents) if self.cfg.model.source_channels else None
+        return SampleTokens(blocks, text, latents, targets, block_t, self.grid, self.cfg.sequence.mode == "full",
+                            sources=sources)
 
     def rows(self, contexts: list[Context], block: Block, tokens: list[torch.Tensor], t: float,
              record: bool = False) -> tuple[Batch, KVCache | None, list[int]]:
@@ -168,7 +170,9 @@ class Editor:
             return self.collate(whole), None, [len(c.blocks) for c in contexts]
         alone = [SampleTokens([block], s.text[-1:] if block.type == BlockType.TEXT else [],
                               s.latents[-1:] if block.type != BlockType.TEXT else [],
-                              s.targets[-1:] if block.type != BlockType.TEXT else [], s.block_t[-1:], s.grid, False)
+                              s.targets[-1:] if block.type != BlockType.TEXT else [], s.block_t[-1:], s.grid, False,
+                              sources=None if s.sources is None else s.sources[-1:] if block.type != BlockType.TEXT
+                              else [])
                  for s in whole]
         batch = self.collate(alone)
         for b, s in enumerate(whole):
@@ -185,6 +189,8 @@ class Editor:
         batch = collate(samples, self.device, self.cfg.model.text_dim, latent_dim=P)
         batch.inputs.text_tokens = batch.inputs.text_tokens.to(self.dtype)
         batch.inputs.latent_tokens = batch.inputs.latent_tokens.to(self.dtype)
+        if batch.inputs.latent_source is not None:
+            batch.inputs.latent_source = batch.inputs.latent_source.to(self.dtype)
         return batch
 
     @torch.no_grad()

@@ -275,6 +275,9 @@ class ModelInputs:
     block_type: torch.Tensor  # (B, NB) int
     block_turn: torch.Tensor  # (B, NB) int
     mask: MaskSpec  # token_block (B, T) and the attention rule's other inputs
+    # [N_lat, C*p*p] with model.source_channels: per NOISY token, the same position of the image its turn edits
+    # (zeros for clean blocks and where that image is not in the context)
+    latent_source: torch.Tensor | None = None
 
     def to(self, device) -> "ModelInputs":
         fields = {k: (v.to(device) if isinstance(v, (torch.Tensor, MaskSpec)) else v) for k, v in self.__dict__.items()}
@@ -301,6 +304,8 @@ class MMDiT(nn.Module):
         self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2
         if pre_process:
             self.patch_embed = nn.Linear(self.patch_dim, h)
+            if cfg.source_channels:
+                self.source_embed = nn.Linear(self.patch_dim, h)
             self.text_proj = nn.Linear(cfg.text_dim, h)
         self.t_embedder = TimestepEmbedder(h)
         self.type_embed = nn.Embedding(NUM_BLOCK_TYPES, h)
@@ -338,7 +343,12 @@ class MMDiT(nn.Module):
         """-> h [T, B, H]: text and latent tokens projected and placed in sequence order."""
         h = self.patch_embed.weight.new_zeros(T * B, self.cfg.hidden_size)
         h[inputs.text_index] = self.text_proj(inputs.text_tokens).to(h.dtype)
-        h[inputs.latent_index] = self.patch_embed(inputs.latent_tokens).to(h.dtype)
+        latent = self.patch_embed(inputs.latent_tokens)  # [N_lat, H]
+        if self.cfg.source_channels:
+            if inputs.latent_source is None:
+                raise ValueError("model.source_channels is on but the batch has no latent_source")
+            latent = latent + self.source_embed(inputs.latent_source)
+        h[inputs.latent_index] = latent.to(h.dtype)
         return h.view(T, B, -1)
 
     def forward(self, inputs: ModelInputs, cache=None) -> torch.Tensor:
