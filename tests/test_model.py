@@ -111,10 +111,10 @@ def test_architecture_doc_names_the_release_values():
 
 
 def test_source_channels_give_each_target_the_image_its_turn_edits():
-    """model.source_channels: every NOISY latent token carries the same token of the current image of its turn
+    """model.source=channels: every NOISY latent token carries the same token of the current image of its turn
     (I_k for the turn-k targets: next image, current and next mask), zeros where the context dropped I_k, and the
     targets' outputs depend on it."""
-    cfg, model, samples = micro_batch(n=4, seed=3, **{"model.source_channels": "true"})
+    cfg, model, samples = micro_batch(n=4, seed=3, **{"model.source": "channels"})
     checked = 0
     for s in samples:
         latent_blocks = [b for b in s.blocks if b.type != BlockType.TEXT]
@@ -138,3 +138,17 @@ def test_source_channels_give_each_target_the_image_its_turn_edits():
         after = model(batch.inputs)
     moved = (after - before).abs().amax(dim=1) > 1e-4  # (N_lat,)
     assert moved[batch.target_select].all()
+
+
+def test_source_residual_starts_as_a_copy_of_the_edited_image():
+    """model.source=residual: with the final layer at its zero init, every next-image target predicts exactly the
+    image its turn edits (zeros where the context dropped it); mask targets predict zero."""
+    cfg, model, samples = micro_batch(n=4, seed=3, **{"model.source": "residual", "diffusion.prediction": "x0"})
+    batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
+    with torch.no_grad():
+        out = model(batch.inputs)
+    token_type = torch.cat([torch.full((len(x),), int(b.type)) for s in samples
+                            for b, x in zip([b for b in s.blocks if b.type != BlockType.TEXT], s.latents)])
+    image = token_type == int(BlockType.IMAGE)
+    assert torch.equal(out[image], batch.inputs.latent_source[image])
+    assert out[~image].abs().max() == 0 and batch.inputs.latent_source[image & batch.target_select].abs().sum() > 0

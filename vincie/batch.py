@@ -61,7 +61,7 @@ class SampleTokens:
     grid: tuple[int, int]
     full_attention: bool
     weights: list[torch.Tensor | None] | None = None  # per latent block: (n,) loss weight per target token
-    sources: list[torch.Tensor | None] | None = None  # per latent block, with model.source_channels: see source_tokens
+    sources: list[torch.Tensor | None] | None = None  # per latent block, with model.source: see source_tokens
 
 
 @dataclass
@@ -175,7 +175,7 @@ class SessionEncoder:
                 latents.append(x0)
                 targets.append(None)
                 weights.append(None)
-        sources = source_tokens(blocks, latents) if self.cfg.model.source_channels else None
+        sources = source_tokens(blocks, latents) if self.cfg.model.source != "none" else None
         return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full",
                             weights, sources)
 

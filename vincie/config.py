@@ -100,10 +100,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     spec: Literal["local", "te"] = "local"  # layer implementations: pure PyTorch, or Transformer Engine
-    # each target's tokens also carry the image its turn edits (the current image, when in the context), through
-    # their own input projection: InstructPix2Pix's channel concatenation (concat + linear = a sum of two linears).
-    # Copying the source is then a short path, not a lookup through attention (docs/ARCHITECTURE.md, "The tiny preset")
-    source_channels: bool = False
+    # what a target gets of the image its turn edits (the current image I_k, when in the context), besides attention:
+    # "channels": its tokens also carry I_k through their own input projection (InstructPix2Pix's channel
+    # concatenation: concat + linear = a sum of two linears); "residual": channels, and a next-image target's
+    # output is I_k plus the network's output (x0 prediction only), so the untrained network copies and learning
+    # goes to the edit. docs/ARCHITECTURE.md, "The tiny preset"
+    source: Literal["none", "channels", "residual"] = "none"
     attention_backend: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex on GPU, sdpa on CPU
 
 
@@ -508,6 +510,9 @@ def validate(cfg: Config) -> None:
     require(cfg.diffusion.changed_region_weight >= 1, "diffusion.changed_region_weight",
             f"must be >= 1 (1: no extra weight), got {cfg.diffusion.changed_region_weight}")
     require(cfg.diffusion.sample_shift > 0, "diffusion.sample_shift", "must be > 0")
+    require(m.source != "residual" or cfg.diffusion.prediction == "x0", "model.source",
+            "'residual' adds the current image to a predicted clean image: it needs diffusion.prediction=x0, got "
+            f"{cfg.diffusion.prediction}")
     if cfg.vae.kind == "space_to_depth":
         require(m.latent_channels == 3 * cfg.vae.factor ** 2, "model.latent_channels",
                 f"must be 3 * vae.factor^2 = {3 * cfg.vae.factor ** 2} for the space_to_depth VAE, "

@@ -156,7 +156,7 @@ class Editor:
                    if b.type != BlockType.TEXT]
         block_t = torch.zeros(len(blocks))
         block_t[-1] = t
-        sources = source_tokens(blocks, latents) if self.cfg.model.source_channels else None
+        sources = source_tokens(blocks, latents) if self.cfg.model.source != "none" else None
         return SampleTokens(blocks, text, latents, targets, block_t, self.grid, self.cfg.sequence.mode == "full",
                             sources=sources)
 

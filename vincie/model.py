@@ -275,7 +275,7 @@ class ModelInputs:
     block_type: torch.Tensor  # (B, NB) int
     block_turn: torch.Tensor  # (B, NB) int
     mask: MaskSpec  # token_block (B, T) and the attention rule's other inputs
-    # [N_lat, C*p*p] with model.source_channels: per NOISY token, the same position of the image its turn edits
+    # [N_lat, C*p*p] with model.source: per NOISY token, the same position of the image its turn edits
     # (zeros for clean blocks and where that image is not in the context)
     latent_source: torch.Tensor | None = None
 
@@ -304,7 +304,7 @@ class MMDiT(nn.Module):
         self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2
         if pre_process:
             self.patch_embed = nn.Linear(self.patch_dim, h)
-            if cfg.source_channels:
+            if cfg.source != "none":
                 self.source_embed = nn.Linear(self.patch_dim, h)
             self.text_proj = nn.Linear(cfg.text_dim, h)
         self.t_embedder = TimestepEmbedder(h)
@@ -344,9 +344,9 @@ class MMDiT(nn.Module):
         h = self.patch_embed.weight.new_zeros(T * B, self.cfg.hidden_size)
         h[inputs.text_index] = self.text_proj(inputs.text_tokens).to(h.dtype)
         latent = self.patch_embed(inputs.latent_tokens)  # [N_lat, H]
-        if self.cfg.source_channels:
+        if self.cfg.source != "none":
             if inputs.latent_source is None:
-                raise ValueError("model.source_channels is on but the batch has no latent_source")
+                raise ValueError("model.source is on but the batch has no latent_source")
             latent = latent + self.source_embed(inputs.latent_source)
         h[inputs.latent_index] = latent.to(h.dtype)
         return h.view(T, B, -1)
@@ -386,7 +386,12 @@ class MMDiT(nn.Module):
             return h
         # the final layer and the loss run on all tokens, the same on every TP rank
         out = self.final(self.linears.gather(h), cond_token)  # [T, B, C*p*p]
-        return out.reshape(T * B, -1)[inputs.latent_index]
+        out = out.reshape(T * B, -1)[inputs.latent_index]  # [N_lat, C*p*p]
+        if self.cfg.source == "residual":  # a next-image target = the image it edits + the network's output
+            token_type = torch.gather(inputs.block_type, 1, spec.token_block).transpose(0, 1).reshape(-1)
+            is_image = (token_type[inputs.latent_index] == int(BlockType.IMAGE))[:, None]
+            out = out + torch.where(is_image, inputs.latent_source, 0.0).to(out.dtype)
+        return out
 
 
 def count_parameters(model: nn.Module) -> int:
