@@ -97,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         data = args.data or editor.cfg.data.eval_url
         report = evaluate_synth(editor, data, args.out, sessions=args.sessions or 32, turns=args.turns,
-                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed, chain_masks=args.chain_masks)
         print(format_table(report))
     else:
         from vincie.evaluate import evaluate_benchmark, format_benchmark_table
@@ -105,7 +105,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         judge = VLMJudge(args.judge_url, args.judge_model, args.judge_api_key_env) if args.judge_url else None
         report = evaluate_benchmark(editor, args.bench, args.data, args.out, sessions=args.sessions,
-                                    steps=args.steps, cfg_scale=args.cfg, seed=args.seed, clip_model=args.clip_model,
+                                    steps=args.steps, cfg_scale=args.cfg, seed=args.seed, chain_masks=args.chain_masks,
+                                    clip_model=args.clip_model,
                                     dino_model=args.dino_model, judge=judge)
         print(format_benchmark_table(report))
     print(f"eval: {report['sessions']} sessions; report {args.out}/report.json, pictures {args.out}/grid.png")
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int)
     evaluate.add_argument("--cfg", type=float)
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--chain-masks", action="store_true",
+                          help="each turn generates its current mask, next mask, then the image (CS -> NS -> I)")
     evaluate.add_argument("--raw-weights", action="store_true",
                           help="training run directory: use the raw weights instead of the EMA")
     evaluate.add_argument("--clip-model", default="", metavar="DIR",

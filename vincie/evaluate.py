@@ -171,7 +171,8 @@ def grid_png(truths: list[list[np.ndarray]], outputs: list[list[np.ndarray]], su
 
 
 def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turns: int = 5, steps: int | None = None,
-                   cfg_scale: float | None = None, seed: int = 0, batch: int = 16, progress: bool = True) -> dict:
+                   cfg_scale: float | None = None, seed: int = 0, batch: int = 16, progress: bool = True,
+                   chain_masks: bool = False) -> dict:
     from tqdm import tqdm
 
     from vincie.loader import load_sessions
@@ -185,7 +186,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
     for start in tqdm(range(0, len(chosen), batch), desc="eval", unit="batch", disable=not progress):
         part = chosen[start:start + batch]
         results = editor.edit([s.images[0] for s in part], [s.instructions for s in part], steps=steps,
-                              cfg_scale=cfg_scale, seed=seed + start)
+                              cfg_scale=cfg_scale, seed=seed + start, chain_masks=chain_masks)
         outputs += [[r.image for r in session] for session in results]
     model_scores = [judge_session(s, out) for s, out in zip(chosen, outputs)]
     truth_scores = [judge_session(s, s.images[1:]) for s in chosen]
@@ -195,6 +196,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
         "data": data_url,
         "sessions": len(chosen),
         "turns": turns,
+        "chain_masks": chain_masks,
         "judge": {"pixel_tolerance": PIXEL_TOLERANCE, "follow_min": FOLLOW_MIN, "consistency_min": CONSISTENCY_MIN},
         "success": {"model": cumulative_success(model_scores, turns),
                     "ground_truth": cumulative_success(truth_scores, turns),
@@ -236,7 +238,7 @@ def format_table(report: dict) -> str:
 
 
 def edit_sessions(editor, sessions: list, steps: int | None, cfg_scale: float | None, seed: int, batch: int,
-                  progress: bool) -> list[list[np.ndarray]]:
+                  progress: bool, chain_masks: bool = False) -> list[list[np.ndarray]]:
     """Each session edited turn by turn from its source (resized to the model's square size); every edit
     restored to the source's size. Sessions with the same number of turns share a batch."""
     from tqdm import tqdm
@@ -250,7 +252,7 @@ def edit_sessions(editor, sessions: list, steps: int | None, cfg_scale: float | 
     for index, chunk in enumerate(tqdm(chunks, desc="edit", unit="batch", disable=not progress)):
         sources = [np.asarray(Image.fromarray(s.source).resize((size, size), Image.BICUBIC)) for s in chunk]
         results = editor.edit(sources, [s.instructions for s in chunk], steps=steps, cfg_scale=cfg_scale,
-                              seed=seed + index)
+                              seed=seed + index, chain_masks=chain_masks)
         for session, turns in zip(chunk, results):
             height, width = session.source.shape[:2]
             edits[session.id] = [np.asarray(restore_size(r.image, (width, height))) for r in turns]
@@ -263,7 +265,8 @@ def mean_or_none(values: list[float]) -> float | None:
 
 def evaluate_benchmark(editor, bench: str, data: str, out_dir: str, sessions: int | None = None,
                        steps: int | None = None, cfg_scale: float | None = None, seed: int = 0, clip_model: str = "",
-                       dino_model: str = "", judge=None, batch: int = 8, progress: bool = True) -> dict:
+                       dino_model: str = "", judge=None, batch: int = 8, progress: bool = True,
+                       chain_masks: bool = False) -> dict:
     """`bench`: mse-bench or magicbrush, read from the local directory `data`. Metrics per turn: L1 (when the
     benchmark has ground truth), CLIP-I / DINO / CLIP-T (when model directories are given), and the judge's
     cumulative success (a vincie.judge.VLMJudge, optional)."""
@@ -276,7 +279,7 @@ def evaluate_benchmark(editor, bench: str, data: str, out_dir: str, sessions: in
     clip = Clip(clip_model) if clip_model else None  # model directories fail before any editing
     dino = Dino(dino_model) if dino_model else None
     chosen = LOADERS[bench](data)[:sessions]
-    edits = edit_sessions(editor, chosen, steps, cfg_scale, seed, batch, progress)
+    edits = edit_sessions(editor, chosen, steps, cfg_scale, seed, batch, progress, chain_masks)
     metrics = [[turn_metrics(edit, s.targets[k] if s.targets else None,
                              s.captions[k] if s.captions else s.instructions[k], clip, dino)
                 for k, edit in enumerate(session_edits)] for s, session_edits in zip(chosen, edits)]
