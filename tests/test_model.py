@@ -152,3 +152,28 @@ def test_source_residual_starts_as_a_copy_of_the_edited_image():
     image = token_type == int(BlockType.IMAGE)
     assert torch.equal(out[image], batch.inputs.latent_source[image])
     assert out[~image].abs().max() == 0 and batch.inputs.latent_source[image & batch.target_select].abs().sum() > 0
+
+
+def test_pooled_text_gives_each_target_the_mean_of_its_turns_instruction():
+    """model.pooled_text: a NOISY block of turn k is conditioned on the mean of T_k's features (zeros where T_k was
+    dropped, and for clean blocks), and its tokens' outputs depend on it."""
+    cfg, model, samples = micro_batch(n=4, seed=5, **{"model.pooled_text": "true", "sequence.drop_text": "0.5"})
+    dropped = 0
+    for s in samples:
+        texts = {b.turn: t for b, t in zip([b for b in s.blocks if b.type == BlockType.TEXT], s.text)}
+        for b, row in zip(s.blocks, s.block_text):
+            if b.role == Role.NOISY and b.turn in texts:
+                assert torch.allclose(row, texts[b.turn].mean(dim=0))
+            else:
+                assert row.abs().sum() == 0
+                dropped += b.role == Role.NOISY
+    assert dropped >= 1
+    batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        before = model(batch.inputs)
+        batch.inputs.block_text = batch.inputs.block_text + torch.randn_like(batch.inputs.block_text)
+        after = model(batch.inputs)
+    moved = (after - before).abs().amax(dim=1) > 1e-4
+    assert moved[batch.target_select].all()

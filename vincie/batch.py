@@ -62,6 +62,7 @@ class SampleTokens:
     full_attention: bool
     weights: list[torch.Tensor | None] | None = None  # per latent block: (n,) loss weight per target token
     sources: list[torch.Tensor | None] | None = None  # per latent block, with model.source: see source_tokens
+    block_text: torch.Tensor | None = None  # (NB, D_text) with model.pooled_text: see pooled_text
 
 
 @dataclass
@@ -86,6 +87,17 @@ def source_tokens(blocks: list[Block], latents: list[torch.Tensor]) -> list[torc
     latent_blocks = [b for b in blocks if b.type != BlockType.TEXT]
     current = {b.source: x for b, x in zip(latent_blocks, latents) if b.type == BlockType.IMAGE and b.role == Role.CLEAN}
     return [current.get(b.turn) if b.role == Role.NOISY else None for b in latent_blocks]
+
+
+def pooled_text(blocks: list[Block], text: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """(NB, dim): for a NOISY block of turn k, the mean of the row's instruction T_k (its TEXT block's features,
+    detached: the text encoder trains through attention); zeros for other blocks and where T_k was dropped."""
+    instruction = {b.turn: t for b, t in zip([b for b in blocks if b.type == BlockType.TEXT], text)}
+    out = torch.zeros(len(blocks), dim)
+    for j, b in enumerate(blocks):
+        if b.role == Role.NOISY and b.turn in instruction:
+            out[j] = instruction[b.turn].detach().float().mean(dim=0).cpu()
+    return out
 
 
 def element_key(block: Block) -> tuple[str, int]:
@@ -175,9 +187,11 @@ class SessionEncoder:
                 latents.append(x0)
                 targets.append(None)
                 weights.append(None)
-        sources = source_tokens(blocks, latents) if self.cfg.model.source != "none" else None
+        m = self.cfg.model
+        sources = source_tokens(blocks, latents) if m.source != "none" else None
+        block_text = pooled_text(blocks, text, m.text_dim) if m.pooled_text else None
         return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full",
-                            weights, sources)
+                            weights, sources, block_text)
 
     def null_sample(self) -> SampleTokens:
         """A sample that carries no loss (no target tokens): what a data-parallel rank trains on when every session
@@ -212,6 +226,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
     text_index, latent_index, text_tokens, latent_tokens = [], [], [], []
     targets, select, tasks, target_t, target_weight = [], [], [], [], []
     with_sources = any(s.sources is not None for s in samples)
+    block_text = torch.zeros(B, NB, text_dim) if any(s.block_text is not None for s in samples) else None
     sources = []
     positions = torch.zeros(T, B, 3, dtype=torch.int64)
     block_t = torch.zeros(B, NB)
@@ -223,6 +238,8 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
         block_t[b, :nb] = s.block_t
         block_type[b, :nb] = torch.tensor([int(x.type) for x in s.blocks])
         block_turn[b, :nb] = torch.tensor([x.turn for x in s.blocks])
+        if s.block_text is not None:
+            block_text[b, :nb] = s.block_text
         texts = iter(s.text)
         latents = iter(zip(s.latents, s.targets, s.weights or [None] * len(s.latents),
                            s.sources or [None] * len(s.latents)))
@@ -250,6 +267,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
         latent_index=torch.cat(latent_index) if latent_index else torch.zeros(0, dtype=torch.int64),
         positions=positions, block_t=block_t, block_type=block_type, block_turn=block_turn, mask=spec,
         latent_source=(torch.cat(sources) if sources else torch.zeros(0, latent_dim)) if with_sources else None,
+        block_text=block_text,
     ).to(device)
     return Batch(inputs=inputs,
                  target=torch.cat(targets).to(device) if targets else torch.zeros(0, 1, device=device),

@@ -106,6 +106,10 @@ class ModelConfig:
     # output is I_k plus the network's output (x0 prediction only), so the untrained network copies and learning
     # goes to the edit. docs/ARCHITECTURE.md, "The tiny preset"
     source: Literal["none", "channels", "residual"] = "none"
+    # each target block's conditioning (timestep + type + turn embedding, which drives adaLN) also gets the mean of
+    # its turn's instruction features, projected (SD3's pooled text): a path from the instruction to every target
+    # token that does not have to be found through attention first. Zero when the instruction is dropped (CFG)
+    pooled_text: bool = False
     attention_backend: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex on GPU, sdpa on CPU
 
 

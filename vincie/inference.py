@@ -26,8 +26,8 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from vincie.batch import Batch, SampleTokens, collate, image_to_tensor, patchify, sample_layout, source_tokens, \
-    tensor_to_image, unpatchify
+from vincie.batch import Batch, SampleTokens, collate, image_to_tensor, patchify, pooled_text, sample_layout, \
+    source_tokens, tensor_to_image, unpatchify
 from vincie.config import Config, from_dict, validate
 from vincie.diffusion import euler_sample, output_to_velocity
 from vincie.errors import VincieError
@@ -156,9 +156,11 @@ class Editor:
                    if b.type != BlockType.TEXT]
         block_t = torch.zeros(len(blocks))
         block_t[-1] = t
-        sources = source_tokens(blocks, latents) if self.cfg.model.source != "none" else None
+        m = self.cfg.model
+        sources = source_tokens(blocks, latents) if m.source != "none" else None
+        block_text = pooled_text(blocks, text, m.text_dim) if m.pooled_text else None
         return SampleTokens(blocks, text, latents, targets, block_t, self.grid, self.cfg.sequence.mode == "full",
-                            sources=sources)
+                            sources=sources, block_text=block_text)
 
     def rows(self, contexts: list[Context], block: Block, tokens: list[torch.Tensor], t: float,
              record: bool = False) -> tuple[Batch, KVCache | None, list[int]]:
@@ -172,7 +174,7 @@ class Editor:
                               s.latents[-1:] if block.type != BlockType.TEXT else [],
                               s.targets[-1:] if block.type != BlockType.TEXT else [], s.block_t[-1:], s.grid, False,
                               sources=None if s.sources is None else s.sources[-1:] if block.type != BlockType.TEXT
-                              else [])
+                              else [], block_text=None if s.block_text is None else s.block_text[-1:])
                  for s in whole]
         batch = self.collate(alone)
         for b, s in enumerate(whole):
@@ -191,6 +193,8 @@ class Editor:
         batch.inputs.latent_tokens = batch.inputs.latent_tokens.to(self.dtype)
         if batch.inputs.latent_source is not None:
             batch.inputs.latent_source = batch.inputs.latent_source.to(self.dtype)
+        if batch.inputs.block_text is not None:
+            batch.inputs.block_text = batch.inputs.block_text.to(self.dtype)
         return batch
 
     @torch.no_grad()

@@ -278,6 +278,9 @@ class ModelInputs:
     # [N_lat, C*p*p] with model.source: per NOISY token, the same position of the image its turn edits
     # (zeros for clean blocks and where that image is not in the context)
     latent_source: torch.Tensor | None = None
+    # (B, NB, D_text) with model.pooled_text: per NOISY block, the mean of its turn's instruction features (zeros for
+    # other blocks and where the instruction is not in the context)
+    block_text: torch.Tensor | None = None
 
     def to(self, device) -> "ModelInputs":
         fields = {k: (v.to(device) if isinstance(v, (torch.Tensor, MaskSpec)) else v) for k, v in self.__dict__.items()}
@@ -312,10 +315,13 @@ class MMDiT(nn.Module):
         self.turn_embed = nn.Embedding(cfg.max_turns, h)
         # adaLN-single (as PixArt-alpha): one projection of the block conditioning serves every layer, each layer
         # adds its own learned offsets; zero-initialised, so every layer starts as the identity
+        if cfg.pooled_text:
+            self.text_pool = nn.Linear(cfg.text_dim, h)
         self.adaln = nn.Linear(h, 6 * h)
         nn.init.zeros_(self.adaln.weight)
         nn.init.zeros_(self.adaln.bias)
-        for module in (self.t_embedder, self.type_embed, self.turn_embed, self.adaln):
+        for module in (self.t_embedder, self.type_embed, self.turn_embed, self.adaln,
+                       *([self.text_pool] if cfg.pooled_text else [])):
             for p in module.parameters():
                 p.pipeline_parallel = True
         layers = range(cfg.num_layers) if layers is None else layers
@@ -366,6 +372,10 @@ class MMDiT(nn.Module):
         h = split(self.embed(inputs, T, B)) if self.pre_process else self.input_tensor
         cond_block = self.t_embedder(inputs.block_t) + self.type_embed(inputs.block_type) \
             + self.turn_embed(inputs.block_turn)  # (B, NB, H)
+        if self.cfg.pooled_text:
+            if inputs.block_text is None:
+                raise ValueError("model.pooled_text is on but the batch has no block_text")
+            cond_block = cond_block + self.text_pool(inputs.block_text)
         cond_token = torch.gather(cond_block, 1, spec.token_block[..., None].expand(-1, -1, H)).transpose(0, 1)
         shared_mod = split(self.adaln(F.silu(cond_token)))  # [T', B, 6H]
         token_is_text = torch.gather(inputs.block_type == int(BlockType.TEXT), 1, spec.token_block).transpose(0, 1)
