@@ -117,3 +117,11 @@ def test_dataclass_defaults_validate():
     from vincie.config import validate_synth
 
     validate_synth(SynthConfig())
+
+
+def test_source_residual_needs_x0_prediction():
+    load_config("tiny", ["model.source=residual"])  # the tiny preset predicts x0
+    with pytest.raises(ConfigError, match=r"model\.source.*'residual'.*diffusion\.prediction=x0, got velocity"):
+        load_config("tiny", ["model.source=residual", "diffusion.prediction=velocity"])
+    with pytest.raises(ConfigError, match=r"model\.source.*'channels'"):
+        load_config("tiny", ["model.source=concat"])
