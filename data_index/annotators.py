@@ -63,7 +63,8 @@ class OfflineTextAnnotator:
         if not cur.any() and not nxt.any():
             return "keep the picture as it is"
         if change.kind == "appear":
-            return f"add a {size_word(nxt)}{colour_name(b, nxt)} object {place(nxt)}"
+            words = f"{size_word(nxt)}{colour_name(b, nxt)} object"
+            return f"add {'an' if words[0] in 'aeiou' else 'a'} {words} {place(nxt)}"
         if change.kind == "disappear":
             return f"remove the {colour_name(a, cur)} object {place(cur)}"
         obj = f"the {colour_name(a, cur)} object {place(cur)}"

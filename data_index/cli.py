@@ -111,6 +111,13 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
         print(f"  instruction words (mean): {summary['instruction_words_mean']:.2f}")
         if summary["mask_area_mean"] is not None:
             print(f"  mask area (mean share of image): {summary['mask_area_mean']:.3f}")
+        print("  text annotator: " + ", ".join(f"{k}: {v}" for k, v in summary["text_annotator"].items()))
+        for source, s in summary["per_source"].items():
+            area = "n/a" if s["mask_area_mean"] is None else f"{s['mask_area_mean']:.3f}"
+            quality = "n/a" if s["quality_mean"] is None else f"{s['quality_mean']:.2f}"
+            print(f"  source {source}: {s['sessions']} sessions, {s['turns_total']} turns "
+                  f"({s['turns_mean']:.2f} per session), {s['instruction_words_mean']:.2f} words per instruction, "
+                  f"mask area {area}, quality {quality}")
     plot = args.plot or (os.path.join(args.url, "stats.png") if "://" not in args.url else None)
     if plot and table.num_rows:
         plot_stats(table, plot, cfg.storage)

@@ -124,23 +124,28 @@ def region_change(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> RegionChan
     if not region.any():
         empty = np.zeros_like(region)
         return RegionChange(empty, empty.copy(), "change", (dy, dx), 0.0, 0.0, 0.0)
-    hole = cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8))
+    # where something may stand in either frame: the convex hull of the change, which also covers the part of a
+    # moved object that overlaps itself (there the two frames can differ by less than the threshold)
+    hull = np.zeros((height, width), np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(region.astype(np.uint8))), 1)
+    hull = hull.astype(bool) | region
     background = ((a.astype(np.uint16) + b_aligned) // 2).astype(np.uint8)  # both frames agree outside D
+    hole = cv2.dilate(hull.astype(np.uint8), np.ones((3, 3), np.uint8))
     background = cv2.inpaint(background, hole, 3, cv2.INPAINT_TELEA).astype(np.int16)
     dist_a = np.abs(a.astype(np.int16) - background).max(-1)  # (H, W): how far each frame is from the background
     dist_b = np.abs(b_aligned.astype(np.int16) - background).max(-1)
     # something stands there: far from the background, and not much nearer to it than the other frame (the
     # inpainted background is only an estimate; on texture its error can exceed the threshold)
-    cur = region & (dist_a > cfg.pixel_threshold) & (dist_a >= cfg.background_ratio * dist_b)
-    nxt = region & (dist_b > cfg.pixel_threshold) & (dist_b >= cfg.background_ratio * dist_a)
+    cur = hull & (dist_a > cfg.pixel_threshold) & (dist_a >= cfg.background_ratio * dist_b)
+    nxt = hull & (dist_b > cfg.pixel_threshold) & (dist_b >= cfg.background_ratio * dist_a)
     cur_share, next_share = float(cur.mean()), float(nxt.mean())
     kind = "change"
-    if cur.sum() < cfg.one_sided * region.sum():
+    if (cur & region).sum() < cfg.one_sided * region.sum():
         kind, cur, nxt = "appear", region.copy(), region.copy()
-    elif nxt.sum() < cfg.one_sided * region.sum():
+    elif (nxt & region).sum() < cfg.one_sided * region.sum():
         kind, cur, nxt = "disappear", region.copy(), region.copy()
     else:
-        cur, nxt = fill_holes(cur), fill_holes(nxt)
+        cur, nxt = fill_holes(cur | (region & ~nxt)), fill_holes(nxt | (region & ~cur))
     nxt = shift_mask(nxt, -dy, -dx)  # back to frame i+1 coordinates
     return RegionChange(cur, nxt, kind, (dy, dx), float(changed.mean()), cur_share, next_share)
 

@@ -83,11 +83,13 @@ def open_video(path: str) -> tuple[av.container.InputContainer, av.video.stream.
         container.close()
         raise VideoRejected("no_video", "the file has no video stream")
     stream = container.streams.video[0]
-    name = stream.codec_context.name if stream.codec_context is not None else "none"
-    if name in ("none", "") or not av.codec.codec.Codec(name, "r").is_decoder:
+    context = stream.codec_context
+    name = context.name if context is not None else "none"
+    if name in ("none", "") or not context.codec.is_decoder:
+        tag = context.codec_tag if context is not None else "?"
         container.close()
-        raise VideoRejected("unsupported_codec", f"no decoder for the video codec ({name!r}, tag "
-                                                 f"{stream.codec_tag!r}) in this FFmpeg build")
+        raise VideoRejected("unsupported_codec", f"no decoder in this FFmpeg build for the video codec "
+                                                 f"(name {name!r}, tag {tag!r})")
     return container, stream
 
 
