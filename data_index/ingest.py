@@ -144,7 +144,7 @@ def scene_sessions(scene: Scene, task: VideoTask, scan: VideoScan, cfg: Config) 
 def process_video(task: VideoTask) -> tuple[dict, list[dict]]:
     """One video -> (its manifest record, its sessions as WebDataset samples)."""
     cfg = _worker["cfg"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     record = {"video": task.rel, "id": task.video_id, "status": "done", "reason": "ok", "detail": "",
               "sessions": 0, "turns": 0, "scenes": 0}
     samples = []
@@ -179,7 +179,8 @@ def process_video(task: VideoTask) -> tuple[dict, list[dict]]:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
     record.update(frames=scan.frames, fps=round(scan.fps, 3), codec=scan.codec, truncated=scan.truncated,
-                  dropped=dict(scan.dropped), seconds=round(time.perf_counter() - start, 3))
+                  dropped=dict(scan.dropped), seconds=round(time.perf_counter() - start, 3),
+                  cpu_seconds=round(time.process_time() - cpu_start, 3))
     return record, samples
 
 
@@ -287,7 +288,7 @@ def run_ingest(videos: str, out: str, cfg: Config, workers: int = 1, overwrite: 
     todo = [t for t in tasks if t.video_id not in done]
     sink = ShardSink(out, cfg, number)
     outcomes: Counter = Counter()
-    made = {"sessions": 0, "turns": 0, "videos": 0}
+    made = {"sessions": 0, "turns": 0, "videos": 0, "cpu_seconds": 0.0}
     start = time.perf_counter()
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="video", desc="ingest", disable=not progress)
 
@@ -297,6 +298,7 @@ def run_ingest(videos: str, out: str, cfg: Config, workers: int = 1, overwrite: 
         made["sessions"] += record["sessions"]
         made["turns"] += record["turns"]
         made["videos"] += 1
+        made["cpu_seconds"] += record["cpu_seconds"]
         bar.update(1)
         bar.set_postfix(sessions=made["sessions"])
 
@@ -325,6 +327,6 @@ def run_ingest(videos: str, out: str, cfg: Config, workers: int = 1, overwrite: 
         storage.remove(session_index.index_url(out), cfg.storage)  # left by an overwritten run
     return {"videos": len(tasks), "skipped": len(tasks) - len(todo), "processed": made["videos"],
             "sessions_made": made["sessions"], "turns_made": made["turns"], "sessions": sessions,
-            "outcomes": dict(outcomes), "seconds": seconds,
+            "outcomes": dict(outcomes), "seconds": seconds, "cpu_seconds": made["cpu_seconds"],
             "videos_per_s": made["videos"] / seconds if seconds > 0 else float("nan"),
             "sessions_per_s": made["sessions"] / seconds if seconds > 0 else float("nan")}

@@ -71,8 +71,9 @@ def resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
 
 
-def open_video(path: str) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
-    """Opens a local video file; raises VideoRejected (empty, corrupt, no_video, unsupported_codec)."""
+def open_video(path: str, threads: int = 1) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """Opens a local video file for decoding with `threads` threads (0: FFmpeg's choice); raises VideoRejected
+    (empty, corrupt, no_video, unsupported_codec)."""
     if os.path.getsize(path) == 0:
         raise VideoRejected("empty", "zero-length file")
     try:
@@ -90,6 +91,9 @@ def open_video(path: str) -> tuple[av.container.InputContainer, av.video.stream.
         container.close()
         raise VideoRejected("unsupported_codec", f"no decoder in this FFmpeg build for the video codec "
                                                  f"(name {name!r}, tag {tag!r})")
+    if threads != 0:
+        stream.thread_type = "SLICE" if threads > 1 else "NONE"
+        context.thread_count = threads
     return container, stream
 
 
@@ -154,7 +158,7 @@ def scan_video(path: str, cfg: IngestConfig, scan: VideoScan) -> Iterator[Scene]
     """Yields the usable scenes of a local video file in order; fills `scan` as it goes. Raises VideoRejected."""
     from scenedetect import ContentDetector, FrameTimecode
 
-    container, stream = open_video(path)
+    container, stream = open_video(path, cfg.decode_threads)
     with container:
         fps = float(stream.average_rate or stream.guessed_rate or 25)
         scan.fps, scan.codec = fps, stream.codec_context.name

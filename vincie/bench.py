@@ -81,7 +81,8 @@ def bench_ingest(args: argparse.Namespace) -> int:
                                         "synth.min_turns=2", f"synth.max_turns={args.turns}",
                                         f"ingest.interval_s={args.interval}"])
     results = {"sessions": args.sessions, "resolution": args.resolution, "jitter_px": args.jitter,
-               "codecs": args.codecs, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+               "codecs": args.codecs, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+               "load_average_1min_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         videos = os.path.join(tmp, "videos")
         job = SynthJob(out=os.path.join(tmp, "synth"), sessions=args.sessions, split="test", seed=1, synth=cfg.synth,
@@ -92,6 +93,7 @@ def bench_ingest(args: argparse.Namespace) -> int:
             summary = run_ingest(videos, out, cfg, workers=workers, progress=False)
             results[f"videos_per_s_{workers}proc"] = summary["videos_per_s"]
             results[f"sessions_per_s_{workers}proc"] = summary["sessions_per_s"]
+            results[f"worker_cpu_s_per_video_{workers}proc"] = summary["cpu_seconds"] / max(1, summary["processed"])
         results["videos"] = summary["videos"]
         results["sessions_made"] = summary["sessions_made"]
         results.update(ground_truth_agreement(videos, out, cfg.storage))
@@ -378,7 +380,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="real-video ingest speed and accuracy on the synthetic world's videos",
                        description="Write --sessions synthetic sessions as video files (--codecs) with their ground "
                                    "truth, ingest them with 1 and --workers processes (offline annotators), and "
-                                   "report videos/s and sessions/s of the ingest (synthesis not counted), the share "
+                                   "report videos/s and sessions/s of the ingest (synthesis not counted), the "
                                    "of videos whose session has exactly one image per true state, and the offline "
                                    "masks' mean IoU with the true masks per transition kind.")
     p.add_argument("--sessions", type=int, default=24)

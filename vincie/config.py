@@ -90,6 +90,7 @@ class VLMConfig:
 class IngestConfig:
     """`vincie data ingest`: real video -> sessions (data_index/scenes.py, regions.py, annotators.py)."""
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v"])
+    decode_threads: int = 1  # FFmpeg threads per video (0: FFmpeg's choice); parallelism is across videos
     max_side: int = 512  # session frames: longer side at most this (pixels)
     detect_side: int = 256  # frames given to the scene detector
     scene_threshold: float = 27.0  # PySceneDetect ContentDetector threshold
@@ -491,6 +492,7 @@ def validate_synth(s: SynthConfig, prefix: str = "synth.") -> None:
 def validate_ingest(g: IngestConfig, prefix: str = "ingest.") -> None:
     require(len(g.extensions) > 0 and all(e.startswith(".") for e in g.extensions), prefix + "extensions",
             f"must list file suffixes starting with '.', got {g.extensions}")
+    require(g.decode_threads >= 0, prefix + "decode_threads", f"must be >= 0, got {g.decode_threads}")
     for name in ("max_side", "detect_side"):
         require(getattr(g, name) >= 16, prefix + name, f"must be >= 16, got {getattr(g, name)}")
     for name in ("min_scene_s", "candidate_fps", "interval_s", "scene_threshold", "pixel_threshold"):
