@@ -126,6 +126,9 @@ def sample_scene(index: int, start: int, end: int, fps: float, candidates: list[
         return None
     top, bottom, left, right = border_crop([f for _, f in candidates], cfg.border_luma)
     height, width = candidates[0][1].shape[:2]
+    if top + bottom >= height or left + right >= width:  # dark all over: not a border
+        dropped["filtered_dark"] += 1
+        return None
     if max(top, bottom) > cfg.max_border * height or max(left, right) > cfg.max_border * width:
         dropped["filtered_border"] += 1
         return None

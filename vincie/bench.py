@@ -380,7 +380,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="real-video ingest speed and accuracy on the synthetic world's videos",
                        description="Write --sessions synthetic sessions as video files (--codecs) with their ground "
                                    "truth, ingest them with 1 and --workers processes (offline annotators), and "
-                                   "report videos/s and sessions/s of the ingest (synthesis not counted), the "
+                                   "report videos/s and sessions/s of the ingest (synthesis not counted) with the "
+                                   "worker CPU seconds per video (what a loaded machine cannot hide), the share "
                                    "of videos whose session has exactly one image per true state, and the offline "
                                    "masks' mean IoU with the true masks per transition kind.")
     p.add_argument("--sessions", type=int, default=24)
