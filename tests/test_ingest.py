@@ -4,6 +4,7 @@ corrupt, a zero-length and an unsupported-codec file; resume and idempotence; `i
 """
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -158,3 +159,21 @@ def test_mask_plugins_load_by_config_and_grounded_names_what_is_missing(videos, 
     result = run_main(capsys, "data", "ingest", "--videos", str(one), "--out", str(tmp_path / "g"),
                       "--masks", "grounded", "--masks-weights", str(tmp_path))
     assert result.returncode != 0 and "groundingdino" in error_line(result)
+
+
+def test_videos_from_s3_to_s3(videos, s3_bucket, capsys):
+    """Input listed and read from S3, shards, manifest and index written there (moto's S3 server)."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    good = next((videos / "videos").glob("*.mp4"))
+    fs.put_file(str(good), f"{s3_bucket[5:]}/in/clips/{good.name}")
+    fs.put_file(str(videos / "videos" / "bad" / "corrupt.mp4"), f"{s3_bucket[5:]}/in/corrupt.mp4")
+    out = f"{s3_bucket}/out"
+    run_main(capsys, "data", "ingest", "--videos", f"{s3_bucket}/in", "--out", out, "--workers", "1",
+             "ingest.interval_s=0.5", check=True)
+    latest = {r["video"]: r for r in read_manifest(out)}
+    assert latest["corrupt.mp4"]["reason"] == "corrupt" and latest[f"clips/{good.name}"]["sessions"] == 1
+    (session,) = iter_sessions(out)
+    assert session.meta["video"] == f"clips/{good.name}"
+    assert "OK" in run_main(capsys, "data", "index", "verify", out, check=True).stdout
