@@ -84,3 +84,22 @@ def test_camera_shift_is_aligned_before_differencing():
     truth = np.zeros((64, 64), bool)
     truth[40:50, 40:50] = True
     assert (change.next & truth).sum() / (change.next | truth).sum() > 0.8  # in frame i+1's coordinates
+
+
+def test_offline_masks_and_text_of_a_move():
+    """A flat square moved right by half its width: its overlap with itself does not change, yet belongs to both
+    masks; the templated text names kind, place, colour and direction."""
+    from data_index.annotators import OfflineTextAnnotator
+
+    a, b = square_frames((110, 110, 110), (220, 40, 40), states=2, hold=1)
+    change = region_change(a, b, ingest_cfg())
+    before, after = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    before[20:36, 8:24] = True
+    after[20:36, 16:32] = True
+    assert change.kind == "change"
+    assert np.array_equal(change.cur, before) and np.array_equal(change.next, after)
+    assert OfflineTextAnnotator().instruction(a, b, change) == "move the red object at the left to the right"
+    appear = region_change(a, a.copy() + (np.arange(64)[:, None, None] >= 48) * (np.arange(64)[None, :, None] >= 48)
+                           * np.uint8(100), ingest_cfg())
+    assert appear.kind == "appear" and appear.cur.sum() == 16 * 16
+    assert OfflineTextAnnotator().instruction(a, a, appear).startswith("add a ")
