@@ -175,6 +175,10 @@ def process_video(task: VideoTask) -> tuple[dict, list[dict]]:
     except VincieError as exc:  # the VLM endpoint or storage: worth another try on the next run
         record.update(status=TRANSIENT, reason="error", detail=str(exc).splitlines()[0])
         samples = []
+    except Exception as exc:  # anything else one odd video triggers must not end a run over millions
+        record.update(status=TRANSIENT, reason="error",
+                      detail=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        samples = []
     finally:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
