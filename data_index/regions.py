@@ -45,14 +45,37 @@ def shift_mask(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def estimate_shift(a: np.ndarray, b: np.ndarray, max_shift: float) -> tuple[int, int]:
-    """Global translation (dy, dx) with b[y + dy, x + dx] ~ a[y, x], by phase correlation; (0, 0) beyond
-    `max_shift` of the frame size."""
-    window = cv2.createHanningWindow(a.shape[1::-1], cv2.CV_32F)
-    (sx, sy), _ = cv2.phaseCorrelate(luma(a), luma(b), window)
-    dy, dx = int(round(sy)), int(round(sx))
-    if abs(dy) > max_shift * a.shape[0] or abs(dx) > max_shift * a.shape[1]:
-        return 0, 0
+def shift_score(a: np.ndarray, b: np.ndarray, dy: int, dx: int, threshold: float) -> float:
+    """Mean luma difference of a[y, x] and b[y + dy, x + dx] over the overlap, each pixel's clipped at
+    `threshold`: a moving object adds about the same to every candidate shift, so the camera's shift still scores
+    lowest, and low-contrast texture still counts."""
+    height, width = a.shape
+    ys, xs = slice(max(0, -dy), height - max(0, dy)), slice(max(0, -dx), width - max(0, dx))
+    yb, xb = slice(max(0, dy), height + min(0, dy)), slice(max(0, dx), width + min(0, dx))
+    return float(np.minimum(np.abs(a[ys, xs] - b[yb, xb]), threshold).mean())
+
+
+def best_shift(a: np.ndarray, b: np.ndarray, centre: tuple[int, int], radius: int, threshold: float) -> tuple[int, int]:
+    candidates = [(centre[0] + dy, centre[1] + dx) for dy in range(-radius, radius + 1)
+                  for dx in range(-radius, radius + 1)]
+    return min(candidates, key=lambda s: (shift_score(a, b, s[0], s[1], threshold), abs(s[0]) + abs(s[1])))
+
+
+def estimate_shift(a: np.ndarray, b: np.ndarray, max_shift: float, threshold: float = 30.0,
+                   coarse_side: int = 96) -> tuple[int, int]:
+    """Global translation (dy, dx) with b[y + dy, x + dx] ~ a[y, x], up to `max_shift` of the frame size: the
+    integer shift whose overlap differs least (`shift_score`), searched exhaustively on a copy at most
+    `coarse_side` pixels wide, then refined at full size. (Phase correlation, tried first, missed 9 of 33 jittered
+    synthetic pairs: textures and moving objects pull its peak.)"""
+    la, lb = luma(a), luma(b)
+    height, width = la.shape
+    scale = max(1, int(np.ceil(max(height, width) / coarse_side)))
+    small = (max(1, width // scale), max(1, height // scale))
+    sa, sb = (cv2.resize(x, small, interpolation=cv2.INTER_AREA) for x in (la, lb))
+    radius = max(1, int(max_shift * max(small)))
+    dy, dx = best_shift(sa, sb, (0, 0), radius, threshold)
+    if scale > 1:
+        dy, dx = best_shift(la, lb, (dy * scale, dx * scale), scale, threshold)
     return dy, dx
 
 
@@ -66,19 +89,19 @@ def raw_change(a: np.ndarray, b: np.ndarray, threshold: float, valid: np.ndarray
 
 
 def aligned_change(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W) bool changed pixels in a's coordinates and the camera shift (dy, dx) applied to b (kept only when it
-    explains more of the difference than no shift)."""
+    """(H, W) bool changed pixels in a's coordinates and the camera shift (dy, dx) applied to b (kept unless it
+    explains less of the difference than no shift)."""
     changed = raw_change(a, b, cfg.pixel_threshold)
     if not cfg.align or not changed.any():
         return changed, (0, 0)
-    dy, dx = estimate_shift(a, b, cfg.max_shift)
+    dy, dx = estimate_shift(a, b, cfg.max_shift, cfg.pixel_threshold)
     if (dy, dx) == (0, 0):
         return changed, (0, 0)
     height, width = a.shape[:2]
     valid = np.zeros((height, width), bool)
     valid[max(0, -dy):height - max(0, dy), max(0, -dx):width - max(0, dx)] = True
     shifted = raw_change(a, shift_image(b, dy, dx), cfg.pixel_threshold, valid)
-    if shifted.sum() < changed.sum():
+    if shifted.sum() <= changed.sum():  # ties: low-contrast texture; the masks still need the shift
         return shifted, (dy, dx)
     return changed, (0, 0)
 
