@@ -41,6 +41,36 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+INGEST_FLAGS = {  # command-line flag -> config key it overrides
+    "text": "ingest.text",
+    "vlm_url": "ingest.vlm.url",
+    "vlm_model": "ingest.vlm.model",
+    "masks": "ingest.masks",
+    "masks_weights": "ingest.masks_weights_dir",
+    "max_side": "ingest.max_side",
+    "max_turns": "ingest.max_turns",
+    "shard_size": "ingest.shard_size",
+    "source": "ingest.source",
+}
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from data_index.ingest import MANIFEST_FILE, run_ingest
+
+    flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in INGEST_FLAGS.items()
+             if getattr(args, flag) is not None]
+    cfg = config_from_args(args, extra=flags)
+    summary = run_ingest(args.videos, args.out, cfg, workers=args.workers, overwrite=args.overwrite)
+    outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(summary["outcomes"].items())) or "none"
+    print(f"ingest: {summary['processed']} of {plural(summary['videos'], 'video')} processed "
+          f"({summary['skipped']} already done) in {summary['seconds']:.1f}s: {summary['sessions_made']} sessions, "
+          f"{summary['turns_made']} turns ({summary['videos_per_s']:.2f} videos/s, "
+          f"{summary['sessions_per_s']:.2f} sessions/s); outcomes: {outcomes}")
+    print(f"ingest: {summary['sessions']} sessions indexed at {args.out}; per-video outcomes in "
+          f"{os.path.join(args.out, MANIFEST_FILE) if '://' not in args.out else args.out + '/' + MANIFEST_FILE}")
+    return 1 if summary["outcomes"].get("failed") else 0
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     from data_index.index import build_index, index_url
 
@@ -81,6 +111,13 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
         print(f"  instruction words (mean): {summary['instruction_words_mean']:.2f}")
         if summary["mask_area_mean"] is not None:
             print(f"  mask area (mean share of image): {summary['mask_area_mean']:.3f}")
+        print("  text annotator: " + ", ".join(f"{k}: {v}" for k, v in summary["text_annotator"].items()))
+        for source, s in summary["per_source"].items():
+            area = "n/a" if s["mask_area_mean"] is None else f"{s['mask_area_mean']:.3f}"
+            quality = "n/a" if s["quality_mean"] is None else f"{s['quality_mean']:.2f}"
+            print(f"  source {source}: {s['sessions']} sessions, {s['turns_total']} turns "
+                  f"({s['turns_mean']:.2f} per session), {s['instruction_words_mean']:.2f} words per instruction, "
+                  f"mask area {area}, quality {quality}")
     plot = args.plot or (os.path.join(args.url, "stats.png") if "://" not in args.url else None)
     if plot and table.num_rows:
         plot_stats(table, plot, cfg.storage)
@@ -120,7 +157,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="make, index and inspect session shards",
                                  description="Make, index and inspect session shards (local paths or s3:// URLs).")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,index,precompute,show}")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,ingest,index,precompute,show}")
 
     p = sub.add_parser("synth", help="generate synthetic video-world sessions into shards",
                        description="Generate sessions of the synthetic video world (exact instructions and "
@@ -146,6 +183,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run with other settings at --out")
     add_config_arguments(p)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", help="turn real videos into session shards (scene cuts, sampling, annotators)",
+                       description="Turn every video under --videos (local dir or s3://, recursively, by file "
+                                   "suffix: ingest.extensions) into sessions: PyAV decoding, PySceneDetect scene "
+                                   "cuts, hybrid frame sampling (equal intervals plus a fixed count per scene), "
+                                   "filters (borders, dark, near-duplicate, short scenes), transition text and "
+                                   "region masks from pluggable annotators. Writes shards, index.parquet and "
+                                   "manifest.jsonl (one line per video: sessions made or why none) to --out. "
+                                   "Rerunning resumes: videos already done are skipped. Exit status 1 when a "
+                                   "video failed for a reason a rerun may fix (the VLM endpoint, storage).")
+    p.add_argument("--videos", required=True, metavar="URL", help="input videos: a local dir or s3://bucket/prefix")
+    p.add_argument("--out", required=True, metavar="URL", help="output dataset root: a local path or s3://...")
+    p.add_argument("--text", choices=["offline", "vlm"],
+                   help="transition text: offline (templated from the frame difference, no model; default) or vlm")
+    p.add_argument("--vlm-url", metavar="URL", help="OpenAI-compatible endpoint (…/v1) for --text vlm; the API key "
+                                                    "comes from $OPENAI_API_KEY (ingest.vlm.api_key_env)")
+    p.add_argument("--vlm-model", metavar="NAME", help="model name for --text vlm")
+    p.add_argument("--masks", metavar="KIND", help="region masks: offline (frame difference; default), grounded "
+                                                   "(GroundingDINO + SAM2, needs --masks-weights) or "
+                                                   "module.path:ClassName")
+    p.add_argument("--masks-weights", metavar="DIR", help="local weights directory for --masks grounded")
+    p.add_argument("--max-side", type=int, metavar="PX", help="session frames' longer side (default 512)")
+    p.add_argument("--max-turns", type=int, metavar="K", help="most turns per session (default 6)")
+    p.add_argument("--shard-size", type=int, metavar="N", help="sessions per shard (default 64)")
+    p.add_argument("--source", metavar="NAME", help="the index's source name for these sessions (default video)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run with other settings at --out")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_ingest)
 
     index = sub.add_parser("index", help="build, verify, split and summarise the session index",
                            description="The session index: URL/index.parquet, one row per session.")

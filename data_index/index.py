@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -245,7 +246,22 @@ def summarize(table: pa.Table) -> dict:
         "with_masks": int(np.sum(rows["has_masks"])),
         "instruction_words_mean": float(np.mean(rows["instruction_words"])) if n else 0.0,
         "mask_area_mean": float(np.nanmean(areas)) if n and np.isfinite(areas).any() else None,
+        "text_annotator": counts("text_annotator"),
+        "per_source": {source: source_summary(table.filter(pc.equal(table.column("source"), source)))
+                       for source in sorted(set(rows["source"]))},
     }
+
+
+def source_summary(table: pa.Table) -> dict:
+    """Sessions, turns, instruction length, mask area and quality of one source's rows."""
+    turns = np.asarray(table.column("turns").to_pylist(), dtype=np.int64)
+    words = np.asarray(table.column("instruction_words").to_pylist(), dtype=np.float64)
+    areas = np.asarray(table.column("mask_area").to_pylist(), dtype=np.float64)
+    quality = np.asarray(table.column("quality").to_pylist(), dtype=np.float64)
+    return {"sessions": table.num_rows, "turns_total": int(turns.sum()), "turns_mean": float(turns.mean()),
+            "instruction_words_mean": float(words.mean()),
+            "mask_area_mean": float(np.nanmean(areas)) if np.isfinite(areas).any() else None,
+            "quality_mean": float(np.nanmean(quality)) if np.isfinite(quality).any() else None}
 
 
 def plot_stats(table: pa.Table, path: str, cfg: StorageConfig | None = None) -> None:
@@ -255,17 +271,23 @@ def plot_stats(table: pa.Table, path: str, cfg: StorageConfig | None = None) -> 
     import matplotlib.pyplot as plt
 
     rows = table.to_pydict()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    turns = np.asarray(rows["turns"])
-    axes[0].hist(turns, bins=np.arange(turns.min(), turns.max() + 2) - 0.5, color="#4c72b0", rwidth=0.85)
-    axes[0].set(title="turns per session", xlabel="turns", ylabel="sessions")
-    axes[1].hist(rows["instruction_words"], bins=30, color="#55a868")
-    axes[1].set(title="instruction length", xlabel="mean words per instruction", ylabel="sessions")
-    areas = np.asarray(rows["mask_area"], dtype=np.float64)
-    areas = areas[np.isfinite(areas)]
-    if areas.size:
-        axes[2].hist(areas, bins=30, color="#c44e52")
-    axes[2].set(title="region-of-editing area", xlabel="mean mask share of image", ylabel="sessions")
+    sources = sorted(set(rows["source"]))
+    column = {name: np.asarray(rows[name], dtype=np.float64) for name in ("turns", "instruction_words", "mask_area")}
+    of_source = [np.asarray(rows["source"]) == source for source in sources]  # one row mask per source
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    turns = column["turns"]
+    panels = ((axes[0], "turns", np.arange(turns.min(), turns.max() + 2) - 0.5, "turns per session", "turns"),
+              (axes[1], "instruction_words", 30, "instruction length", "mean words per instruction"),
+              (axes[2], "mask_area", 30, "region-of-editing area", "mean mask share of image"))
+    for ax, name, bins, title, xlabel in panels:
+        values = [column[name][m] for m in of_source]
+        values = [v[np.isfinite(v)] for v in values]
+        if any(v.size for v in values):
+            ax.hist([v for v in values], bins=bins, stacked=True, label=sources, rwidth=0.9)
+        ax.set(title=title, xlabel=xlabel, ylabel="sessions")
+    axes[0].legend(fontsize=8)
+    axes[3].bar(sources, [int(m.sum()) for m in of_source], color="#8172b2")
+    axes[3].set(title="sessions per source", ylabel="sessions")
     fig.suptitle(f"{table.num_rows} sessions")
     fig.tight_layout()
     buf = io.BytesIO()

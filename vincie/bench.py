@@ -39,6 +39,68 @@ def bench_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def ground_truth_agreement(videos: str, out: str, storage_cfg) -> dict:
+    """Ingested synthetic videos against the ground truth beside them: share of videos whose one session has one
+    image per state in order, and the offline masks' mean IoU with the true masks per transition kind."""
+    import glob
+
+    import numpy as np
+
+    from vincie.shards import iter_sessions
+
+    by_video = {}
+    for session in iter_sessions(out, storage_cfg):
+        by_video.setdefault(session.meta["video"], []).append(session)
+    aligned, total, ious = 0, 0, {}
+    for path in sorted(glob.glob(os.path.join(videos, "*.gt.json"))):
+        with open(path) as f:
+            truth = json.load(f)
+        masks = np.load(os.path.join(videos, truth["masks"]))
+        for name in truth["videos"].values():
+            total += 1
+            found = by_video.get(name, [])
+            states = [f // truth["hold_frames"] for f in found[0].meta["frame_indices"]] if len(found) == 1 else []
+            if states != list(range(len(truth["state_start_frames"]))):
+                continue
+            aligned += 1
+            for k, transition in enumerate(truth["transitions"]):
+                for pred, true in ((found[0].cur_masks[k], masks["cur"][k]), (found[0].next_masks[k], masks["next"][k])):
+                    true = true.astype(bool)
+                    ious.setdefault(transition["kind"], []).append(float((pred & true).sum() / max(1, (pred | true).sum())))
+    result = {"aligned_videos": f"{aligned}/{total}"}
+    result.update({f"mask_iou_{kind}": float(np.mean(v)) for kind, v in sorted(ious.items())})
+    result.update({f"mask_pairs_{kind}": len(v) for kind, v in sorted(ious.items())})
+    return result
+
+
+def bench_ingest(args: argparse.Namespace) -> int:
+    from data_index.ingest import run_ingest
+    from data_index.synth import SynthJob, run_synth
+
+    cfg = config_from_args(args, extra=[f"synth.resolution={args.resolution}", f"synth.jitter_px={args.jitter}",
+                                        "synth.min_turns=2", f"synth.max_turns={args.turns}",
+                                        f"ingest.interval_s={args.interval}"])
+    results = {"sessions": args.sessions, "resolution": args.resolution, "jitter_px": args.jitter,
+               "codecs": args.codecs, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+               "load_average_1min_at_start": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        videos = os.path.join(tmp, "videos")
+        job = SynthJob(out=os.path.join(tmp, "synth"), sessions=args.sessions, split="test", seed=1, synth=cfg.synth,
+                       videos=videos, video_codecs=args.codecs.split(","))
+        run_synth(job, cfg.storage, workers=args.workers, progress=False)
+        for workers in sorted({1, args.workers}):
+            out = os.path.join(tmp, f"out{workers}")
+            summary = run_ingest(videos, out, cfg, workers=workers, progress=False)
+            results[f"videos_per_s_{workers}proc"] = summary["videos_per_s"]
+            results[f"sessions_per_s_{workers}proc"] = summary["sessions_per_s"]
+            results[f"worker_cpu_s_per_video_{workers}proc"] = summary["cpu_seconds"] / max(1, summary["processed"])
+        results["videos"] = summary["videos"]
+        results["sessions_made"] = summary["sessions_made"]
+        results.update(ground_truth_agreement(videos, out, cfg.storage))
+    print_results(results, args.json)
+    return 0
+
+
 def print_results(results: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(results, indent=1))
@@ -304,7 +366,7 @@ def bench_inference(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="performance benchmarks",
                                   description="Performance benchmarks; record results in docs/BENCHMARKS.md.")
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{synth,loader,inference}")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{synth,ingest,loader,inference}")
     p = sub.add_parser("synth", help="synthetic session generation speed",
                        description="Sessions/s of the synthetic world: rendering alone in one process, and end "
                                    "to end (render, encode, shard, index) with 1 and --workers processes.")
@@ -314,6 +376,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config_arguments(p)
     p.set_defaults(func=bench_synth)
+
+    p = sub.add_parser("ingest", help="real-video ingest speed and accuracy on the synthetic world's videos",
+                       description="Write --sessions synthetic sessions as video files (--codecs) with their ground "
+                                   "truth, ingest them with 1 and --workers processes (offline annotators), and "
+                                   "report videos/s and sessions/s of the ingest (synthesis not counted) with the "
+                                   "worker CPU seconds per video (what a loaded machine cannot hide), the share "
+                                   "of videos whose session has exactly one image per true state, and the offline "
+                                   "masks' mean IoU with the true masks per transition kind.")
+    p.add_argument("--sessions", type=int, default=24)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--turns", type=int, default=4, help="most turns per synthetic session (default 4)")
+    p.add_argument("--jitter", type=int, default=0, help="camera jitter, pixels (default 0)")
+    p.add_argument("--codecs", default="h264,vp9")
+    p.add_argument("--interval", type=float, default=0.5, help="ingest.interval_s (states last 1 s; default 0.5)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_config_arguments(p)
+    p.set_defaults(func=bench_ingest)
 
     p = sub.add_parser("loader", help="data loader speed: DALI against PIL, local and S3; data wait in training",
                        description="Sessions/s and images/s (images and masks decoded) of reading sessions (ranged "

@@ -73,6 +73,57 @@ class SynthConfig:
 
 
 @dataclass
+class VLMConfig:
+    """An OpenAI-compatible chat-completions endpoint for transition text (`vincie data ingest`)."""
+    url: str = ""  # base URL (…/v1) or the full …/chat/completions URL
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never from config
+    timeout_s: float = 60.0  # per request
+    attempts: int = 3  # per request; a malformed reply counts as a failed attempt
+    backoff_s: float = 1.0  # wait before attempt k: backoff_s * 2^(k-1)
+    requests_per_s: float = 2.0  # for the whole run, shared by its worker processes
+    cache_dir: str = ""  # response cache (local dir); empty: <out>/vlm_cache
+    image_side: int = 512  # frames sent at most this size (longer side)
+
+
+@dataclass
+class IngestConfig:
+    """`vincie data ingest`: real video -> sessions (data_index/scenes.py, regions.py, annotators.py)."""
+    extensions: list[str] = field(default_factory=lambda: [".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v"])
+    decode_threads: int = 1  # FFmpeg threads per video (0: FFmpeg's choice); parallelism is across videos
+    max_side: int = 512  # session frames: longer side at most this (pixels)
+    detect_side: int = 256  # frames given to the scene detector
+    scene_threshold: float = 27.0  # PySceneDetect ContentDetector threshold
+    min_scene_s: float = 1.0  # shorter scenes are dropped
+    max_scene_s: float = 60.0  # longer scenes are split (bounds memory: one scene's candidates are held)
+    candidate_fps: float = 4.0  # frames kept per second as sampling candidates
+    interval_s: float = 1.0  # hybrid sampling: a frame every interval_s ...
+    per_scene: int = 4  # ... plus this many spread evenly over each scene
+    pixel_threshold: float = 30.0  # a pixel changed when a channel differs by more (0..255)
+    min_change: float = 0.004  # a frame changing fewer pixels than this share is a near-duplicate (dropped)
+    max_change: float = 0.5  # a pair changing more than this share is not one edit (session break)
+    dark_luma: float = 20.0  # frames with a lower mean luma are dropped
+    border_luma: float = 16.0  # border rows/columns darker than this in every frame are cropped
+    max_border: float = 0.25  # scenes with a wider border on one side are dropped
+    align: bool = True  # estimate the camera shift between frames (phase correlation) before differencing
+    max_shift: float = 0.1  # largest camera shift considered, share of the frame size
+    close_px: float = 0.08  # offline masks: gaps up to this share of the frame inside a change are closed
+    background_ratio: float = 0.5  # offline masks: a frame shows something where it is this much as far from the
+    # estimated background as the other frame, or farther
+    one_sided: float = 0.4  # a change shown by one frame in less than this share of its region: appear/disappear
+    min_turns: int = 1
+    max_turns: int = 6  # longer runs of frames are cut into several sessions
+    text: Literal["offline", "vlm"] = "offline"  # transition text annotator
+    masks: str = "offline"  # offline | grounded | module.path:ClassName (a MaskAnnotator plug-in)
+    masks_weights_dir: str = ""  # grounded: local dir with GroundingDINO and SAM2 weights
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    shard_size: int = 64  # sessions per shard (whole videos per shard, so shards may run a little over)
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = 95
+    source: str = "video"  # the index's `source` column for these sessions
+
+
+@dataclass
 class SequenceConfig:
     # block_causal: teacher forcing, every turn trained in one pass; full: one target, all-to-all attention
     # (the attention of the released VINCIE checkpoints)
@@ -213,6 +264,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -447,6 +499,42 @@ def validate_synth(s: SynthConfig, prefix: str = "synth.") -> None:
     require(s.shard_size >= 1, prefix + "shard_size", f"must be >= 1, got {s.shard_size}")
 
 
+def validate_ingest(g: IngestConfig, prefix: str = "ingest.") -> None:
+    require(len(g.extensions) > 0 and all(e.startswith(".") for e in g.extensions), prefix + "extensions",
+            f"must list file suffixes starting with '.', got {g.extensions}")
+    require(g.decode_threads >= 0, prefix + "decode_threads", f"must be >= 0, got {g.decode_threads}")
+    for name in ("max_side", "detect_side"):
+        require(getattr(g, name) >= 16, prefix + name, f"must be >= 16, got {getattr(g, name)}")
+    for name in ("min_scene_s", "candidate_fps", "interval_s", "scene_threshold", "pixel_threshold"):
+        require(getattr(g, name) > 0, prefix + name, f"must be > 0, got {getattr(g, name)}")
+    require(g.max_scene_s > g.min_scene_s, prefix + "max_scene_s",
+            f"must be > min_scene_s ({g.min_scene_s}), got {g.max_scene_s}")
+    require(g.per_scene >= 0, prefix + "per_scene", f"must be >= 0, got {g.per_scene}")
+    require(0 <= g.min_change < g.max_change <= 1, prefix + "min_change",
+            f"and max_change must satisfy 0 <= min_change < max_change <= 1, got {g.min_change}, {g.max_change}")
+    for name in ("max_border", "max_shift", "close_px", "one_sided", "background_ratio"):
+        require(0 <= getattr(g, name) < 1, prefix + name, f"must be in [0, 1), got {getattr(g, name)}")
+    require(1 <= g.min_turns <= g.max_turns, prefix + "min_turns",
+            f"must be between 1 and max_turns ({g.max_turns}), got {g.min_turns}")
+    require(g.max_turns <= 63, prefix + "max_turns", f"must be <= 63 (64 images), got {g.max_turns}")
+    require(g.masks in ("offline", "grounded") or re.fullmatch(r"[\w.]+:\w+", g.masks) is not None, prefix + "masks",
+            f"must be offline, grounded or module.path:ClassName, got {g.masks!r}")
+    require(g.masks != "grounded" or g.masks_weights_dir != "", prefix + "masks_weights_dir",
+            "must name the local weights directory when ingest.masks is grounded")
+    require(g.text != "vlm" or (g.vlm.url != "" and g.vlm.model != ""), prefix + "vlm.url",
+            "and ingest.vlm.model must be set when ingest.text is vlm")
+    v = g.vlm
+    require(v.timeout_s > 0, prefix + "vlm.timeout_s", f"must be > 0, got {v.timeout_s}")
+    require(v.attempts >= 1, prefix + "vlm.attempts", f"must be >= 1, got {v.attempts}")
+    require(v.backoff_s >= 0, prefix + "vlm.backoff_s", f"must be >= 0, got {v.backoff_s}")
+    require(v.requests_per_s > 0, prefix + "vlm.requests_per_s", f"must be > 0, got {v.requests_per_s}")
+    require(v.image_side >= 16, prefix + "vlm.image_side", f"must be >= 16, got {v.image_side}")
+    require(1 <= g.jpeg_quality <= 100, prefix + "jpeg_quality", f"must be in 1..100, got {g.jpeg_quality}")
+    require(g.shard_size >= 1, prefix + "shard_size", f"must be >= 1, got {g.shard_size}")
+    require(re.fullmatch(r"[\w-]+", g.source) is not None, prefix + "source",
+            f"must be a plain name (letters, digits, '_', '-'), got {g.source!r}")
+
+
 def validate_parallel(cfg: Config) -> None:
     """The sizes that do not depend on the world size; `check_world` checks the rest once it is known."""
     p, m = cfg.parallel, cfg.model
@@ -493,6 +581,7 @@ def check_world(cfg: Config, world_size: int) -> int:
 
 def validate(cfg: Config) -> None:
     validate_synth(cfg.synth)
+    validate_ingest(cfg.ingest)
     for name in ("drop_current_image", "drop_current_mask", "drop_next_mask", "masks_present", "drop_text"):
         value = getattr(cfg.sequence, name)
         require(0.0 <= value <= 1.0, f"sequence.{name}", f"must be a probability in [0, 1], got {value}")

@@ -64,10 +64,13 @@ class ShardWriter:
         self.tar.addfile(info, io.BytesIO(data))
 
     def write(self, session: Session) -> None:
-        sample = session_to_sample(session, self.image_format, self.jpeg_quality)
+        self.write_sample(session_to_sample(session, self.image_format, self.jpeg_quality))
+
+    def write_sample(self, sample: dict[str, bytes | str]) -> None:
+        """An already encoded session (`session_to_sample`), e.g. made in another process."""
         for suffix, data in sample.items():
             if suffix != "__key__":
-                self.add_member(f"{session.key}.{suffix}", data)
+                self.add_member(f"{sample['__key__']}.{suffix}", data)
         self.count += 1
 
     def close(self) -> None:
