@@ -114,13 +114,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from data_index import cli as data_cli
-    from vincie import bench
+    from vincie import bench, plan
 
     parser = argparse.ArgumentParser(
         prog="vincie",
         description="vincie: train in-context multi-turn image editing from video (after VINCIE, arXiv 2506.10941).")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{config,data,train,launch,export,edit,eval,bench}")
+                                metavar="{config,data,train,launch,export,edit,eval,bench,plan}")
 
     config = sub.add_parser("config", help="show a resolved, validated config",
                             description="Load a preset or YAML file, apply overrides, validate, print the result.")
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(local)
     local.set_defaults(func=cmd_launch_local)
     bench.register(sub)
+    plan.register(sub)
     return parser
 
 
