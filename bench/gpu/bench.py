@@ -23,7 +23,6 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from vincie.attention import MaskSpec, attend, prepare_mask
 from vincie.config import ModelConfig, load_config
