@@ -109,6 +109,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: Bac
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "flex":
+        if torch.is_autocast_enabled(q.device.type):  # flex is not autocast: norms and RoPE leave q, k in fp32
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return flex_attention(q, k, v, mask, compiled=True)
     raise ValueError(f"unknown attention backend {backend!r} (expected 'flex' or 'sdpa')")
 

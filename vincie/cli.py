@@ -113,6 +113,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_plan(sub) -> None:
+    p = sub.add_parser("plan", help="memory and step time of TP/PP/DP layouts on N GPUs, and the best one",
+                       description="Estimate per-GPU memory (weights, optimizer, activations with and without "
+                                   "recomputation) and step time of every tensor x pipeline x data-parallel layout "
+                                   "of a config on --gpus GPUs, from the model FLOPs (vincie.flops), the GPU's peak "
+                                   "rate and link bandwidths; print a ranked table, the assumptions, and the "
+                                   "recommended layout as config overrides for `vincie train` / `vincie k8s "
+                                   "render`. Exits 1 when no layout fits.")
+    p.add_argument("--config", "--preset", dest="config", default="3b", metavar="PRESET|YAML",
+                   help="config preset or YAML path (default: 3b)")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200"],
+                   help="GPU kind: sets the defaults below (printed with the plan)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (default: the GPU kind's)")
+    p.add_argument("--memory-gib", type=float, help="memory per GPU (default: the GPU kind's)")
+    p.add_argument("--nvlink-gbs", type=float, help="NVLink GB/s per GPU and direction (default: the kind's)")
+    p.add_argument("--network-gbs", type=float, help="inter-node GB/s per GPU (default: the kind's)")
+    p.add_argument("--efficiency", type=float, default=0.5, help="share of peak the GEMMs reach (default 0.5)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. "
+                                                                          "train.batch_size=512")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vincie.config import load_config
+    from vincie.plan import GPU, GPUS, plan
+
+    cfg = load_config(args.config, args.overrides)
+    base = GPUS[args.gpu]
+    gpu = GPU(args.peak_tflops or base.peak_tflops, args.memory_gib or base.memory_gib,
+              args.nvlink_gbs or base.nvlink_gbs, args.network_gbs or base.network_gbs)
+    report, status = plan(cfg, args.gpus, gpu, args.gpu, args.gpus_per_node, args.efficiency)
+    print(report)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_index import cli as data_cli
     from vincie import bench
@@ -121,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vincie",
         description="vincie: train in-context multi-turn image editing from video (after VINCIE, arXiv 2506.10941).")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{config,data,train,launch,export,edit,eval,bench}")
+                                metavar="{config,data,train,launch,export,edit,eval,bench,plan}")
 
     config = sub.add_parser("config", help="show a resolved, validated config",
                             description="Load a preset or YAML file, apply overrides, validate, print the result.")
@@ -227,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(local)
     local.set_defaults(func=cmd_launch_local)
     bench.register(sub)
+    register_plan(sub)
     return parser
 
 

@@ -1,0 +1,30 @@
+"""bench/gpu/run.sh --dry-run: the GPU benchmark's code on the CPU with a tiny shape (no GPU numbers)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu", "run.sh"), "--dry-run"], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.strip().splitlines()
+    assert table[-1].startswith("TE layer FP8 vs bf16") and "skipped" in table[-1]
+    assert any(line.startswith("3b layer shared_bf16 fwd+bwd") for line in table)
+    details = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert details["device"] == "cpu (dry run)" and details["matmul_bf16_tflops"] > 0
+    for layer in details["layer"].values():
+        assert layer["seconds"] > 0 and layer["mfu"] == pytest.approx(layer["tflops"] / details["matmul_bf16_tflops"])
+    assert len(details["attention"]) == 2
+    for attention in details["attention"].values():
+        assert attention["ratio"] == pytest.approx(attention["flex_s"] / attention["sdpa_s"])
+        assert 0 < attention["allowed"] < 1  # block-causal: part of the square
+    assert set(details["fp8_gemm"]) == {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}

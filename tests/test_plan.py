@@ -1,0 +1,66 @@
+"""`vincie plan`: a recommendation the config accepts, memory terms against independent counts, and the edge
+cases (fits nowhere, GPU counts that do not divide)."""
+
+import pytest
+from conftest import error_line, run_main
+
+from vincie.config import ConfigError, check_world, load_config
+from vincie.model import build_on_meta, count_parameters
+from vincie.plan import GPUS, GIB, Layout, candidate_layouts, estimate, parameter_split, plan, sample_workload
+
+BIG_BATCH = ["train.batch_size=512", "data.resolution=256"]
+
+
+def test_3b_on_256_h100_recommends_a_layout_the_config_accepts():
+    cfg = load_config("3b", BIG_BATCH)
+    report, status = plan(cfg, 256, GPUS["h100"], "h100", 8, 0.5)
+    assert status == 0
+    assert "assumptions:" in report and "989 TFLOP/s" in report and "79.6 GiB" in report
+    recommended = next(line for line in report.splitlines() if line.startswith("recommended: "))
+    overrides = recommended.removeprefix("recommended: ").split()
+    chosen = load_config("3b", [*BIG_BATCH, *overrides])  # validates
+    assert check_world(chosen, 256) * chosen.parallel.tensor * chosen.parallel.pipeline == 256
+    total = float(report.split("recommended: ")[1].splitlines()[1].split()[0])
+    assert 0 < total <= 79.6
+
+
+def test_memory_terms_against_the_parameter_count_and_each_other():
+    cfg = load_config("3b", BIG_BATCH)
+    params = parameter_split(cfg)
+    assert sum(params) == count_parameters(build_on_meta(cfg.model))
+    sample, turns = sample_workload(cfg)
+    assert sample.tokens <= cfg.data.max_tokens and turns >= 1
+    one = estimate(cfg, Layout(1, 1, 8, 1, 64), GPUS["h100"], sample, params, 8, 0.5)
+    assert one.weights_gib == pytest.approx(sum(params) * 12 / GIB)  # fp32 weights, gradients, EMA
+    assert one.optimizer_gib == pytest.approx(sum(params) * 8 / 8 / GIB)  # Adam, sharded over 8 DP ranks
+    tp4 = estimate(cfg, Layout(4, 1, 2, 1, 256), GPUS["h100"], sample, params, 8, 0.5)
+    assert tp4.activations_gib == pytest.approx(one.activations_gib / 4)
+    assert one.activations_recompute_gib < one.activations_gib / 10
+    assert one.step_recompute_s > one.step_s
+    assert tp4.tensor_s > 0 == one.tensor_s
+
+
+def test_a_model_that_fits_nowhere_says_so_and_exits_non_zero(capsys):
+    result = run_main(capsys, "plan", "--preset", "7b", "--gpus", "1", "--gpu", "a100")
+    assert result.returncode == 1
+    assert "the model fits nowhere" in result.stdout and "80 GiB of one a100" in result.stdout
+
+
+def test_gpu_counts_that_do_not_divide(capsys):
+    result = run_main(capsys, "plan", "--preset", "3b", "--gpus", "12")
+    assert result.returncode == 2 and "--gpus (12) must be a multiple of --gpus-per-node (8)" in error_line(result)
+    result = run_main(capsys, "plan", "--preset", "3b", "--gpus", "7")  # DP 7 cannot split a batch of 8
+    assert result.returncode == 2
+    assert "no TP x PP x DP layout of 7 GPUs" in error_line(result) and "not divisible by DP 7" in error_line(result)
+    result = run_main(capsys, "plan", "--preset", "3b", "--gpus", "0")
+    assert result.returncode == 2 and "--gpus must be >= 1" in error_line(result)
+
+
+def test_layouts_follow_the_config_rules():
+    cfg = load_config("3b", BIG_BATCH)
+    layouts, _ = candidate_layouts(cfg, 256, 8)
+    assert layouts and all(20 % l.tensor == 0 and 32 % l.pipeline == 0 for l in layouts)
+    assert all(l.tensor * l.pipeline * l.data == 256 and l.micro_batch * l.micro_batches * l.data == 512
+               for l in layouts)
+    with pytest.raises(ConfigError, match="--efficiency"):
+        plan(cfg, 256, GPUS["h100"], "h100", 8, 1.5)
