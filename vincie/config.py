@@ -166,6 +166,9 @@ class DataConfig:
     # a run stops when more than this share of the sessions it read were bad (skipped), once it read bad_min_sessions
     max_bad_share: float = 0.01
     bad_min_sessions: int = 100
+    # each rank appends the keys of the sessions it consumed, per step, to OUT/sessions/rank-NNN.jsonl (cut back
+    # to the checkpoint on resume, so it holds what the run committed): an audit of exactly-once reading
+    record_sessions: bool = False
 
 
 @dataclass
@@ -199,6 +202,17 @@ class ParallelConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus endpoint and utilisation figures (vincie/metrics.py)."""
+    # base port of the HTTP endpoint: the process with local rank L serves http://0.0.0.0:(port + L)/metrics;
+    # 0 = no endpoint (the figures still go to metrics.jsonl and the progress bar)
+    port: int = 0
+    # the device's peak dense TFLOP/s at the training precision (e.g. 989 for an H100 SXM in bf16), for MFU;
+    # 0 = unknown: model TFLOP/s is reported, MFU is not
+    peak_tflops: float = 0.0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -211,6 +225,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def bucket_shapes(cfg: Config) -> list[tuple[int, int]]:
@@ -538,6 +553,10 @@ def validate(cfg: Config) -> None:
     require(st.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
     require(st.read_attempts >= 1, "storage.read_attempts", "must be >= 1")
     require(st.retry_backoff_s >= 0, "storage.retry_backoff_s", "must be >= 0")
+    require(cfg.metrics.port == 0 or 1024 <= cfg.metrics.port <= 65535, "metrics.port",
+            f"must be 0 (off) or a port in 1024..65535, got {cfg.metrics.port}")
+    require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops",
+            f"must be >= 0 (0: unknown, no MFU), got {cfg.metrics.peak_tflops}")
 
 
 def validate_data(cfg: Config) -> None:
