@@ -188,8 +188,8 @@ def to_text(docs: list[dict]) -> str:
 def clients():
     from kubernetes import client, config
 
-    try:
-        config.load_kube_config()
+    try:  # the client reads $KUBECONFIG once, at import: read it here, at the call
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG", "~/.kube/config"))
     except (config.ConfigException, FileNotFoundError, TypeError) as exc:
         raise VincieError(f"no usable kubeconfig (KUBECONFIG or ~/.kube/config): {exc}") from None
     return client.CoreV1Api(), client.CustomObjectsApi()
