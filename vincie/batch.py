@@ -16,6 +16,7 @@ from vincie.attention import MaskSpec
 from vincie.config import Config, bucket_shapes
 from vincie.data import LoadedSession
 from vincie.diffusion import noisy, sample_timesteps, velocity_target
+from vincie.flops import Workload, batch_workload
 from vincie.model import ModelInputs
 from vincie.sequence import TASKS, Block, BlockType, Layout, Role, build_blocks, full_attention_blocks, layout
 
@@ -72,6 +73,7 @@ class Batch:
     target_t: torch.Tensor  # (N_target, 1) float: the timestep of each NOISY latent token
     target_weight: torch.Tensor  # (N_target,) float: loss weight per target token (diffusion.changed_region_weight)
     num_samples: int
+    work: Workload  # what the batch's model FLOPs depend on (vincie.flops), counted on the host
 
     @property
     def target_inputs(self) -> torch.Tensor:
@@ -199,6 +201,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
     spec = MaskSpec.from_layouts(layouts, num_tokens=length)
     B, T = spec.token_block.shape
     NB = spec.block_noisy.shape[1]
+    work = batch_workload(layouts, T)
     text_index, latent_index, text_tokens, latent_tokens = [], [], [], []
     targets, select, tasks, target_t, target_weight = [], [], [], [], []
     positions = torch.zeros(T, B, 3, dtype=torch.int64)
@@ -243,4 +246,4 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                                                                                      device=device),
                  target_t=torch.cat(target_t).to(device) if target_t else torch.zeros(0, 1, device=device),
                  target_weight=torch.cat(target_weight).to(device) if target_weight else torch.zeros(0, device=device),
-                 num_samples=len(samples))
+                 num_samples=len(samples), work=work)

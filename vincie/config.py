@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import importlib.util
 import math
 import re
 import types
@@ -100,6 +101,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     spec: Literal["local", "te"] = "local"  # layer implementations: pure PyTorch, or Transformer Engine
+    # FP8 GEMMs in the layers' projections (spec te, train.precision bf16); adaLN, embedders, the final layer
+    # and attention stay bf16. Format: e4m3 throughout, or hybrid (e4m3 forward, e5m2 gradients)
+    fp8: Literal["off", "e4m3", "hybrid"] = "off"
+    # scaling: delayed (amax history), tensorwise (current scaling), blockwise (Hopper), mxfp8 (Blackwell)
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
     attention_backend: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex on GPU, sdpa on CPU
 
 
@@ -533,8 +539,6 @@ def validate(cfg: Config) -> None:
             f"must leave a head dimension divisible by 8 (3D RoPE), got {m.hidden_size // m.num_heads}")
     require(0 <= m.dual_stream_layers <= m.num_layers, "model.dual_stream_layers",
             f"must be between 0 and model.num_layers ({m.num_layers}), got {m.dual_stream_layers}")
-    require(m.spec == "local", "model.spec", "'te' needs Transformer Engine, which arrives with issue [7/8]; "
-            "use 'local'")
     require(set(cfg.diffusion.loss_weights) == {"nip", "csp", "nsp"}, "diffusion.loss_weights",
             f"must give weights for exactly nip, csp and nsp, got {sorted(cfg.diffusion.loss_weights)}")
     require(cfg.diffusion.logit_normal_scale > 0, "diffusion.logit_normal_scale", "must be > 0")
@@ -569,6 +573,7 @@ def validate(cfg: Config) -> None:
     require(cfg.data.resolution % cell == 0, "data.resolution",
             f"must be a multiple of vae.factor x model.patch_size ({cell}), got {cfg.data.resolution}")
     validate_parallel(cfg)
+    validate_precision(cfg)
     validate_data(cfg)
     st = cfg.storage
     require(st.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
@@ -603,6 +608,43 @@ def validate_k8s(k: K8sConfig) -> None:
         require(re.fullmatch(DNS_LABEL, value) is not None, f"k8s.{name}",
                 f"must name a Kubernetes object (DNS label), got {value!r}")
     require(k.max_restarts >= 0, "k8s.max_restarts", f"must be >= 0, got {k.max_restarts}")
+
+
+TE_INSTALL = "pip install --no-build-isolation 'transformer_engine[pytorch]' (on a CUDA machine)"
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def fp8_gemm_shapes(m: ModelConfig, tensor: int) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each layer projection on one tensor-parallel rank: the FP8 GEMMs' weight dims."""
+    h, f = m.hidden_size, ffn_hidden_size(m)
+    return {"linear_qkv": (h, 3 * h // tensor), "linear_proj": (h // tensor, h),
+            "linear_fc1": (h, 2 * f // tensor), "linear_fc2": (f // tensor, h)}
+
+
+def fp8_alignment(recipe: str) -> int:
+    """FP8 GEMM dimensions must be multiples of this (MXFP8 scales blocks of 32 values)."""
+    return 32 if recipe == "mxfp8" else 16
+
+
+def validate_precision(cfg: Config) -> None:
+    m = cfg.model
+    if m.spec == "te" or m.fp8 != "off":
+        require(have_transformer_engine(), "model.spec" if m.fp8 == "off" else "model.fp8",
+                f"needs Transformer Engine, which is not installed: {TE_INSTALL}; or use model.spec=local "
+                "model.fp8=off")
+    if m.fp8 == "off":
+        return
+    require(m.spec == "te", "model.fp8", f"needs model.spec=te (Transformer Engine layers), got {m.spec!r}")
+    require(cfg.train.precision == "bf16", "model.fp8", f"needs train.precision=bf16, got {cfg.train.precision!r}")
+    align = fp8_alignment(m.fp8_recipe)
+    for name, (n_in, n_out) in fp8_gemm_shapes(m, cfg.parallel.tensor).items():
+        require(n_in % align == 0 and n_out % align == 0, "model.fp8",
+                f"needs every FP8 GEMM dimension to be a multiple of {align}: {name} is {n_in} x {n_out} per "
+                f"tensor-parallel rank (model.hidden_size {m.hidden_size}, MLP width {ffn_hidden_size(m)}, "
+                f"parallel.tensor {cfg.parallel.tensor})")
 
 
 def validate_data(cfg: Config) -> None:

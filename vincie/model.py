@@ -31,6 +31,7 @@ attention.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -79,6 +80,10 @@ class Linears:
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Sequence parallel: all tokens [T, B, H] -> this rank's [T/tp, B, H]."""
         return x
+
+    def layer_context(self, layer: int):
+        """A context around layer `layer` (global index): megatron-core's FP8 context under the TE spec."""
+        return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,8 +375,9 @@ class MMDiT(nn.Module):
             backend = "sdpa"
             mask = cache.attention_mask(dense_mask(spec))  # (B, 1, T, L + T)
         for index, layer in self.layers.items():
-            h = layer(h, shared_mod, token_is_text, rope, mask, backend, streams,
-                      cache.layer(int(index)) if cache is not None else None)
+            with self.linears.layer_context(int(index)):
+                h = layer(h, shared_mod, token_is_text, rope, mask, backend, streams,
+                          cache.layer(int(index)) if cache is not None else None)
         if not self.post_process:
             return h
         # the final layer and the loss run on all tokens, the same on every TP rank
