@@ -34,6 +34,7 @@ from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict,
 from vincie.data import SKIP_REASONS, SamplerState, sub_session, truncate
 from vincie.diffusion import X0_MIN_T, output_to_velocity
 from vincie.errors import VincieError
+from vincie.flops import training_flops
 from vincie.loader import Loader, Skipped
 from vincie.metrics import Metrics, serve
 from vincie.parallel import DistInfo, init_distributed, megatron_runtime, model_stages
@@ -392,11 +393,11 @@ class Trainer:
         return grad_norm, finite
 
 
-def model_flops(cfg: Config, batches: list[Batch]) -> float | None:
-    """THE call site of the analytic FLOPs count (forward + backward) of this rank's micro-batches, which model
-    TFLOP/s and MFU come from. The count (vincie/flops.py, block-causal sparsity counted) is being written on
-    another branch; until it is merged this returns None and no TFLOP/s or MFU is reported."""
-    return None
+def model_flops(cfg: Config, batches: list[Batch]) -> float:
+    """The one call site of the analytic FLOPs count that model TFLOP/s and MFU come from: forward + backward of
+    this rank's micro-batches (vincie.flops, block-causal pairs counted; the Workloads were counted on the host by
+    collate, so this touches no device). A rank without a real sample (a null batch) did no useful work."""
+    return float(sum(training_flops(cfg.model, b.work) for b in batches if b.num_samples))
 
 
 def add_task_sums(per_batch: list[dict]) -> dict:
@@ -454,11 +455,8 @@ def append_line(path: str, record: dict) -> None:
 
 def window_utilisation(window: list[dict], cfg: Config) -> dict:
     """Model TFLOP/s of this GPU over a log window (its share of the replica's FLOPs: 1 / (TP x PP)) and MFU."""
-    flops = [l["flops"] for l in window]
-    if any(f is None for f in flops):
-        return {}
     p = cfg.parallel
-    tflops = sum(flops) / (p.tensor * p.pipeline) / sum(l["step_s"] for l in window) / 1e12
+    tflops = sum(l["flops"] for l in window) / (p.tensor * p.pipeline) / sum(l["step_s"] for l in window) / 1e12
     return {"model_tflops": tflops} | ({"mfu": tflops / cfg.metrics.peak_tflops} if cfg.metrics.peak_tflops else {})
 
 
@@ -469,7 +467,7 @@ def progress_figures(record: dict) -> dict:
     figures |= {"step_s": f"{record['step_s']:.3f}", "samples/s": f"{record['samples_per_s']:.1f}",
                 "tokens/s": f"{record['tokens_per_s']:.0f}", "grad_norm": f"{record['grad_norm']:.3f}"}
     if "model_tflops" in record:
-        figures["TFLOP/s"] = f"{record['model_tflops']:.1f}"
+        figures["TFLOP/s"] = f"{record['model_tflops']:.3g}"
     if "mfu" in record:
         figures["MFU"] = f"{record['mfu']:.1%}"
     return figures
