@@ -72,6 +72,13 @@ def test_the_endpoint_serves_every_design_series_with_the_rank_label():
     assert value["vincie_checkpoint_last_step"] == 200 and value["vincie_checkpoint_last_timestamp_seconds"] == 1.7e9
 
 
+def test_metrics_config_is_validated(capsys):
+    for override, key in (("metrics.port=80", "metrics.port"), ("metrics.port=70000", "metrics.port"),
+                          ("metrics.peak_tflops=-1", "metrics.peak_tflops")):
+        result = run_main(capsys, "config", "show", override)
+        assert result.returncode == 2 and f"'{key}'" in error_line(result)
+
+
 def test_report_draws_a_run_log_and_names_bad_input(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

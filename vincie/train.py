@@ -520,6 +520,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     trainer.loader.close()
     if server is not None:
         server.shutdown()
+        server.server_close()
     if info.is_main:
         totals = trainer.data_totals
         skipped = ", ".join(f"{r} {n}" for r, n in totals["skipped"].items() if n) or "none"
