@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -141,6 +142,8 @@ def query(prometheus: str, expr: str) -> dict:
         return json.loads(urllib.request.urlopen(url, timeout=10).read())
     except urllib.error.HTTPError as exc:  # a bad query answers 400 with the reason in the body
         return json.loads(exc.read())
+    except urllib.error.URLError as exc:  # not listening yet
+        return {"status": "unreachable", "error": str(exc)}
 
 
 def dashboard_queries() -> list[str]:
