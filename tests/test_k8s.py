@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,8 +127,6 @@ def two_free_ports() -> int:
     while True:
         port = free_port()
         try:
-            import socket
-
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port + 1))
             return port
