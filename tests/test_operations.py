@@ -216,11 +216,12 @@ def record(run: Path) -> dict[int, list[list[str]]]:
 
 @pytest.mark.slow
 def test_a_run_that_loses_a_rank_restarts_resumes_and_consumes_the_epoch_exactly_once(tmp_path, data):
-    """32 sessions, 4 per step over 2 ranks: 8 steps are one epoch. One worker is killed with SIGKILL after the
-    first checkpoint; torchrun restarts both, they resume from the latest checkpoint, and the record of consumed
-    sessions (cut back to that checkpoint on resume) holds every session of the epoch exactly once."""
+    """32 sessions, 4 per step over 2 ranks: 8 steps are one epoch; the run takes two. One worker is killed with
+    SIGKILL after the first checkpoint; torchrun restarts both, they resume from the latest checkpoint, and the
+    record of consumed sessions (cut back to that checkpoint on resume) holds every session of each epoch exactly
+    once."""
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", data,
-                          train={"steps": 8, "log_every": 1, "checkpoint_every": 2},
+                          train={"steps": 16, "log_every": 1, "checkpoint_every": 2},
                           data={"workers": 0, "record_sessions": True})
     log_path = tmp_path / "launch.log"
     with open(log_path, "w") as log:
@@ -241,12 +242,12 @@ def test_a_run_that_loses_a_rank_restarts_resumes_and_consumes_the_epoch_exactly
             stop(run)
     output = log_path.read_text()
     assert code == 0, output[-3000:]
-    assert killed_after != "step-000008" and "resuming from" in output, output[-3000:]
+    assert killed_after != "step-000016" and "resuming from" in output, output[-3000:]
     run_dir = tmp_path / "run"
-    assert [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")] == list(range(1, 9))
+    assert [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")] == list(range(1, 17))
     steps = record(run_dir)
-    assert sorted(steps) == [0, 1] and all(len(keys) == 8 for keys in steps.values())
-    consumed = [key for rank in steps.values() for keys in rank for key in keys]
-    expected = read_index(data).column("id").to_pylist()
-    assert len(consumed) == len(expected) == 32
-    assert sorted(consumed) == sorted(expected)  # no duplicates, no gaps
+    assert sorted(steps) == [0, 1] and all(len(keys) == 16 for keys in steps.values())
+    expected = sorted(read_index(data).column("id").to_pylist())
+    for epoch in (0, 1):
+        consumed = [key for rank in steps.values() for keys in rank[8 * epoch:8 * (epoch + 1)] for key in keys]
+        assert sorted(consumed) == expected, epoch  # 32 sessions: no duplicates, no gaps
