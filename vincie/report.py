@@ -41,7 +41,8 @@ def write_report(run_dir: str, out: str | None = None) -> str:
         return [r.get(key) if r.get(key) is not None else float("nan") for r in records]
 
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
-    fig.suptitle(f"vincie run {os.path.abspath(run_dir)}: {len(records)} log records, steps {steps[0]}..{steps[-1]}")
+    fig.suptitle(f"vincie run {os.path.basename(os.path.abspath(run_dir))}: {len(records)} log records, "
+                 f"steps {steps[0]}..{steps[-1]}")
     ax = axes[0, 0]
     ax.plot(steps, series("loss"), label="all (weighted)", color="black")
     for task in TASKS:
@@ -55,10 +56,13 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     ax.set_title("samples/s (blue), tokens/s (orange)")
     ax.twinx().plot(steps, series("tokens_per_s"), color="tab:orange")
     ax = axes[0, 3]
-    if any("model_tflops" in r for r in records):
+    if any("mfu" in r for r in records):
         ax.plot(steps, series("model_tflops"), color="tab:blue")
         ax.set_title("model TFLOP/s per GPU (blue), MFU (orange)")
         ax.twinx().plot(steps, series("mfu"), color="tab:orange")
+    elif any("model_tflops" in r for r in records):
+        ax.plot(steps, series("model_tflops"))
+        ax.set_title("model TFLOP/s per GPU (no metrics.peak_tflops: no MFU)")
     else:
         ax.set_title("model TFLOP/s, MFU")
         ax.text(0.5, 0.5, "not logged\n(no FLOPs count in this run)", ha="center", va="center",
