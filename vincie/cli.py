@@ -41,6 +41,38 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from vincie import k8s
+
+    cfg = config_from_args(args)
+    if args.k8s_command == "render":
+        text = k8s.to_text(k8s.render(cfg, monitoring=args.monitoring))
+        if args.out:
+            from vincie import storage
+
+            storage.write_bytes_atomic(args.out, text.encode())
+            print(f"k8s: manifests -> {args.out} (apply: kubectl apply -f {args.out}, or vincie k8s submit)")
+        else:
+            print(text, end="")
+    elif args.k8s_command == "submit":
+        print(f"k8s: submitted {k8s.submit(cfg)} in namespace {cfg.k8s.namespace}")
+    elif args.k8s_command == "status":
+        print(k8s.status(cfg))
+    elif args.k8s_command == "logs":
+        print(k8s.logs(cfg, args.pod, args.tail), end="")
+    else:
+        print("k8s: deleted " + ", ".join(k8s.cancel(cfg)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vincie.report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    print(f"report: {out}")
+    return 0
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from vincie import storage
     from vincie.inference import Editor, load_config, load_image, restore_size
@@ -158,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vincie",
         description="vincie: train in-context multi-turn image editing from video (after VINCIE, arXiv 2506.10941).")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{config,data,train,launch,export,edit,eval,bench,plan}")
+                                metavar="{config,data,train,launch,k8s,report,export,edit,eval,bench,plan}")
 
     config = sub.add_parser("config", help="show a resolved, validated config",
                             description="Load a preset or YAML file, apply overrides, validate, print the result.")
@@ -263,6 +295,43 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(local)
     local.set_defaults(func=cmd_launch_local)
+
+    kube = sub.add_parser("k8s", help="training jobs on Kubernetes (JobSet or PyTorchJob)",
+                          description="A training run as a Kubernetes job: k8s.nodes pods of k8s.gpus_per_node "
+                                      "torchrun processes (c10d rendezvous), the resolved config in a ConfigMap, "
+                                      "S3 credentials from the Secret k8s.s3_secret, run.out_dir on the volume "
+                                      "k8s.checkpoint_pvc, restarts that resume from the latest checkpoint. The "
+                                      "job is named after run.name. render builds k8s/ with `kubectl kustomize` "
+                                      "and prints the run's manifests (a dry run: nothing is sent); submit, status, "
+                                      "logs and cancel talk to the cluster of the current kubeconfig context.")
+    ksub = kube.add_subparsers(dest="k8s_command", required=True, metavar="{render,submit,status,logs,cancel}")
+    render = ksub.add_parser("render", help="print the run's manifests (nothing is sent)",
+                             description="Print the job (k8s.kind: jobset or pytorchjob), its headless service and "
+                                         "config as YAML.")
+    render.add_argument("--monitoring", action="store_true",
+                        help="add the PodMonitor, PrometheusRule and Grafana dashboard ConfigMap (once per namespace)")
+    render.add_argument("--out", metavar="FILE", help="write to FILE instead of printing")
+    submit = ksub.add_parser("submit", help="create the job in the cluster",
+                             description="Create the rendered ConfigMap, Service and job in k8s.namespace.")
+    kstatus = ksub.add_parser("status", help="the job's state and its pods",
+                              description="The job's newest condition, its restarts and its pods' phases.")
+    klogs = ksub.add_parser("logs", help="a trainer pod's log", description="The log of node 0's pod (or --pod).")
+    klogs.add_argument("--pod", help="pod name (default: the first of the run's pods, node 0)")
+    klogs.add_argument("--tail", type=int, help="only the last N lines")
+    kcancel = ksub.add_parser("cancel", help="delete the job, its pods, service and config",
+                              description="Delete the job (its pods go with it), its service and its ConfigMap. The "
+                                          "checkpoints on the volume stay: submitting the run again resumes it.")
+    for parser_ in (render, submit, kstatus, klogs, kcancel):
+        add_config_arguments(parser_)
+        parser_.set_defaults(func=cmd_k8s)
+
+    report = sub.add_parser("report", help="a PNG report of a run's metrics",
+                            description="Plot a run's metrics.jsonl (loss per task, step time, throughput, "
+                                        "utilisation, gradient norm, learning rate, data wait and skips) into one "
+                                        "PNG, written atomically.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")
+    report.add_argument("--out", metavar="PNG", help="output path (default: RUN_DIR/report.png)")
+    report.set_defaults(func=cmd_report)
     bench.register(sub)
     register_plan(sub)
     return parser

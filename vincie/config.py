@@ -233,6 +233,9 @@ class DataConfig:
     # a run stops when more than this share of the sessions it read were bad (skipped), once it read bad_min_sessions
     max_bad_share: float = 0.01
     bad_min_sessions: int = 100
+    # each rank appends the keys of the sessions it consumed, per step, to OUT/sessions/rank-NNN.jsonl (cut back
+    # to the checkpoint on resume, so it holds what the run committed): an audit of exactly-once reading
+    record_sessions: bool = False
 
 
 @dataclass
@@ -266,6 +269,39 @@ class ParallelConfig:
 
 
 @dataclass
+class K8sConfig:
+    """A Kubernetes training job (`vincie k8s`, k8s/): nodes x GPUs per node processes under torchrun."""
+    kind: Literal["jobset", "pytorchjob"] = "jobset"  # JobSet (jobset.x-k8s.io) or Kubeflow PyTorchJob
+    namespace: str = "default"
+    image: str = "vincie:0.1.0"  # built from k8s/image/Dockerfile and pushed where the cluster pulls from
+    nodes: int = 1
+    gpus_per_node: int = 8  # torchrun processes per pod
+    cpu: str = "32"  # per pod (Kubernetes quantities)
+    memory: str = "256Gi"
+    shm_size: str = "64Gi"  # /dev/shm (memory-backed emptyDir) for the loader processes and NCCL
+    # Secret (created by the user, never rendered) with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and optionally
+    # AWS_ENDPOINT_URL and AWS_DEFAULT_REGION: the S3 credentials and endpoint
+    s3_secret: str = "vincie-s3"
+    # PersistentVolumeClaim (ReadWriteMany) for run.out_dir: checkpoints, metrics.jsonl; mounted at /checkpoints,
+    # run.out_dir becomes /checkpoints/<run.name> in the rendered config
+    checkpoint_pvc: str = "vincie-checkpoints"
+    # torchrun restarts of dead worker processes inside a pod, and restarts of the whole job (JobSet
+    # failurePolicy.maxRestarts, PyTorchJob runPolicy.backoffLimit); each resumes from the latest checkpoint
+    max_restarts: int = 3
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus endpoint and utilisation figures (vincie/metrics.py)."""
+    # base port of the HTTP endpoint: the process with local rank L serves http://0.0.0.0:(port + L)/metrics;
+    # 0 = no endpoint (the figures still go to metrics.jsonl and the progress bar)
+    port: int = 0
+    # the device's peak dense TFLOP/s at the training precision (e.g. 989 for an H100 SXM in bf16), for MFU;
+    # 0 = unknown: model TFLOP/s is reported, MFU is not
+    peak_tflops: float = 0.0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -279,6 +315,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    k8s: K8sConfig = field(default_factory=K8sConfig)
 
 
 def bucket_shapes(cfg: Config) -> list[tuple[int, int]]:
@@ -645,6 +683,33 @@ def validate(cfg: Config) -> None:
     require(st.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
     require(st.read_attempts >= 1, "storage.read_attempts", "must be >= 1")
     require(st.retry_backoff_s >= 0, "storage.retry_backoff_s", "must be >= 0")
+    require(cfg.metrics.port == 0 or 1024 <= cfg.metrics.port <= 65535, "metrics.port",
+            f"must be 0 (off) or a port in 1024..65535, got {cfg.metrics.port}")
+    validate_k8s(cfg.k8s)
+    require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops",
+            f"must be >= 0 (0: unknown, no MFU), got {cfg.metrics.peak_tflops}")
+
+
+QUANTITY = r"[0-9]+(\.[0-9]+)?([numkMGTPE]|[KMGTPE]i)?"
+DNS_LABEL = r"[a-z]([-a-z0-9]*[a-z0-9])?"
+
+
+def validate_k8s(k: K8sConfig) -> None:
+    require(re.fullmatch(DNS_LABEL, k.namespace) is not None and len(k.namespace) <= 63, "k8s.namespace",
+            f"must be a DNS label (lowercase letters, digits, '-'), got {k.namespace!r}")
+    require(k.image != "", "k8s.image", "must name a container image")
+    require(k.nodes >= 1, "k8s.nodes", f"must be >= 1, got {k.nodes}")
+    require(1 <= k.gpus_per_node <= 8, "k8s.gpus_per_node",
+            f"must be in 1..8 (metrics ports metrics.port..+7 per pod), got {k.gpus_per_node}")
+    for name in ("cpu", "memory", "shm_size"):
+        value = getattr(k, name)
+        require(re.fullmatch(QUANTITY, value) is not None, f"k8s.{name}",
+                f"must be a Kubernetes quantity such as 32, 500m, 256Gi, got {value!r}")
+    for name in ("s3_secret", "checkpoint_pvc"):
+        value = getattr(k, name)
+        require(re.fullmatch(DNS_LABEL, value) is not None, f"k8s.{name}",
+                f"must name a Kubernetes object (DNS label), got {value!r}")
+    require(k.max_restarts >= 0, "k8s.max_restarts", f"must be >= 0, got {k.max_restarts}")
 
 
 TE_INSTALL = "pip install --no-build-isolation 'transformer_engine[pytorch]' (on a CUDA machine)"

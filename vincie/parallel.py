@@ -48,6 +48,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def restart_store(world: int) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart attempt; None otherwise (env:// as usual).
+    torchrun shares its rendezvous store with the workers and keeps it across restarts, so without a prefix the
+    workers of a restarted attempt can read the process-group keys of the attempt before (the listening addresses
+    of killed processes: "Gloo connectFullMesh failed ... Connection refused")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    return dist.PrefixStore(f"vincie/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(parallel: ParallelConfig | None = None) -> DistInfo:
     """torch.distributed (gloo on CPU, NCCL on GPU) and megatron-core's TP/PP/DP groups."""
     parallel = parallel or ParallelConfig()
@@ -65,7 +76,7 @@ def init_distributed(parallel: ParallelConfig | None = None) -> DistInfo:
         else:
             os.environ.setdefault("MASTER_ADDR", os.environ.get("PET_MASTER_ADDR", "127.0.0.1"))
             os.environ.setdefault("MASTER_PORT", os.environ.get("PET_MASTER_PORT", "29500"))
-            dist.init_process_group(backend, rank=rank, world_size=world)
+            dist.init_process_group(backend, rank=rank, world_size=world, store=restart_store(world))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -6,7 +6,9 @@ pipeline stage of it) predicts velocities -> per-task weighted flow loss -> Adam
 clipping, EMA. Every random draw of step s comes from generators seeded by
 (seed, s, rank), so a resumed run repeats the uninterrupted one exactly.
 
-Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per log step), checkpoints/.
+Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per log step), checkpoints/, and with
+data.record_sessions sessions/rank-NNN.jsonl (the session keys each rank consumed, per step). The same figures go
+to the progress bar and, with metrics.port, to a Prometheus endpoint per process (vincie/metrics.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import asdict
 
@@ -31,8 +34,9 @@ from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict,
 from vincie.data import SKIP_REASONS, SamplerState, sub_session, truncate
 from vincie.diffusion import X0_MIN_T, output_to_velocity
 from vincie.errors import VincieError
+from vincie.flops import training_flops
 from vincie.loader import Loader, Skipped
-from vincie.metrics import Metrics
+from vincie.metrics import Metrics, serve
 from vincie.parallel import DistInfo, init_distributed, megatron_runtime, model_stages
 from vincie.sequence import TASKS
 
@@ -207,12 +211,14 @@ class Trainer:
         self.load_common(state["common"])
 
     def save(self) -> None:
+        start = time.perf_counter()
         if self.megatron:
             checkpoint.save_sharded(self)
         elif self.info.is_main:
             checkpoint.save(self.cfg.run.out_dir, self.step, self.state(), self.cfg.train.keep_checkpoints)
         if dist.is_initialized():
             dist.barrier()
+        self.metrics.checkpoint(self.step, time.perf_counter() - start, time.time())
 
     def resume(self) -> str | None:
         path = checkpoint.latest(self.cfg.run.out_dir)
@@ -221,6 +227,7 @@ class Trainer:
                 checkpoint.load_sharded(self, path)
             else:
                 self.load(checkpoint.load(path))
+            self.metrics.checkpoint(self.step, None, os.path.getmtime(path))
         return path
 
     # -- one step -------------------------------------------------------------------------------------------
@@ -257,7 +264,7 @@ class Trainer:
         if not real:
             batches = [dataclasses.replace(batches[0], num_samples=0)]
         skipped = [sum(isinstance(x, Skipped) and x.reason == r for x in items) for r in SKIP_REASONS]
-        return batches, {"wait_s": wait_s, "counts": [len(items), *skipped]}
+        return batches, {"wait_s": wait_s, "counts": [len(items), *skipped], "keys": [x.key for x in items]}
 
     def make_batch(self) -> Batch:
         """The local batch as one batch (with parallel.micro_batch_size 0)."""
@@ -286,8 +293,9 @@ class Trainer:
         return {"step": self.step, "loss_sum": sums["loss_sum"], "count": sums["count"], "grad_norm": grad_norm,
                 "finite": finite, "lr": lr, "samples": sum(b.num_samples for b in batches),
                 "tokens": sum(int(b.inputs.mask.token_block.numel()) for b in batches),
-                "task_sums": sums["task_sums"], "reporter": sums["reporter"],
-                "data_s": data["wait_s"], "step_s": time.perf_counter() - start}
+                "task_sums": sums["task_sums"], "reporter": sums["reporter"], "keys": data["keys"],
+                "flops": model_flops(self.cfg, batches), "data_s": data["wait_s"],
+                "step_s": time.perf_counter() - start}
 
     def add_data_totals(self, counts: list[float]) -> None:
         """Adds the step's global [sessions, skipped per reason] and stops the run, on every rank at once, when
@@ -385,6 +393,13 @@ class Trainer:
         return grad_norm, finite
 
 
+def model_flops(cfg: Config, batches: list[Batch]) -> float:
+    """The one call site of the analytic FLOPs count that model TFLOP/s and MFU come from: forward + backward of
+    this rank's micro-batches (vincie.flops, block-causal pairs counted; the Workloads were counted on the host by
+    collate, so this touches no device). A rank without a real sample (a null batch) did no useful work."""
+    return float(sum(training_flops(cfg.model, b.work) for b in batches if b.num_samples))
+
+
 def add_task_sums(per_batch: list[dict]) -> dict:
     return {t: (sum(d[t][0] for d in per_batch), sum(d[t][1] for d in per_batch)) for t in TASKS}
 
@@ -418,12 +433,44 @@ def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
     return out
 
 
-def append_metrics(path: str, record: dict, resume_step: int | None) -> None:
-    if resume_step is not None and os.path.exists(path):  # drop lines past the checkpoint we resumed from
-        lines = [l for l in open(path) if json.loads(l)["step"] <= resume_step]
-        storage.write_bytes_atomic(path, "".join(lines).encode())
+def cut_log(path: str, step: int) -> None:
+    """Drops the lines of a JSONL log past `step` (the checkpoint a run resumes from; 0 for a fresh start) and a
+    torn last line, so the log holds what the resumed run committed and the steps it repeats appear once."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):  # a line cut short by a killed process
+            pass
+    storage.write_bytes_atomic(path, "".join(kept).encode())
+
+
+def append_line(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def window_utilisation(window: list[dict], cfg: Config) -> dict:
+    """Model TFLOP/s of this GPU over a log window (its share of the replica's FLOPs: 1 / (TP x PP)) and MFU."""
+    p = cfg.parallel
+    tflops = sum(l["flops"] for l in window) / (p.tensor * p.pipeline) / sum(l["step_s"] for l in window) / 1e12
+    return {"model_tflops": tflops} | ({"mfu": tflops / cfg.metrics.peak_tflops} if cfg.metrics.peak_tflops else {})
+
+
+def progress_figures(record: dict) -> dict:
+    """The progress bar's postfix: the log record's losses, throughput and utilisation."""
+    figures = {k: f"{record[k]:.3f}" for k in ("loss", "loss_nip", "loss_csp", "loss_nsp")
+               if record.get(k) is not None}
+    figures |= {"step_s": f"{record['step_s']:.3f}", "samples/s": f"{record['samples_per_s']:.1f}",
+                "tokens/s": f"{record['tokens_per_s']:.0f}", "grad_norm": f"{record['grad_norm']:.3f}"}
+    if "model_tflops" in record:
+        figures["TFLOP/s"] = f"{record['model_tflops']:.3g}"
+    if "mfu" in record:
+        figures["MFU"] = f"{record['mfu']:.1%}"
+    return figures
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
@@ -434,31 +481,46 @@ def train(cfg: Config, progress: bool = True) -> dict:
         storage.write_bytes_atomic(os.path.join(cfg.run.out_dir, "config.yaml"), to_yaml(cfg).encode())
     trainer = Trainer(cfg, info, progress)
     resume_from = trainer.resume()
-    resumed_step = None
-    if resume_from:
-        resumed_step = trainer.step
-        if info.is_main:
-            print(f"train: resuming from {resume_from} (step {trainer.step})")
+    if resume_from and info.is_main:
+        print(f"train: resuming from {resume_from} (step {trainer.step})")
+    server = None
+    if cfg.metrics.port:
+        port = cfg.metrics.port + info.local_rank
+        server = serve(trainer.metrics, port, info.rank)
+        print(f"train: rank {info.rank}: metrics at http://{socket.gethostname()}:{port}/metrics", flush=True)
     metrics_path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
+    sessions_path = os.path.join(cfg.run.out_dir, "sessions", f"rank-{info.rank:03d}.jsonl")
+    if info.is_main:
+        cut_log(metrics_path, trainer.step)
+    if cfg.data.record_sessions:
+        os.makedirs(os.path.dirname(sessions_path), exist_ok=True)
+        cut_log(sessions_path, trainer.step)
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, unit="step", desc=f"train {cfg.run.name}",
                disable=not (progress and info.is_main))
     window, last = [], {}
     while trainer.step < cfg.train.steps:
-        window.append(trainer.train_step())
+        log = trainer.train_step()
+        window.append(log)
+        trainer.metrics.step(log)
+        if cfg.data.record_sessions:
+            append_line(sessions_path, {"step": log["step"], "keys": log["keys"]})
         bar.update(1)
         if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
-            last = reduce_logs(window, info) | {"data_sessions": trainer.data_totals["sessions"],
-                                                "data_skipped": dict(trainer.data_totals["skipped"])}
+            last = reduce_logs(window, info) | window_utilisation(window, cfg) | {
+                "data_sessions": trainer.data_totals["sessions"],
+                "data_skipped": dict(trainer.data_totals["skipped"])}
             window = []
+            trainer.metrics.window(last)
             if info.is_main:
-                append_metrics(metrics_path, last, resumed_step)
-                resumed_step = None
-                bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "loss_nip", "loss_csp", "loss_nsp")
-                                 if last.get(k) is not None} | {"samples/s": f"{last['samples_per_s']:.1f}"})
+                append_line(metrics_path, last)
+                bar.set_postfix(progress_figures(last))
         if trainer.step % cfg.train.checkpoint_every == 0 or trainer.step == cfg.train.steps:
             trainer.save()
     bar.close()
     trainer.loader.close()
+    if server is not None:
+        server.shutdown()
+        server.server_close()
     if info.is_main:
         totals = trainer.data_totals
         skipped = ", ".join(f"{r} {n}" for r, n in totals["skipped"].items() if n) or "none"
