@@ -6,7 +6,7 @@ VINCIE := $(VENV)/bin/vincie
 STAMP := $(VENV)/.installed-stamp
 DEMO ?= runs/demo
 
-.PHONY: venv demo test test-slow clean
+.PHONY: venv system-deps demo test test-slow clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@echo "installing vincie and its dependencies into $(VENV) (a few minutes on a fresh machine)"
@@ -15,6 +15,16 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Tools the tests run that pip does not install: Prometheus and promtool (the alert rules, the metrics integration
+# test; Debian package) and kubectl (`vincie k8s render` builds k8s/ with `kubectl kustomize`; the static release
+# binary). Installed only when missing (needs root, as on this project's machines).
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		(apt-get update -qq && apt-get install -y --no-install-recommends prometheus)
+	@command -v kubectl >/dev/null || \
+		(curl -fsSLo /usr/local/bin/kubectl https://dl.k8s.io/release/v1.32.4/bin/linux/amd64/kubectl && \
+		 chmod +x /usr/local/bin/kubectl)
 
 # The main job on the embedded default (tiny config, synthetic video world, local storage): make sessions,
 # train the tiny MM-DiT with 2 processes, evaluate multi-turn editing, export the model and edit a picture
@@ -35,10 +45,10 @@ demo: venv
 		--instruction "delete the pink triangle"
 	@echo "demo: success per turn above; pictures: $(DEMO)/eval/grid.png $(DEMO)/edit/strip.png $(DEMO)/sessions.png"
 
-test: venv
+test: venv system-deps
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: venv
+test-slow: venv system-deps
 	$(PY) -m pytest -q -m slow
 
 clean:
