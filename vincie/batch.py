@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vincie.attention import MaskSpec
-from vincie.config import Config, bucket_shapes
+from vincie.config import Config, ModelConfig, bucket_shapes
 from vincie.data import LoadedSession
 from vincie.diffusion import noisy, sample_timesteps, velocity_target
 from vincie.flops import Workload, batch_workload
@@ -87,7 +87,8 @@ def source_tokens(blocks: list[Block], latents: list[torch.Tensor]) -> list[torc
     """Per latent block: for a NOISY block of turn k, the tokens (n, P) of the row's CLEAN image I_k (the image the
     turn edits), or None when the context dropped it; None for clean blocks. `latents` follow the latent blocks."""
     latent_blocks = [b for b in blocks if b.type != BlockType.TEXT]
-    current = {b.source: x for b, x in zip(latent_blocks, latents) if b.type == BlockType.IMAGE and b.role == Role.CLEAN}
+    current = {b.source: x for b, x in zip(latent_blocks, latents)
+               if b.type == BlockType.IMAGE and b.role == Role.CLEAN}
     return [current.get(b.turn) if b.role == Role.NOISY else None for b in latent_blocks]
 
 
@@ -100,6 +101,15 @@ def pooled_text(blocks: list[Block], text: list[torch.Tensor], dim: int) -> torc
         if b.role == Role.NOISY and b.turn in instruction:
             out[j] = instruction[b.turn].detach().float().mean(dim=0).cpu()
     return out
+
+
+def edit_conditioning(m: ModelConfig, blocks: list[Block], latents: list[torch.Tensor], text: list[torch.Tensor]
+                      ) -> tuple[list[torch.Tensor | None] | None, torch.Tensor | None]:
+    """A sequence's optional target conditioning, as the model config asks for it (None where off): the image
+    each target edits (model.source) and its turn's pooled instruction (model.pooled_text)."""
+    sources = source_tokens(blocks, latents) if m.source != "none" else None
+    block_text = pooled_text(blocks, text, m.text_dim) if m.pooled_text else None
+    return sources, block_text
 
 
 def element_key(block: Block) -> tuple[str, int]:
@@ -189,9 +199,7 @@ class SessionEncoder:
                 latents.append(x0)
                 targets.append(None)
                 weights.append(None)
-        m = self.cfg.model
-        sources = source_tokens(blocks, latents) if m.source != "none" else None
-        block_text = pooled_text(blocks, text, m.text_dim) if m.pooled_text else None
+        sources, block_text = edit_conditioning(self.cfg.model, blocks, latents, text)
         return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full",
                             weights, sources, block_text)
 

@@ -26,8 +26,8 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from vincie.batch import Batch, SampleTokens, collate, image_to_tensor, patchify, pooled_text, sample_layout, \
-    source_tokens, tensor_to_image, unpatchify
+from vincie.batch import Batch, SampleTokens, collate, edit_conditioning, image_to_tensor, patchify, sample_layout, \
+    tensor_to_image, unpatchify
 from vincie.config import Config, from_dict, validate
 from vincie.diffusion import euler_sample, output_to_velocity
 from vincie.errors import VincieError
@@ -156,9 +156,7 @@ class Editor:
                    if b.type != BlockType.TEXT]
         block_t = torch.zeros(len(blocks))
         block_t[-1] = t
-        m = self.cfg.model
-        sources = source_tokens(blocks, latents) if m.source != "none" else None
-        block_text = pooled_text(blocks, text, m.text_dim) if m.pooled_text else None
+        sources, block_text = edit_conditioning(self.cfg.model, blocks, latents, text)
         return SampleTokens(blocks, text, latents, targets, block_t, self.grid, self.cfg.sequence.mode == "full",
                             sources=sources, block_text=block_text)
 
