@@ -12,7 +12,12 @@ from data_index.synth import SynthJob, run_synth
 from vincie.config import StorageConfig, SynthConfig
 
 MICRO_MODEL = {"hidden_size": 64, "num_heads": 2, "num_layers": 2, "dual_stream_layers": 1, "patch_size": 2,
-               "latent_channels": 48, "text_dim": 64}
+               "latent_channels": 48, "text_dim": 64, "source": "none"}
+# the tiny preset trains without masks and never drops I_k (docs/ARCHITECTURE.md, "The tiny preset"); tests built on
+# it put the paper's context composition back, so that every block type and dropout case is exercised
+PAPER_SEQUENCE = {"drop_current_image": 0.2, "masks_present": 0.8}
+MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO_MODEL.items()] + \
+    [f"sequence.{k}={v}" for k, v in PAPER_SEQUENCE.items()]
 
 
 def make_data(root, sessions=32, split="train", turns=(2, 4), image_format="jpg"):
@@ -67,7 +72,7 @@ def make_plain_run(root) -> str:
 
     run = os.path.join(str(root), "run")
     cfg = load_config("tiny", ["data.resolution=32", "diffusion.sample_steps=2", f"run.out_dir={run}",
-                               *[f"model.{k}={v}" for k, v in MICRO_MODEL.items()]])
+                               *MICRO_OVERRIDES])
     torch.manual_seed(0)
     model, text_encoder = MMDiT(cfg.model), build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
     names = [f"dit.{n}" for n, _ in model.named_parameters()] + \

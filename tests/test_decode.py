@@ -19,7 +19,7 @@ from vincie.parallel import init_distributed
 from vincie.session import SessionFormatError, encode_mask
 from vincie.train import flow_loss_sums
 
-from helpers import MICRO_MODEL
+from helpers import MICRO_OVERRIDES
 
 SQUARE_AND_WIDE = [(32, 32), (24, 40), (40, 24)]  # data.buckets [1:1, 16:9, 9:16] at resolution 32
 
@@ -142,7 +142,7 @@ def test_sessions_decoded_together_equal_sessions_decoded_alone_and_a_bad_one_fa
 def test_non_square_buckets_train_through_the_sequence_builder_and_the_model():
     init_distributed()
     cfg = load_config("tiny", ["data.buckets=['1:1', '16:9']",
-                               *[f"model.{k}={v}" for k, v in MICRO_MODEL.items()]])
+                               *MICRO_OVERRIDES])
     model, vae, text = build_components(cfg, torch.device("cpu"))
     encoder = SessionEncoder(cfg, vae, text, torch.device("cpu"))
     session = generate_session(SynthConfig(resolution=64, min_turns=2, max_turns=2), "train", 0, 0).session

@@ -16,7 +16,7 @@ from vincie.text_encoder import build_text_encoder
 from vincie.vae import build_vae
 
 from conftest import run_main
-from helpers import MICRO_MODEL
+from helpers import MICRO_OVERRIDES
 
 INSTRUCTIONS = [["move the red circle to the left", "make the blue square bigger", "remove the green triangle",
                  "turn the circle yellow", "add a small cross at the top"],
@@ -26,7 +26,7 @@ INSTRUCTIONS = [["move the red circle to the left", "make the blue square bigger
 
 def micro_editor(*overrides: str, dtype: torch.dtype = torch.float32) -> Editor:
     """A micro model with random weights (off adaLN-Zero, so every layer and the context matter)."""
-    cfg = load_config("tiny", ["data.resolution=32", *[f"model.{k}={v}" for k, v in MICRO_MODEL.items()], *overrides])
+    cfg = load_config("tiny", ["data.resolution=32", *MICRO_OVERRIDES, *overrides])
     torch.manual_seed(0)
     model, text_encoder = MMDiT(cfg.model), build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
     with torch.no_grad():
@@ -142,7 +142,7 @@ def test_full_attention_models_recompute_with_full_attention():
 def test_bench_inference_reports_both_ways(capsys):
     """A smoke test of the command (no timing is asserted): both ways ran the same session, their outputs agree
     to within one uint8 level (float32), and peak memory was measured."""
-    micro = [f"model.{k}={v}" for k, v in MICRO_MODEL.items()]
+    micro = list(MICRO_OVERRIDES)
     result = run_main(capsys, "bench", "inference", "--json", "--turns", "2", "--steps", "2", "--repeats", "1",
                       "data.resolution=32", *micro, check=True)
     report = json.loads(result.stdout)

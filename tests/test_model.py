@@ -17,7 +17,7 @@ from vincie.parallel import init_distributed
 from vincie.sequence import BlockType, Role
 
 from data_index.world import generate_session
-from helpers import MICRO_MODEL
+from helpers import MICRO_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def dist():
 
 
 def micro_batch(n=2, seed=0, **overrides):
-    cfg = load_config("tiny", ["data.resolution=32", *[f"model.{k}={v}" for k, v in MICRO_MODEL.items()],
+    cfg = load_config("tiny", ["data.resolution=32", *MICRO_OVERRIDES,
                                *[f"{k}={v}" for k, v in overrides.items()]])
     torch.manual_seed(seed)
     model, vae, text = build_components(cfg, torch.device("cpu"))
