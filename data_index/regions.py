@@ -2,12 +2,11 @@
 description of the change (where, how much, what kind) for the offline transition text.
 
 Masks follow the session format (DESIGN.md): `cur` is the changed region in frame i, `next` in frame i+1. From the
-difference D alone both would be the union of the two; to split it, the background inside D is estimated by
-inpainting from the pixels around it, and a pixel of D belongs to `cur` when frame i differs there from that
-background (something stands there in frame i), to `next` when frame i+1 does. An edit that shows in only one of
-the two frames is an appearance or a disappearance; as in the synthetic world's labels, both masks are then the
-region where the object is (appear) or was (disappear).
-"""
+difference D alone both would be the union of the two; to split it, each frame's pixels near D are compared with
+the background colours around D (a palette, not an inpainted image: on stripes and checks inpainting mixes the
+colours), and where the frames differ the one farther from every background colour shows the edit. An edit that
+shows in only one of the two frames is an appearance or a disappearance; as in the synthetic world's labels, both
+masks are then the region where the object is (appear) or was (disappear)."""
 
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ import numpy as np
 from vincie.config import IngestConfig
 
 GRID = (("top left", "top", "top right"), ("left", "middle", "right"), ("bottom left", "bottom", "bottom right"))
+PALETTE = 256  # background colours kept for the offline masks
 HUES = ((15, "red"), (40, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (260, "blue"), (290, "purple"),
         (345, "pink"), (361, "red"))
 
@@ -101,9 +101,20 @@ def aligned_change(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> tuple[np.
     valid = np.zeros((height, width), bool)
     valid[max(0, -dy):height - max(0, dy), max(0, -dx):width - max(0, dx)] = True
     shifted = raw_change(a, shift_image(b, dy, dx), cfg.pixel_threshold, valid)
-    if shifted.sum() <= changed.sum():  # ties: low-contrast texture; the masks still need the shift
-        return shifted, (dy, dx)
-    return changed, (0, 0)
+    if shifted.sum() > changed.sum():  # ties: low-contrast texture; the masks still need the shift
+        return changed, (0, 0)
+    # a camera shift moves texture and objects all over the frame; a shift that only explains the change near
+    # where the shifted frames still differ is one object's motion (on a flat background every shift is free)
+    reach = 2 * max(abs(dy), abs(dx)) + 3
+    near = cv2.dilate(shifted.astype(np.uint8), np.ones((reach, reach), np.uint8)) > 0
+    if (changed & ~near).sum() < min_edit_pixels(cfg, height, width):
+        return changed, (0, 0)
+    return shifted, (dy, dx)
+
+
+def min_edit_pixels(cfg: IngestConfig, height: int, width: int) -> int:
+    """Smallest changed area (pixels) that counts as an edit rather than noise."""
+    return max(4, int(cfg.min_change * height * width / 4))
 
 
 def change_map(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> np.ndarray:
@@ -125,6 +136,42 @@ def drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     return keep[labels]
 
 
+def background_palette(a: np.ndarray, b: np.ndarray, hull: np.ndarray, changed: np.ndarray,
+                       cfg: IngestConfig) -> np.ndarray:
+    """(M, 3) float32, M <= PALETTE: colours of the unchanged pixels in a ring around `hull` (from one pixel
+    outside it, whose colour the chroma blur of compression may mix with the edit's, out to `background_ring` of
+    the frame size), from both frames (b aligned to a)."""
+    height, width = hull.shape
+    r = max(2, int(round(cfg.background_ring * max(height, width))))
+    inner = cv2.dilate(hull.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    outer = cv2.dilate(hull.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+    ring = outer & ~inner & ~changed
+    if not ring.any():  # the change fills the frame
+        ring = ~hull
+    colours = np.concatenate([a[ring], b[ring]]).astype(np.float32)
+    return colours[::max(1, len(colours) // PALETTE)][:PALETTE]
+
+
+def palette_distance(frame: np.ndarray, mask: np.ndarray, palette: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """(H, W) float32: at `mask`, the largest channel difference of the pixel from the nearest palette colour
+    (how unlike any nearby background colour it is); 0 elsewhere."""
+    colours = frame[mask].astype(np.float32)  # (N, 3)
+    nearest = np.empty(len(colours), np.float32)
+    for s in range(0, len(colours), chunk):  # (chunk, M, 3) at a time
+        nearest[s:s + chunk] = np.abs(colours[s:s + chunk, None, :] - palette[None]).max(-1).min(-1)
+    out = np.zeros(mask.shape, np.float32)
+    out[mask] = nearest
+    return out
+
+
+def drop_rim(mask: np.ndarray, distance: np.ndarray, rim: float) -> np.ndarray:
+    """`mask` without the pixels nearer the background than `rim` times the object's typical (75th percentile)
+    distance from it: mixed colours at edges (at 64 px a one-pixel rim is a third of a small object's area)."""
+    if not mask.any():
+        return mask
+    return mask & (distance > rim * np.percentile(distance[mask], 75))
+
+
 @dataclass
 class RegionChange:
     cur: np.ndarray  # (H, W) bool, frame i coordinates
@@ -132,7 +179,7 @@ class RegionChange:
     kind: str  # appear | disappear | change (shows in both frames)
     shift: tuple[int, int]  # camera shift (dy, dx) from frame i to i+1
     changed_share: float  # share of the frame that differs
-    cur_share: float  # share of the frame where frame i differs from the estimated background
+    cur_share: float  # share of the frame where frame i shows the edit (before appear/disappear is decided)
     next_share: float
 
 
@@ -140,7 +187,7 @@ def region_change(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> RegionChan
     """The offline masks of the change from frame a (i) to frame b (i+1), both (H, W, 3) uint8."""
     changed, (dy, dx) = aligned_change(a, b, cfg)
     height, width = changed.shape
-    changed = drop_small(changed, max(4, int(cfg.min_change * height * width / 4)))
+    changed = drop_small(changed, min_edit_pixels(cfg, height, width))
     b_aligned = shift_image(b, dy, dx)
     k = max(3, int(round(cfg.close_px * max(height, width))) | 1)
     region = fill_holes(cv2.morphologyEx(changed.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((k, k), np.uint8)) > 0)
@@ -152,23 +199,23 @@ def region_change(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> RegionChan
     hull = np.zeros((height, width), np.uint8)
     cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(region.astype(np.uint8))), 1)
     hull = hull.astype(bool) | region
-    background = ((a.astype(np.uint16) + b_aligned) // 2).astype(np.uint8)  # both frames agree outside D
-    hole = cv2.dilate(hull.astype(np.uint8), np.ones((3, 3), np.uint8))
-    background = cv2.inpaint(background, hole, 3, cv2.INPAINT_TELEA).astype(np.int16)
-    dist_a = np.abs(a.astype(np.int16) - background).max(-1)  # (H, W): how far each frame is from the background
-    dist_b = np.abs(b_aligned.astype(np.int16) - background).max(-1)
-    # something stands there: far from the background, and not much nearer to it than the other frame (the
-    # inpainted background is only an estimate; on texture its error can exceed the threshold)
-    cur = hull & (dist_a > cfg.pixel_threshold) & (dist_a >= cfg.background_ratio * dist_b)
-    nxt = hull & (dist_b > cfg.pixel_threshold) & (dist_b >= cfg.background_ratio * dist_a)
+    palette = background_palette(a, b_aligned, hull, changed, cfg)
+    dist_a, dist_b = palette_distance(a, hull, palette), palette_distance(b_aligned, hull, palette)  # (H, W)
+    # where the frames differ, one of them usually shows the background: the edit is in the frame whose colour
+    # is farther from every background colour (a comparison, which stripes and checks do not fool as an
+    # inpainted background did); and a frame shows something wherever it is far from all of them (a moved
+    # object's overlap with itself, both sides of a recolour)
+    cur = hull & ((changed & (dist_a >= dist_b)) | (dist_a > cfg.pixel_threshold))
+    nxt = hull & ((changed & (dist_b > dist_a)) | (dist_b > cfg.pixel_threshold))
+    cur, nxt = drop_rim(cur, dist_a, cfg.rim), drop_rim(nxt, dist_b, cfg.rim)
     cur_share, next_share = float(cur.mean()), float(nxt.mean())
     kind = "change"
-    if (cur & region).sum() < cfg.one_sided * region.sum():
+    if cur.sum() < cfg.one_sided * nxt.sum():
         kind, cur, nxt = "appear", region.copy(), region.copy()
-    elif (nxt & region).sum() < cfg.one_sided * region.sum():
+    elif nxt.sum() < cfg.one_sided * cur.sum():
         kind, cur, nxt = "disappear", region.copy(), region.copy()
     else:
-        cur, nxt = fill_holes(cur | (region & ~nxt)), fill_holes(nxt | (region & ~cur))
+        cur, nxt = fill_holes(cur), fill_holes(nxt)
     nxt = shift_mask(nxt, -dy, -dx)  # back to frame i+1 coordinates
     return RegionChange(cur, nxt, kind, (dy, dx), float(changed.mean()), cur_share, next_share)
 
