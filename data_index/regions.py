@@ -66,7 +66,9 @@ def estimate_shift(a: np.ndarray, b: np.ndarray, max_shift: float, threshold: fl
     """Global translation (dy, dx) with b[y + dy, x + dx] ~ a[y, x], up to `max_shift` of the frame size: the
     integer shift whose overlap differs least (`shift_score`), searched exhaustively on a copy at most
     `coarse_side` pixels wide, then refined at full size. (Phase correlation, tried first, missed 9 of 33 jittered
-    synthetic pairs: textures and moving objects pull its peak.)"""
+    synthetic pairs: textures and moving objects pull its peak.) (0, 0) when the best shift lies on the edge of
+    the search window: the true optimum may lie beyond it, as for an object that moved farther than `max_shift`
+    over a flat background, which no camera shift explains."""
     la, lb = luma(a), luma(b)
     height, width = la.shape
     scale = max(1, int(np.ceil(max(height, width) / coarse_side)))
@@ -74,17 +76,35 @@ def estimate_shift(a: np.ndarray, b: np.ndarray, max_shift: float, threshold: fl
     sa, sb = (cv2.resize(x, small, interpolation=cv2.INTER_AREA) for x in (la, lb))
     radius = max(1, int(max_shift * max(small)))
     dy, dx = best_shift(sa, sb, (0, 0), radius, threshold)
+    if max(abs(dy), abs(dx)) == radius:
+        return 0, 0
     if scale > 1:
         dy, dx = best_shift(la, lb, (dy * scale, dx * scale), scale, threshold)
     return dy, dx
 
 
-def raw_change(a: np.ndarray, b: np.ndarray, threshold: float, valid: np.ndarray | None = None) -> np.ndarray:
+def outside_range(a: np.ndarray, b: np.ndarray, radius: int) -> np.ndarray:
+    """(H, W) int16: how far each pixel of a lies outside the per-channel range of b within `radius` of it (0
+    inside), largest channel."""
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    low, high = cv2.erode(b, kernel).astype(np.int16), cv2.dilate(b, kernel).astype(np.int16)
+    a = a.astype(np.int16)
+    return np.maximum(np.maximum(low - a, a - high), 0).max(axis=-1)
+
+
+def raw_change(a: np.ndarray, b: np.ndarray, threshold: float, valid: np.ndarray | None = None,
+               tolerance: int = 0) -> np.ndarray:
     """(H, W) bool: pixels whose largest channel difference exceeds `threshold`, specks of 1-2 pixels removed
     (sensor and compression noise; a blur or a morphological opening would also eat the thin rims and corners
-    of small objects)."""
-    changed = np.abs(a.astype(np.int16) - b).max(axis=-1) > threshold
-    changed = drop_small(changed, 3)
+    of small objects). With `tolerance` t, a pixel is changed only when its colour lies outside the range of the
+    other frame's colours within t of it, either way: after a camera shift, colours along edges are misregistered
+    and mixed differently (chroma is stored at half resolution, so an odd shift moves every colour edge against
+    its 2x2 blocks), but stay between the colours on either side of the edge."""
+    if tolerance:
+        diff = np.maximum(outside_range(a, b, tolerance), outside_range(b, a, tolerance))
+    else:
+        diff = np.abs(a.astype(np.int16) - b).max(axis=-1)  # (H, W)
+    changed = drop_small(diff > threshold, 3)
     return changed if valid is None else changed & valid
 
 
@@ -100,7 +120,12 @@ def aligned_change(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> tuple[np.
     height, width = a.shape[:2]
     valid = np.zeros((height, width), bool)
     valid[max(0, -dy):height - max(0, dy), max(0, -dx):width - max(0, dx)] = True
-    shifted = raw_change(a, shift_image(b, dy, dx), cfg.pixel_threshold, valid)
+    b_shifted = shift_image(b, dy, dx)
+    exact = raw_change(a, b_shifted, cfg.pixel_threshold, valid)
+    # the edit: where the frames differ beyond misregistration, in parts thicker than the ringing along edges;
+    # its extent: the exact difference connected to it (the tolerant one loses the rim of a grown object)
+    seeds = thick_parts(raw_change(a, b_shifted, cfg.pixel_threshold, valid, tolerance=1))
+    shifted = parts_touching(exact, seeds if seeds.any() else thick_parts(exact))
     if shifted.sum() > changed.sum():  # ties: low-contrast texture; the masks still need the shift
         return changed, (0, 0)
     # a camera shift moves texture and objects all over the frame; a shift that only explains the change near
@@ -110,6 +135,23 @@ def aligned_change(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> tuple[np.
     if (changed & ~near).sum() < min_edit_pixels(cfg, height, width):
         return changed, (0, 0)
     return shifted, (dy, dx)
+
+
+def parts_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The connected parts of `mask` (4-connected: a diagonal staircase of ringing along an edge does not join an
+    edit) that hold a pixel of `seeds`, kept whole."""
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
+    keep = np.zeros(count, bool)
+    keep[np.unique(labels[seeds & mask])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def thick_parts(mask: np.ndarray) -> np.ndarray:
+    """The connected parts of `mask` that hold a 3x3 square somewhere, kept whole: after a shift, compression
+    ringing along edges (colours past either side's, which no tolerance admits) leaves lines one or two pixels
+    wide, which would stretch the masks' hull over the frame."""
+    return parts_touching(mask, cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)
 
 
 def min_edit_pixels(cfg: IngestConfig, height: int, width: int) -> int:
