@@ -109,8 +109,8 @@ def raw_change(a: np.ndarray, b: np.ndarray, threshold: float, valid: np.ndarray
 
 
 def aligned_change(a: np.ndarray, b: np.ndarray, cfg: IngestConfig) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W) bool changed pixels in a's coordinates and the camera shift (dy, dx) applied to b (kept unless it
-    explains less of the difference than no shift)."""
+    """(H, W) bool changed pixels in a's coordinates and the camera shift (dy, dx) applied to b; (0, 0) and the
+    plain difference when no shift is trusted (the rules below)."""
     changed = raw_change(a, b, cfg.pixel_threshold)
     if not cfg.align or not changed.any():
         return changed, (0, 0)

@@ -46,3 +46,23 @@ def test_move_masks_match_the_true_masks_on_every_background(codec, tmp_path):
     report = {name: round(float(np.mean(v)), 3) for name, v in ious.items()}
     assert np.mean([i for v in ious.values() for i in v]) >= 0.8, report
     assert min(report.values()) >= 0.75, report
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_masks_under_camera_jitter(codec, tmp_path):
+    """+-2 px camera jitter on textured backgrounds: after the shift, misregistered colour edges of everything
+    static must not join the edit. Add, remove and move, one session of two turns each per background kind
+    except flat (where nothing but the edited object constrains the shift). Measured 2026-11-28: mean IoU 0.92
+    with both codecs; the masks before this change (inpainted background, plain difference after the shift)
+    gave 0.56 and 0.55 here."""
+    cfg = load_config("tiny").ingest
+    ious = []
+    for background in ("gradient", "checker", "stripes", "noise"):
+        synth = SynthConfig(transitions=["add", "remove", "move"], backgrounds=[background], min_turns=2,
+                            max_turns=2, jitter_px=2)
+        item = generate_session(synth, "test", 12, 0)
+        frames = decoded_states(item.clean_frames, codec, str(tmp_path / f"{background}{CODECS[codec][0]}"))
+        for k, (a, b) in enumerate(zip(frames, frames[1:])):
+            change = region_change(a, b, cfg)
+            ious += [mask_iou(change.cur, item.session.cur_masks[k]), mask_iou(change.next, item.session.next_masks[k])]
+    assert np.mean(ious) >= 0.8, np.round(ious, 2).tolist()
