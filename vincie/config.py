@@ -106,12 +106,14 @@ class IngestConfig:
     dark_luma: float = 20.0  # frames with a lower mean luma are dropped
     border_luma: float = 16.0  # border rows/columns darker than this in every frame are cropped
     max_border: float = 0.25  # scenes with a wider border on one side are dropped
-    align: bool = True  # estimate the camera shift between frames (phase correlation) before differencing
+    align: bool = True  # estimate the camera shift between frames (integer translation) before differencing
     max_shift: float = 0.1  # largest camera shift considered, share of the frame size
     close_px: float = 0.08  # offline masks: gaps up to this share of the frame inside a change are closed
-    background_ratio: float = 0.5  # offline masks: a frame shows something where it is this much as far from the
-    # estimated background as the other frame, or farther
-    one_sided: float = 0.4  # a change shown by one frame in less than this share of its region: appear/disappear
+    background_ring: float = 0.1  # offline masks: background colours come from this far around the change
+    # (share of the frame size)
+    rim: float = 0.4  # offline masks: edge pixels nearer the background than this share of the object's typical
+    # distance from it are dropped (colours mixed by blur)
+    one_sided: float = 0.25  # a frame whose mask is smaller than this share of the other's: appear/disappear
     min_turns: int = 1
     max_turns: int = 6  # longer runs of frames are cut into several sessions
     text: Literal["offline", "vlm"] = "offline"  # transition text annotator
@@ -556,7 +558,7 @@ def validate_ingest(g: IngestConfig, prefix: str = "ingest.") -> None:
     require(g.per_scene >= 0, prefix + "per_scene", f"must be >= 0, got {g.per_scene}")
     require(0 <= g.min_change < g.max_change <= 1, prefix + "min_change",
             f"and max_change must satisfy 0 <= min_change < max_change <= 1, got {g.min_change}, {g.max_change}")
-    for name in ("max_border", "max_shift", "close_px", "one_sided", "background_ratio"):
+    for name in ("max_border", "max_shift", "close_px", "background_ring", "rim", "one_sided"):
         require(0 <= getattr(g, name) < 1, prefix + name, f"must be in [0, 1), got {getattr(g, name)}")
     require(1 <= g.min_turns <= g.max_turns, prefix + "min_turns",
             f"must be between 1 and max_turns ({g.max_turns}), got {g.min_turns}")
