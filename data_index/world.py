@@ -2,7 +2,8 @@
 
 A scene is a background (flat, gradient or texture) and 1..6 objects (shape, colour, size, position), each of a
 different colour so that "the red circle" names one object. A transition edits one object (move, recolour,
-resize) or adds or removes one. Every transition yields a templated English instruction and two exact masks:
+resize) or adds or removes one. Every transition yields a templated English instruction that determines it (an
+added object has the named size and sits at the centre of the named ninth of the frame) and two exact masks:
 
     cur  (C_i): where in frame i the edit acts: the edited object's visible pixels in frame i
                 (for `add`: where the new object will appear)
@@ -91,6 +92,11 @@ def object_px(size: int, resolution: int) -> int:
 
 def move_step(resolution: int) -> int:
     return resolution // 8
+
+
+def ninth_centre(index: int, resolution: int) -> int:
+    """Pixel coordinate of the centre of the index-th third (0, 1, 2) of the frame along one axis."""
+    return int(round((index + 0.5) * resolution / 3))
 
 
 def muted_colour(rng: np.random.Generator) -> np.ndarray:
@@ -233,13 +239,15 @@ def propose_edit(rng: np.random.Generator, scene: Scene, kind: str, resolution: 
         colours = free_colours(scene)
         if not colours or n >= 6:
             return None
-        obj = random_object(rng, resolution, str(rng.choice(colours)))
+        # the instruction determines the edit (the exact judge compares with the one true image): the named size,
+        # centred in the named ninth of the frame
+        row, col = (int(v) for v in rng.integers(0, 3, size=2))
+        obj = SceneObject(colour=str(rng.choice(colours)), shape=str(rng.choice(SHAPES)),
+                          size=int(rng.integers(0, len(SIZE_FRACTIONS))), cx=ninth_centre(col, resolution),
+                          cy=ninth_centre(row, resolution))
         after.objects.append(obj)
-        col = min(2, obj.cx * 3 // resolution)
-        row = min(2, obj.cy * 3 // resolution)
         where = GRID_WHERE[row][col]
-        article = "an" if obj.name[0] in "aeiou" else "a"
-        text = str(rng.choice(TEMPLATES["add"])).format(a_obj=f"{article} {obj.name}", where=where)
+        text = str(rng.choice(TEMPLATES["add"])).format(a_obj=f"a {SIZE_NAMES[obj.size]} {obj.name}", where=where)
         return Edit("add", n, after, text, {"object": obj.name, "size": SIZE_NAMES[obj.size], "where": where})
     if n == 0 or (kind == "remove" and n < 2):
         return None

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from data_index.world import COLOURS, generate_session
+from data_index.world import COLOURS, GRID_WHERE, SIZE_NAMES, generate_session, object_px
 from vincie.config import SynthConfig
 from vincie.shards import write_shard
 
@@ -68,6 +68,27 @@ def test_instructions_name_the_edited_object():
             assert t["object"] in text
             if t["kind"] == "recolour":
                 assert t["colour"] in text
+
+
+def test_an_added_object_has_the_named_size_at_the_centre_of_the_named_ninth():
+    """The exact judge compares with one true image, so an add instruction must determine the edit."""
+    cfg = SynthConfig(image_format="png", jitter_px=0)
+    adds = 0
+    for index in range(40):
+        s = generate_session(cfg, "train", 0, index).session
+        for i, (text, t) in enumerate(zip(s.instructions, s.meta["transitions"])):
+            if t["kind"] != "add":
+                continue
+            assert f"a {t['size']} {t['object']} " in text and t["where"] in text
+            row, col = next((r, c) for r, names in enumerate(GRID_WHERE) for c, name in enumerate(names)
+                            if name == t["where"])
+            ys, xs = np.nonzero(s.next_masks[i])
+            centre = cfg.resolution * (np.array([col, row]) + 0.5) / 3
+            assert np.abs(np.array([xs.min() + xs.max() + 1, ys.min() + ys.max() + 1]) / 2 - centre).max() <= 1.0
+            side = object_px(SIZE_NAMES.index(t["size"]), cfg.resolution)
+            assert side - 2 <= max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) <= side + 1
+            adds += 1
+    assert adds >= 5
 
 
 def test_turn_counts_and_pairs_mode():
