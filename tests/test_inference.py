@@ -58,9 +58,12 @@ class TokenCounter:
                                                                (3.0, True, ("model.source=channels",)),
                                                                (3.0, False, ("model.source=residual",
                                                                              "diffusion.prediction=x0")),
+                                                               (3.0, False, ("model.source=residual",
+                                                                             "diffusion.prediction=x0",
+                                                                             "model.output_head=pointwise")),
                                                                (3.0, True, ("model.pooled_text=true",))],
                          ids=["plain", "guidance", "guidance-chained-masks", "source-channels", "source-residual",
-                              "pooled-text"])
+                              "pointwise-head", "pooled-text"])
 def test_kv_cache_equals_recompute_over_five_turns(cfg_scale, chain_masks, overrides):
     """In float64, so that the comparison is about the algorithm: in float32 the two ways differ by ~1e-6 (other
     summation orders), which can move one value across a uint8 rounding boundary of a generated image that then

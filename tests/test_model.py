@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from vincie.batch import SessionEncoder, collate
+from vincie.batch import SessionEncoder, collate, patchify, unpatchify
 from vincie.components import build_components
 from vincie.config import load_config
 from vincie.data import from_session
-from vincie.model import build_on_meta, count_parameters
+from vincie.model import PointwiseHead, build_on_meta, count_parameters
 from vincie.parallel import init_distributed
 from vincie.sequence import BlockType, Role
+from vincie.vae import SpaceToDepthVAE
 
 from data_index.world import generate_session
 from helpers import MICRO_OVERRIDES
@@ -140,10 +141,13 @@ def test_source_channels_give_each_target_the_image_its_turn_edits():
     assert moved[batch.target_select].all()
 
 
-def test_source_residual_starts_as_a_copy_of_the_edited_image():
-    """model.source=residual: with the final layer at its zero init, every next-image target predicts exactly the
-    image its turn edits (zeros where the context dropped it); mask targets predict zero."""
-    cfg, model, samples = micro_batch(n=4, seed=3, **{"model.source": "residual", "diffusion.prediction": "x0"})
+@pytest.mark.parametrize("head", ["linear", "pointwise"])
+def test_source_residual_starts_as_a_copy_of_the_edited_image(head):
+    """model.source=residual: with the final layer (and the pointwise head's last layer) at its zero init, every
+    next-image target predicts exactly the image its turn edits (zeros where the context dropped it); mask targets
+    predict zero."""
+    cfg, model, samples = micro_batch(n=4, seed=3, **{"model.source": "residual", "diffusion.prediction": "x0",
+                                                      "model.output_head": head})
     batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
     with torch.no_grad():
         out = model(batch.inputs)
@@ -152,6 +156,27 @@ def test_source_residual_starts_as_a_copy_of_the_edited_image():
     image = token_type == int(BlockType.IMAGE)
     assert torch.equal(out[image], batch.inputs.latent_source[image])
     assert out[~image].abs().max() == 0 and batch.inputs.latent_source[image & batch.target_select].abs().sum() > 0
+
+
+def test_pointwise_head_maps_each_pixel_by_its_own_values():
+    """model.output_head=pointwise on the space_to_depth latent: a point is one pixel's RGB. Reference computed in
+    image space: decoding the head's output for tokens made from two images (source, noisy) gives, at every pixel,
+    the shared MLP applied to that pixel's own source and noisy RGB (and the features, zero here)."""
+    cfg = load_config("tiny", ["model.output_head=pointwise"])
+    m = cfg.model
+    torch.manual_seed(0)
+    head = PointwiseHead(m.head_channels, m.head_features, m.head_hidden)
+    torch.nn.init.normal_(head.mlp[2].weight)  # off its zero init
+    vae = SpaceToDepthVAE(cfg.vae.factor)
+    source, noisy = torch.rand(2, 1, 3, 32, 32) * 2 - 1  # (1, 3, H, W) each
+    tokens = lambda image: patchify(vae.encode(image), m.patch_size)[0]  # (16, 192)
+    features = torch.zeros(16, 192 // 3 * m.head_features)
+    with torch.no_grad():
+        out = head(features, tokens(source), tokens(noisy))  # (16, 192)
+        picture = vae.decode(unpatchify(out[None], m.patch_size, m.latent_channels, (4, 4)))  # (1, 3, 32, 32)
+        pixels = lambda image: image[0].permute(1, 2, 0).reshape(-1, 3)  # (H*W, 3)
+        expected = head.mlp(torch.cat([torch.zeros(32 * 32, m.head_features), pixels(source), pixels(noisy)], -1))
+    assert torch.allclose(pixels(picture), expected, atol=1e-5)
 
 
 def test_pooled_text_gives_each_target_the_mean_of_its_turns_instruction():

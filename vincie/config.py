@@ -164,6 +164,15 @@ class ModelConfig:
     # its turn's instruction features, projected (SD3's pooled text): a path from the instruction to every target
     # token that does not have to be found through attention first. Zero when the instruction is dropped (CFG)
     pooled_text: bool = False
+    # how a target token's final hidden state becomes its C*p*p output values: "linear" (DiT's final layer), or
+    # "pointwise": the final layer gives each point of the token (a group of `head_channels` values: one pixel's
+    # RGB for the space_to_depth latent, whose token values are channel-major) `head_features` features, and one
+    # small MLP shared by all points maps [features, the source's values, the noisy values] at that point to its
+    # output. A convolutional decoder's weight sharing for a latent with no decoder (docs/ARCHITECTURE.md)
+    output_head: Literal["linear", "pointwise"] = "linear"
+    head_channels: int = 3
+    head_features: int = 16
+    head_hidden: int = 64
     # FP8 GEMMs in the layers' projections (spec te, train.precision bf16); adaLN, embedders, the final layer
     # and attention stay bf16. Format: e4m3 throughout, or hybrid (e4m3 forward, e5m2 gradients)
     fp8: Literal["off", "e4m3", "hybrid"] = "off"
@@ -650,6 +659,14 @@ def validate(cfg: Config) -> None:
     require(m.source != "residual" or cfg.diffusion.prediction == "x0", "model.source",
             "'residual' adds the current image to a predicted clean image: it needs diffusion.prediction=x0, got "
             f"{cfg.diffusion.prediction}")
+    if m.output_head == "pointwise":
+        require(m.source != "none", "model.output_head",
+                "'pointwise' reads the source image per point: it needs model.source=channels or residual")
+        require(m.head_channels >= 1 and (m.latent_channels * m.patch_size ** 2) % m.head_channels == 0,
+                "model.head_channels", f"must divide the token's {m.latent_channels * m.patch_size ** 2} values "
+                f"(latent_channels * patch_size^2), got {m.head_channels}")
+        require(m.head_features >= 1 and m.head_hidden >= 1, "model.head_features",
+                f"model.head_features and model.head_hidden must be >= 1, got {m.head_features}, {m.head_hidden}")
     if cfg.vae.kind == "space_to_depth":
         require(m.latent_channels == 3 * cfg.vae.factor ** 2, "model.latent_channels",
                 f"must be 3 * vae.factor^2 = {3 * cfg.vae.factor ** 2} for the space_to_depth VAE, "

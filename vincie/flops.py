@@ -108,7 +108,8 @@ def attention_flops_per_pair(cfg: ModelConfig) -> int:
 def embedder_flops(cfg: ModelConfig, work: Workload) -> int:
     """Forward FLOPs of the embedders that read data (no input gradient in the backward)."""
     h, patch = cfg.hidden_size, cfg.latent_channels * cfg.patch_size ** 2
-    return 2 * h * (work.text_tokens * cfg.text_dim + work.latent_tokens * patch
+    latent_inputs = 2 if cfg.source != "none" else 1  # the noisy tokens, and the source image's (model.source)
+    return 2 * h * (work.text_tokens * cfg.text_dim + work.latent_tokens * patch * latent_inputs
                     + work.blocks * TIMESTEP_FREQUENCIES)
 
 
@@ -118,9 +119,15 @@ def forward_flops(cfg: ModelConfig, work: Workload, dense_attention: bool = Fals
     h, patch = cfg.hidden_size, cfg.latent_channels * cfg.patch_size ** 2
     pairs = work.dense_pairs if dense_attention else work.attention_pairs
     layers = cfg.num_layers * (work.tokens * layer_flops_per_token(cfg) + pairs * attention_flops_per_pair(cfg))
-    per_token = 2 * h * 6 * h + 2 * h * 2 * h + 2 * h * patch  # adaLN-single; final layer: adaLN, projection
+    points = patch // cfg.head_channels
+    final_out = points * cfg.head_features if cfg.output_head == "pointwise" else patch
+    per_token = 2 * h * 6 * h + 2 * h * 2 * h + 2 * h * final_out  # adaLN-single; final layer: adaLN, projection
     timestep_second_linear = work.blocks * 2 * h * h
-    return layers + work.tokens * per_token + timestep_second_linear + embedder_flops(cfg, work)
+    head = 0
+    if cfg.output_head == "pointwise":  # the shared MLP, at every point of every latent token
+        head = work.latent_tokens * points * 2 * cfg.head_hidden * (
+            cfg.head_features + 2 * cfg.head_channels + cfg.head_channels)
+    return layers + work.tokens * per_token + timestep_second_linear + head + embedder_flops(cfg, work)
 
 
 def training_flops(cfg: ModelConfig, work: Workload, dense_attention: bool = False) -> int:

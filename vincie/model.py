@@ -264,6 +264,29 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(F.rms_norm(h, (h.shape[-1],), eps=self.eps), shift, scale))
 
 
+class PointwiseHead(nn.Module):
+    """model.output_head=pointwise: a token's P points (groups of G values; the token's C*p*p values are
+    channel-major, so point j holds values j, P + j, ...) each get F features from the final layer, and one MLP
+    shared by every point maps [features, source values, noisy values] (F + 2G) -> G output values. The last layer
+    is zero-initialised, so the untrained head outputs zeros (with model.source=residual: the source)."""
+
+    def __init__(self, channels: int, features: int, hidden: int):
+        super().__init__()
+        self.channels, self.features = channels, features
+        self.mlp = nn.Sequential(nn.Linear(features + 2 * channels, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, channels))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, features: torch.Tensor, source: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        """features [N, P*F], source and noisy [N, G*P] -> [N, G*P]."""
+        n, G = source.shape[0], self.channels
+        P = source.shape[1] // G
+        points = lambda x: x.reshape(n, G, P).transpose(1, 2)  # [N, G*P] -> [N, P, G]
+        x = torch.cat([features.reshape(n, P, self.features), points(source), points(noisy)], dim=-1)
+        return self.mlp(x).transpose(1, 2).reshape(n, G * P)  # [N, P, G] -> [N, G*P]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -334,7 +357,11 @@ class MMDiT(nn.Module):
         self.layers = nn.ModuleDict({str(i): MMDiTLayer(cfg, linears, dual=i < cfg.dual_stream_layers)
                                      for i in layers})
         if post_process:
-            self.final = FinalLayer(h, self.patch_dim, cfg.norm_eps)
+            pointwise = cfg.output_head == "pointwise"
+            points = self.patch_dim // cfg.head_channels
+            self.final = FinalLayer(h, points * cfg.head_features if pointwise else self.patch_dim, cfg.norm_eps)
+            if pointwise:
+                self.head = PointwiseHead(cfg.head_channels, cfg.head_features, cfg.head_hidden)
         nn.init.normal_(self.type_embed.weight, std=0.02)
         nn.init.normal_(self.turn_embed.weight, std=0.02)
         for m in self.t_embedder.mlp:
@@ -401,8 +428,10 @@ class MMDiT(nn.Module):
         if not self.post_process:
             return h
         # the final layer and the loss run on all tokens, the same on every TP rank
-        out = self.final(self.linears.gather(h), cond_token)  # [T, B, C*p*p]
-        out = out.reshape(T * B, -1)[inputs.latent_index]  # [N_lat, C*p*p]
+        out = self.final(self.linears.gather(h), cond_token)  # [T, B, C*p*p] (pointwise: [T, B, P*F])
+        out = out.reshape(T * B, -1)[inputs.latent_index]  # [N_lat, C*p*p] (pointwise: [N_lat, P*F])
+        if self.cfg.output_head == "pointwise":
+            out = self.head(out, inputs.latent_source.to(out.dtype), inputs.latent_tokens.to(out.dtype))
         if self.cfg.source == "residual":  # a next-image target = the image it edits + the network's output
             token_type = torch.gather(inputs.block_type, 1, spec.token_block).transpose(0, 1).reshape(-1)
             is_image = (token_type[inputs.latent_index] == int(BlockType.IMAGE))[:, None]
