@@ -74,8 +74,8 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
         for shadow, chunk in zip(self.shadow, chunks):
-            for n, p in chunk.named_parameters():
-                shadow[n].lerp_(p.detach(), 1 - decay)
+            names, params = zip(*chunk.named_parameters())
+            torch._foreach_lerp_([shadow[n] for n in names], [p.detach() for p in params], 1 - decay)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -152,7 +152,7 @@ class Trainer:
                 (decay if param.ndim >= 2 else no_decay).append(param)
             self.optimizer = torch.optim.AdamW([{"params": decay, "wd_mult": 1.0},
                                                 {"params": no_decay, "wd_mult": 0.0}], lr=t.lr,
-                                               betas=tuple(t.betas))
+                                               betas=tuple(t.betas), fused=True)  # one kernel, not a loop per tensor
         self.ema = EMA(self.chunks, t.ema_decay)
         self.metrics = Metrics()
         self.loader = Loader(cfg, dist_info.dp_rank, dist_info.dp_size, dist_info.device, self.metrics)
