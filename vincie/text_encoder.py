@@ -27,8 +27,8 @@ class HashedWordEncoder(nn.Module):
         super().__init__()
         self.vocab_size, self.max_tokens = cfg.vocab_size, cfg.max_tokens
         self.embed = nn.Embedding(cfg.vocab_size + 1, dim)  # id 0: start token
-        # PyTorch's N(0, 1) init, not GPT's 0.02: words start as distinct vectors as large as the image tokens, and the
-        # tiny model learns the instruction ~3x sooner (docs/BENCHMARKS.md, "fifth round")
+        # PyTorch's N(0, 1) init, not GPT's 0.02: words start as distinct vectors as large as the image tokens; the tiny
+        # model's instruction-swap change was 26x larger at step 250, 1.6x at 1500 (docs/BENCHMARKS.md, "fifth round")
 
     def tokenize(self, text: str) -> list[int]:
         words = WORD.findall(text.lower())
