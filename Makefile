@@ -38,7 +38,7 @@ demo: venv
 	$(VINCIE) data show $(DEMO)/data/eval --out $(DEMO)/sessions.png --sessions 6
 	$(VINCIE) launch local --nproc 2 --config tiny run.out_dir=$(DEMO)/tiny \
 		data.train_url=$(DEMO)/data/train data.eval_url=$(DEMO)/data/eval
-	$(VINCIE) eval --model $(DEMO)/tiny --bench synth --out $(DEMO)/eval --sessions 32 --turns 5
+	$(VINCIE) eval --model $(DEMO)/tiny --bench synth --out $(DEMO)/eval --sessions 64 --turns 5
 	$(VINCIE) export --checkpoint $(DEMO)/tiny --out $(DEMO)/model --overwrite
 	$(VINCIE) edit --model $(DEMO)/model --image docs/images/demo-source.png --out $(DEMO)/edit \
 		--instruction "turn the cyan circle orange" --instruction "the pink triangle grows" \
