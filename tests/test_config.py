@@ -108,7 +108,7 @@ def test_cli_show_prints_resolved_config():
 def test_buckets_share_the_area_with_sides_on_the_latent_cell():
     from vincie.config import bucket_shapes
 
-    cfg = load_config("tiny", ["data.buckets=['1:1', '16:9', '9:16']", "data.resolution=256"])
+    cfg = load_config("tiny", ["data.buckets=['1:1', '16:9', '9:16']", "data.resolution=256", "model.patch_size=2"])
     assert bucket_shapes(cfg) == [(256, 256), (192, 344), (344, 192)]  # (H, W), multiples of 8 (VAE 4 x patch 2)
     assert all(abs(h * w / 256 ** 2 - 1) < 0.02 for h, w in bucket_shapes(cfg))
 

@@ -169,11 +169,12 @@ def test_pointwise_head_maps_each_pixel_by_its_own_values():
     torch.nn.init.normal_(head.mlp[2].weight)  # off its zero init
     vae = SpaceToDepthVAE(cfg.vae.factor)
     source, noisy = torch.rand(2, 1, 3, 32, 32) * 2 - 1  # (1, 3, H, W) each
-    tokens = lambda image: patchify(vae.encode(image), m.patch_size)[0]  # (16, 192)
-    features = torch.zeros(16, 192 // 3 * m.head_features)
+    side = 32 // (cfg.vae.factor * m.patch_size)  # tokens per image side
+    tokens = lambda image: patchify(vae.encode(image), m.patch_size)[0]  # (side * side, 48 * p * p)
+    features = torch.zeros(side * side, 48 * m.patch_size ** 2 // 3 * m.head_features)
     with torch.no_grad():
-        out = head(features, tokens(source), tokens(noisy))  # (16, 192)
-        picture = vae.decode(unpatchify(out[None], m.patch_size, m.latent_channels, (4, 4)))  # (1, 3, 32, 32)
+        out = head(features, tokens(source), tokens(noisy))  # (side * side, 48 * p * p)
+        picture = vae.decode(unpatchify(out[None], m.patch_size, m.latent_channels, (side, side)))  # (1, 3, 32, 32)
         pixels = lambda image: image[0].permute(1, 2, 0).reshape(-1, 3)  # (H*W, 3)
         expected = head.mlp(torch.cat([torch.zeros(32 * 32, m.head_features), pixels(source), pixels(noisy)], -1))
     assert torch.allclose(pixels(picture), expected, atol=1e-5)

@@ -145,7 +145,7 @@ def test_launch_local_with_tensor_parallel_trains_and_resumes(tmp_path, data):
 
 
 def test_parallel_sizes_are_checked_with_one_line_errors():
-    tiny = load_config("tiny")  # 4 heads, hidden 192, 6 layers
+    tiny = load_config("tiny")  # 4 heads, 6 layers
     cases = [(["parallel.tensor=3"], "parallel.tensor' must divide model.num_heads (4)"),
              (["parallel.pipeline=4"], "must divide model.num_layers (6)"),
              (["parallel.virtual_pipeline=2"], "needs parallel.pipeline > 1"),

@@ -17,7 +17,7 @@ from vincie.config import load_config
 from vincie.data import SamplerState
 from vincie.diffusion import X0_MIN_T, output_to_velocity
 from vincie.parallel import init_distributed
-from vincie.train import Trainer, flow_loss_sums
+from vincie.train import EMA, Trainer, flow_loss_sums
 
 from conftest import REPO, run_vincie
 from helpers import make_data, write_config
@@ -51,6 +51,27 @@ def test_overfits_one_batch(tmp_path, data):
         trainer.optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_ema_warmup_sets_how_much_of_a_short_run_is_averaged():
+    """A weight that is 0 for 150 updates and 1 for the last 50: the EMA is the weighted sum of the values, with
+    the weight of update i = (1 - d_i) * prod_{j > i} d_j and d_n = min(decay, (1 + n) / (warmup + n)); a smaller
+    warmup keeps more of the earlier zeros."""
+    def shadow(warmup):
+        layer = torch.nn.Linear(1, 1, bias=False)
+        ema = EMA([layer], decay=0.999, warmup=warmup)
+        for n in range(200):
+            layer.weight.data.fill_(1.0 if n >= 150 else 0.0)
+            ema.update([layer])
+        return float(ema.shadow[0]["weight"])
+
+    def expected(warmup):
+        decays = [min(0.999, (1 + n) / (warmup + n)) for n in range(200)]
+        return sum((1 - decays[i]) * float(np.prod(decays[i + 1:])) for i in range(150, 200))
+
+    assert shadow(10.0) == pytest.approx(expected(10.0), rel=1e-5)
+    assert shadow(5.0) == pytest.approx(expected(5.0), rel=1e-5)
+    assert 0.3 < shadow(5.0) < shadow(10.0) < 1.0
 
 
 def test_x0_prediction_reads_the_clean_latent_as_the_velocity_target(tmp_path, data):

@@ -260,6 +260,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # the EMA's decay at update n is min(ema_decay, (1 + n) / (ema_warmup + n)): while that is below ema_decay the
+    # average spans about the last n / (ema_warmup - 1) updates, so short runs do not average in their init
+    ema_warmup: float = 10.0
     precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype for the forward pass
     log_every: int = 10
     checkpoint_every: int = 200
@@ -683,6 +686,7 @@ def validate(cfg: Config) -> None:
     require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
     require(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+    require(t.ema_warmup > 1, "train.ema_warmup", f"must be > 1 (10: the usual warmup), got {t.ema_warmup}")
     require(t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.checkpoint_every",
             "and train.keep_checkpoints must be >= 1")
     require(cfg.data.max_turns >= 1, "data.max_turns", "must be >= 1")

@@ -60,18 +60,19 @@ def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float]
 
 
 class EMA:
-    """Exponential moving average of the weights, with the usual warmup: the decay at update n is
-    min(decay, (1 + n) / (10 + n)), so short runs do not average in their random initialisation. One shadow dict
-    per model chunk (a pipeline rank may hold several)."""
+    """Exponential moving average of the weights, with a warmup: the decay at update n is
+    min(decay, (1 + n) / (warmup + n)), so short runs do not average in their random initialisation (warmup 10 is
+    the usual choice; a smaller one averages over more of a short run's last updates). One shadow dict per model
+    chunk (a pipeline rank may hold several)."""
 
-    def __init__(self, chunks: list[torch.nn.Module], decay: float):
-        self.decay = decay
+    def __init__(self, chunks: list[torch.nn.Module], decay: float, warmup: float = 10.0):
+        self.decay, self.warmup = decay, warmup
         self.updates = 0
         self.shadow = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in chunks]
 
     @torch.no_grad()
     def update(self, chunks: list[torch.nn.Module]) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = min(self.decay, (1 + self.updates) / (self.warmup + self.updates))
         self.updates += 1
         for shadow, chunk in zip(self.shadow, chunks):
             names, params = zip(*chunk.named_parameters())
@@ -153,7 +154,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW([{"params": decay, "wd_mult": 1.0},
                                                 {"params": no_decay, "wd_mult": 0.0}], lr=t.lr,
                                                betas=tuple(t.betas), fused=True)  # one kernel, not a loop per tensor
-        self.ema = EMA(self.chunks, t.ema_decay)
+        self.ema = EMA(self.chunks, t.ema_decay, t.ema_warmup)
         self.metrics = Metrics()
         self.loader = Loader(cfg, dist_info.dp_rank, dist_info.dp_size, dist_info.device, self.metrics)
         self.encoder = SessionEncoder(cfg, self.vae, self.text_encoder, dist_info.device)
