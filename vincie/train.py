@@ -65,7 +65,7 @@ class EMA:
     the usual choice; a smaller one averages over more of a short run's last updates). One shadow dict per model
     chunk (a pipeline rank may hold several)."""
 
-    def __init__(self, chunks: list[torch.nn.Module], decay: float, warmup: float = 10.0):
+    def __init__(self, chunks: list[torch.nn.Module], decay: float, warmup: float):
         self.decay, self.warmup = decay, warmup
         self.updates = 0
         self.shadow = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in chunks]
