@@ -50,6 +50,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("data.max_bad_share=2", ["data.max_bad_share", "[0, 1]"]),
     ("data.workers=-1", ["data.workers", ">= 0"]),
     ("storage.read_attempts=0", ["storage.read_attempts", ">= 1"]),
+    ("train.min_lr_ratio=1.5", ["train.min_lr_ratio", "[0, 1]", "1.5"]),
+    ("train.lr=0", ["train.lr", "> 0"]),
 ])
 def test_bad_overrides_name_the_key(override, names):
     if names is None:

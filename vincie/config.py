@@ -684,6 +684,9 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     require(t.steps >= 1, "train.steps", "must be >= 1")
     require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio",
+            f"must be in [0, 1] (the cosine's floor as a share of train.lr), got {t.min_lr_ratio}")
     require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
     require(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     require(t.ema_warmup > 1, "train.ema_warmup", f"must be > 1 (10: the usual warmup), got {t.ema_warmup}")
