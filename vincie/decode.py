@@ -257,7 +257,7 @@ def reference_image(key: str, member: Member, shape: tuple[int, int], box: Box, 
     pad = math.ceil(max((box[2] - box[0]) / w, (box[3] - box[1]) / h, 1.0)) + 2
     padded = Image.fromarray(np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
     resized = padded.resize((w, h), Image.BILINEAR, box=(box[0] + pad, box[1] + pad, box[2] + pad, box[3] + pad))
-    return (torch.from_numpy(np.asarray(resized)).permute(2, 0, 1).float() - 127.5) / 127.5
+    return (torch.from_numpy(np.array(resized)).permute(2, 0, 1).float() - 127.5) / 127.5
 
 
 def reference_mask(key: str, member: Member, shape: tuple[int, int], box: Box, width: int,
