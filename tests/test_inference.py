@@ -1,6 +1,7 @@
 """The multi-turn editor: the block-causal KV cache gives what recomputing the whole sequence gives (5 turns, with
 guidance, with chained masks), runs only the target's tokens per denoising step, is deterministic for a seed;
-full-attention models recompute; `vincie bench inference` runs."""
+full-attention models recompute; given true images replace the model's own as context; `vincie bench inference`
+runs."""
 
 import json
 
@@ -124,6 +125,19 @@ def test_edit_is_deterministic_for_a_seed():
     other = editor.edit(sources(1), INSTRUCTIONS[:1], steps=2, seed=4)[0]
     assert all(np.array_equal(a.image, b.image) for a, b in zip(first, again))
     assert not np.array_equal(first[0].image, other[0].image)
+
+
+def test_given_images_replace_the_models_own_edits_as_context():
+    editor = micro_editor()
+    free = editor.edit(sources(1), INSTRUCTIONS[:1], steps=2, seed=3)[0]
+    # its own edits given back: the same context, so the same results (an off-by-one turn would differ)
+    own = [sources(1)[0], *[r.image for r in free]]
+    again = editor.edit(sources(1), INSTRUCTIONS[:1], steps=2, seed=3, given_images=[own])[0]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(free, again))
+    # other images given: turn 1 has nothing given and is unchanged; every later turn edits another image
+    forced = editor.edit(sources(1), INSTRUCTIONS[:1], steps=2, seed=3, given_images=[sources(6)])[0]
+    assert np.array_equal(forced[0].image, free[0].image)
+    assert not any(np.array_equal(a.image, b.image) for a, b in zip(forced[1:], free[1:]))
 
 
 def test_full_attention_models_recompute_with_full_attention():

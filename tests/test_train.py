@@ -240,8 +240,9 @@ def test_edit_and_eval_end_to_end(tmp_path, trained_run):
         assert im.size == (80, 48)  # restored to the input's size
 
     result = run_vincie("eval", "--model", str(trained_run), "--bench", "synth", "--out", str(tmp_path / "eval"),
-                        "--turns", "3", "--sessions", "4", "--steps", "2", check=True)
+                        "--turns", "3", "--sessions", "4", "--steps", "2", "--given-truth", check=True)
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert len(report["success_given_truth"]) == 3 and "given truth" in result.stdout
     assert report["sessions"] == 4 and report["success"]["ground_truth"] == [1.0, 1.0, 1.0]
     assert report["success"]["copy_input"] == [0.0, 0.0, 0.0]
     kinds = report["by_kind"]["copy_input"]

@@ -118,6 +118,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.judge_url or args.clip_model or args.dino_model:
             raise VincieError("--bench synth is scored by its exact judge; --judge-url, --clip-model and "
                               "--dino-model apply to mse-bench and magicbrush")
+    elif args.given_truth:
+        raise VincieError(f"--given-truth applies to --bench synth only (its sessions hold every turn's true image)")
     elif not args.data:
         raise VincieError(f"--bench {args.bench} needs --data DIR (a local copy of the benchmark)")
     if args.judge_url and not args.judge_model:
@@ -129,7 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         data = args.data or editor.cfg.data.eval_url
         report = evaluate_synth(editor, data, args.out, sessions=args.sessions or 32, turns=args.turns,
-                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed, chain_masks=args.chain_masks)
+                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed, chain_masks=args.chain_masks,
+                                given_truth=args.given_truth)
         print(format_table(report))
     else:
         from vincie.evaluate import evaluate_benchmark, format_benchmark_table
@@ -262,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--chain-masks", action="store_true",
                           help="each turn generates its current mask, next mask, then the image (CS -> NS -> I)")
+    evaluate.add_argument("--given-truth", action="store_true",
+                          help="synth: also edit each turn from the true previous image (teacher forcing, as in "
+                               "training) and print that per-turn success: what the model does at a turn, without "
+                               "the drift of its own earlier edits (twice the editing time)")
     evaluate.add_argument("--raw-weights", action="store_true",
                           help="training run directory: use the raw weights instead of the EMA")
     evaluate.add_argument("--clip-model", default="", metavar="DIR",

@@ -172,7 +172,10 @@ def grid_png(truths: list[list[np.ndarray]], outputs: list[list[np.ndarray]], su
 
 def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turns: int = 5, steps: int | None = None,
                    cfg_scale: float | None = None, seed: int = 0, batch: int = 16, progress: bool = True,
-                   chain_masks: bool = False) -> dict:
+                   chain_masks: bool = False, given_truth: bool = False) -> dict:
+    """Edits held-out sessions turn by turn from their sources and judges every turn against the ground truth.
+    given_truth: also edit each turn from the true previous image (teacher forcing) and report that per-turn
+    success, which separates what the model can do at a turn from the drift of its own earlier edits."""
     from tqdm import tqdm
 
     from vincie.loader import load_sessions
@@ -182,12 +185,18 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
     if not chosen:
         raise VincieError(f"{data_url}: no sessions with {turns} turns and masks to evaluate "
                           f"(make them with: vincie data synth --split test --min-turns {turns} --turns {turns})")
-    outputs: list[list[np.ndarray]] = []
-    for start in tqdm(range(0, len(chosen), batch), desc="eval", unit="batch", disable=not progress):
-        part = chosen[start:start + batch]
-        results = editor.edit([s.images[0] for s in part], [s.instructions for s in part], steps=steps,
-                              cfg_scale=cfg_scale, seed=seed + start, chain_masks=chain_masks)
-        outputs += [[r.image for r in session] for session in results]
+
+    def edit_all(given: bool, desc: str) -> list[list[np.ndarray]]:
+        outputs = []
+        for start in tqdm(range(0, len(chosen), batch), desc=desc, unit="batch", disable=not progress):
+            part = chosen[start:start + batch]
+            results = editor.edit([s.images[0] for s in part], [s.instructions for s in part], steps=steps,
+                                  cfg_scale=cfg_scale, seed=seed + start, chain_masks=chain_masks,
+                                  given_images=[s.images for s in part] if given else None)
+            outputs += [[r.image for r in session] for session in results]
+        return outputs
+
+    outputs = edit_all(False, "eval")
     model_scores = [judge_session(s, out) for s, out in zip(chosen, outputs)]
     truth_scores = [judge_session(s, s.images[1:]) for s in chosen]
     copy_scores = [judge_session(s, [s.images[0]] * turns) for s in chosen]
@@ -207,6 +216,9 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
         "by_kind": {"model": success_by_kind(chosen, model_scores), "copy_input": success_by_kind(chosen, copy_scores)},
         "denoising": denoising_probe(editor, chosen, seed),
     }
+    if given_truth:  # each turn on its own, from the true previous image: not cumulative
+        given = [judge_session(s, out) for s, out in zip(chosen, edit_all(True, "eval, true context"))]
+        report["success_given_truth"] = [float(np.mean([s[k].success for s in given])) for k in range(turns)]
     os.makedirs(out_dir, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
     storage.write_bytes_atomic(os.path.join(out_dir, "grid.png"), grid_png(
@@ -220,6 +232,9 @@ def format_table(report: dict) -> str:
     lines = ["turn            " + "".join(f"{k + 1:>7d}" for k in range(turns))]
     for name in ("model", "copy_input", "ground_truth"):
         lines.append(f"{name:16s}" + "".join(f"{v:7.2f}" for v in report["success"][name]))
+    if "success_given_truth" in report:
+        lines.append(f"{'given truth':16s}" + "".join(f"{v:7.2f}" for v in report["success_given_truth"])
+                     + "   (model, each turn alone from the true previous image)")
     probe = report["denoising"]
     lines.append("turn-1 x0 error by noise level t: " + ", ".join(f"t={t} {v:.4f}" for t, v in probe["x0_mse"].items())
                  + f" (copy-input {probe['copy_input']:.4f}, mean {probe['mean']:.4f})")
@@ -266,7 +281,10 @@ def mean_or_none(values: list[float]) -> float | None:
 def evaluate_benchmark(editor, bench: str, data: str, out_dir: str, sessions: int | None = None,
                        steps: int | None = None, cfg_scale: float | None = None, seed: int = 0, clip_model: str = "",
                        dino_model: str = "", judge=None, batch: int = 8, progress: bool = True,
-                       chain_masks: bool = False) -> dict:
+                       chain_masks: bool = False, given_truth: bool = False) -> dict:
+    """Edits held-out sessions turn by turn from their sources and judges every turn against the ground truth.
+    given_truth: also edit each turn from the true previous image (teacher forcing) and report that per-turn
+    success, which separates what the model can do at a turn from the drift of its own earlier edits."""
     """`bench`: mse-bench or magicbrush, read from the local directory `data`. Metrics per turn: L1 (when the
     benchmark has ground truth), CLIP-I / DINO / CLIP-T (when model directories are given), and the judge's
     cumulative success (a vincie.judge.VLMJudge, optional)."""

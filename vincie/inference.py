@@ -238,9 +238,14 @@ class Editor:
 
     @torch.no_grad()
     def edit(self, images: list[np.ndarray], instructions: list[list[str]], steps: int | None = None,
-             cfg_scale: float | None = None, seed: int = 0, chain_masks: bool = False) -> list[list[TurnResult]]:
+             cfg_scale: float | None = None, seed: int = 0, chain_masks: bool = False,
+             given_images: list[list[np.ndarray]] | None = None) -> list[list[TurnResult]]:
         """Edits N sessions side by side: images[i] is session i's source (resolution x resolution),
-        instructions[i] its turns (all sessions the same number). Returns results[i][turn]."""
+        instructions[i] its turns (all sessions the same number). Returns results[i][turn].
+
+        given_images[i][k] (k = 1 .. turns - 1), if given, is turn k's current image in place of the model's own
+        edit (teacher forcing, as in training): each turn then edits the true image, so its result shows what
+        the model does at that turn without the drift of its earlier edits."""
         steps = steps or self.cfg.diffusion.sample_steps
         cfg_scale = self.cfg.diffusion.cfg_scale if cfg_scale is None else cfg_scale
         turns = len(instructions[0])
@@ -268,8 +273,9 @@ class Editor:
                                    cfg_scale, generator)
             pictures = self.decode_tokens(tokens)
             if turn + 1 < turns:  # the next turn's current image
+                current = pictures if given_images is None else [x[turn + 1] for x in given_images]
                 sessions = self.extend(sessions, Block(BlockType.IMAGE, Role.CLEAN, turn + 1, turn + 1),
-                                       self.encode_images(pictures))
+                                       self.encode_images(current))
             for i, picture in enumerate(pictures):
                 results[i].append(TurnResult(picture, masks.get(BlockType.CUR_MASK, [None] * len(images))[i],
                                              masks.get(BlockType.NEXT_MASK, [None] * len(images))[i]))
