@@ -102,6 +102,12 @@ def test_synth_stops_before_any_work_on_bad_config(tmp_path):
     assert not out.exists()
 
 
+def test_launch_stops_before_torchrun_on_bad_config():
+    result = run_vincie("launch", "local", "--nproc", "2", "--config", "tiny", "model.hidden_size=96")
+    assert result.returncode == 2 and "model.text_dim" in error_line(result)  # once, not once per rank
+    assert "launch:" not in result.stdout  # torchrun never started
+
+
 def test_cli_show_prints_resolved_config():
     result = run_vincie("config", "show", "synth.resolution=32", check=True)
     assert yaml.safe_load(result.stdout)["synth"]["resolution"] == 32

@@ -34,6 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_launch_local(args: argparse.Namespace) -> int:
     import subprocess
 
+    config_from_args(args)  # a bad config or override: one error here, not one per rank under torchrun
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                f"--max-restarts={args.max_restarts}", "-m", "vincie", "train", "--config", args.config,
                *(["--no-progress"] if args.no_progress else []), *args.overrides]
