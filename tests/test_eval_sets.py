@@ -256,3 +256,6 @@ def test_eval_on_benchmarks_end_to_end(tmp_path, magicbrush, mse_bench, tiny_mod
     missing = run_main(capsys, "eval", "--model", str(tmp_path / "model"), "--bench", "magicbrush", "--out",
                        str(tmp_path / "x"))
     assert missing.returncode == 2 and "needs --data" in error_line(missing)
+    teacher = run_main(capsys, "eval", "--model", str(tmp_path / "model"), "--bench", "magicbrush", "--data",
+                       str(tmp_path), "--out", str(tmp_path / "x"), "--given-truth")
+    assert teacher.returncode == 2 and "--given-truth" in error_line(teacher)

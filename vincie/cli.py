@@ -120,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise VincieError("--bench synth is scored by its exact judge; --judge-url, --clip-model and "
                               "--dino-model apply to mse-bench and magicbrush")
     elif args.given_truth:
-        raise VincieError(f"--given-truth applies to --bench synth only (its sessions hold every turn's true image)")
+        raise VincieError("--given-truth applies to --bench synth only (its sessions hold every turn's true image)")
     elif not args.data:
         raise VincieError(f"--bench {args.bench} needs --data DIR (a local copy of the benchmark)")
     if args.judge_url and not args.judge_model:

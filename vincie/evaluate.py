@@ -281,10 +281,7 @@ def mean_or_none(values: list[float]) -> float | None:
 def evaluate_benchmark(editor, bench: str, data: str, out_dir: str, sessions: int | None = None,
                        steps: int | None = None, cfg_scale: float | None = None, seed: int = 0, clip_model: str = "",
                        dino_model: str = "", judge=None, batch: int = 8, progress: bool = True,
-                       chain_masks: bool = False, given_truth: bool = False) -> dict:
-    """Edits held-out sessions turn by turn from their sources and judges every turn against the ground truth.
-    given_truth: also edit each turn from the true previous image (teacher forcing) and report that per-turn
-    success, which separates what the model can do at a turn from the drift of its own earlier edits."""
+                       chain_masks: bool = False) -> dict:
     """`bench`: mse-bench or magicbrush, read from the local directory `data`. Metrics per turn: L1 (when the
     benchmark has ground truth), CLIP-I / DINO / CLIP-T (when model directories are given), and the judge's
     cumulative success (a vincie.judge.VLMJudge, optional)."""
