@@ -42,8 +42,10 @@ def test_diffusers_vae_loads_a_saved_autoencoder(tmp_path):
                               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                               layers_per_block=1, norm_num_groups=8, scaling_factor=0.5)
     reference.save_pretrained(tmp_path / "vae")
-    vae = DiffusersVAE(str(tmp_path / "vae"))
+    vae = DiffusersVAE(str(tmp_path / "vae"), factor=2)
     assert (vae.channels, vae.factor) == (4, 2)
+    with pytest.raises(VincieError, match="vae.factor is 8 but .* downsamples by 2"):
+        DiffusersVAE(str(tmp_path / "vae"), factor=8)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     latents = vae.encode(images)
     assert latents.shape == (2, 4, 8, 8)
@@ -57,7 +59,7 @@ def test_missing_model_directories_are_one_line_errors(tmp_path):
     with pytest.raises(VincieError, match="text_encoder.path"):
         HFTextEncoder(TextEncoderConfig(kind="hf", path=str(tmp_path / "none")))
     with pytest.raises(VincieError, match="vae.path"):
-        DiffusersVAE(str(tmp_path / "none"))
+        DiffusersVAE(str(tmp_path / "none"), factor=8)
 
 
 def test_space_to_depth_is_lossless():

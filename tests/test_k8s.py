@@ -152,6 +152,20 @@ def test_rendered_manifests_validate_strictly_and_carry_the_layout(kind, layout,
     assert all(f"kind {k}" in result.stdout for k in (job_kind, "PodMonitor", "PrometheusRule"))
 
 
+@pytest.mark.parametrize("preset", ["3b", "7b"])
+def test_the_large_presets_render_with_the_layout_vincie_plan_recommends(preset, capsys):
+    """k8s/README's flow: `vincie plan` for 4 nodes x 8 GPUs, then `vincie k8s render` with its overrides."""
+    result = run_main(capsys, "plan", "--preset", preset, "--gpus", "32", "--gpu", "h100", check=True)
+    layout = next(line for line in result.stdout.splitlines() if line.startswith("recommended: ")).split()[1:]
+    result = run_main(capsys, "k8s", "render", "--config", preset, "k8s.nodes=4", *layout, check=True)
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for doc in docs:
+        validate(doc)
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    parallel = yaml.safe_load(config_map["data"]["config.yaml"])["parallel"]
+    assert [f"parallel.{key}={str(parallel[key]).lower()}" for key in (o.split("=")[0][9:] for o in layout)] == layout
+
+
 def test_the_validation_rejects_what_a_cluster_would():
     """Negative controls: an unknown field deep in a pod template, a wrong type in the job's own spec, a GPU count
     given as a bare number where the rule file expects strings, and a bad alert duration fail."""

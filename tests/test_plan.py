@@ -8,24 +8,34 @@ from vincie.config import ConfigError, check_world, load_config
 from vincie.model import build_on_meta, count_parameters
 from vincie.plan import GPUS, GIB, Layout, candidate_layouts, estimate, parameter_split, plan, sample_workload
 
-BIG_BATCH = ["train.batch_size=512", "data.resolution=256"]
-
 
 def test_3b_on_256_h100_recommends_a_layout_the_config_accepts():
-    cfg = load_config("3b", BIG_BATCH)
+    cfg = load_config("3b")
     report, status = plan(cfg, 256, GPUS["h100"], "h100", 8, 0.5)
     assert status == 0
     assert "assumptions:" in report and "989 TFLOP/s" in report and "79.6 GiB" in report
     recommended = next(line for line in report.splitlines() if line.startswith("recommended: "))
     overrides = recommended.removeprefix("recommended: ").split()
-    chosen = load_config("3b", [*BIG_BATCH, *overrides])  # validates
+    chosen = load_config("3b", overrides)  # validates
     assert check_world(chosen, 256) * chosen.parallel.tensor * chosen.parallel.pipeline == 256
-    total = float(report.split("recommended: ")[1].splitlines()[1].split()[0])
+    summary = report.split("recommended: ")[1].splitlines()
+    total, step = float(summary[1].split()[0]), float(summary[1].split("about ")[1].split()[0])
     assert 0 < total <= 79.6
+    hours = float(summary[2].split("about ")[1].split()[0])
+    assert summary[2].startswith("  train.steps 15000:") and hours == pytest.approx(15000 * step / 3600, rel=0.01)
+
+
+def test_the_3b_preset_plans_the_papers_data_shape():
+    """The preset's sessions as the planner sees them, counted by hand: 256 x 256 in the 9:16 bucket is 192 x 336
+    pixels, 12 x 21 = 252 tokens per image (8x VAE, patch 2); 6 turns of 32 text tokens fit in 16384 tokens."""
+    cfg = load_config("3b")
+    sample, turns = sample_workload(cfg)
+    assert turns == 6 and sample.text_tokens == 6 * 32
+    assert sample.latent_tokens % 252 == 0 and sample.latent_tokens // 252 == sample.blocks - 6
 
 
 def test_memory_terms_against_the_parameter_count_and_each_other():
-    cfg = load_config("3b", BIG_BATCH)
+    cfg = load_config("3b")
     params = parameter_split(cfg)
     assert sum(params) == count_parameters(build_on_meta(cfg.model))
     sample, turns = sample_workload(cfg)
@@ -49,7 +59,7 @@ def test_a_model_that_fits_nowhere_says_so_and_exits_non_zero(capsys):
 def test_gpu_counts_that_do_not_divide(capsys):
     result = run_main(capsys, "plan", "--preset", "3b", "--gpus", "12")
     assert result.returncode == 2 and "--gpus (12) must be a multiple of --gpus-per-node (8)" in error_line(result)
-    result = run_main(capsys, "plan", "--preset", "3b", "--gpus", "7")  # DP 7 cannot split a batch of 8
+    result = run_main(capsys, "plan", "--preset", "3b", "--gpus", "7")  # DP 7 cannot split the preset's batch
     assert result.returncode == 2
     assert "no TP x PP x DP layout of 7 GPUs" in error_line(result) and "not divisible by DP 7" in error_line(result)
     result = run_main(capsys, "plan", "--preset", "3b", "--gpus", "0")
@@ -57,10 +67,10 @@ def test_gpu_counts_that_do_not_divide(capsys):
 
 
 def test_layouts_follow_the_config_rules():
-    cfg = load_config("3b", BIG_BATCH)
+    cfg = load_config("3b")
     layouts, _ = candidate_layouts(cfg, 256, 8)
     assert layouts and all(20 % l.tensor == 0 and 32 % l.pipeline == 0 for l in layouts)
-    assert all(l.tensor * l.pipeline * l.data == 256 and l.micro_batch * l.micro_batches * l.data == 512
+    assert all(l.tensor * l.pipeline * l.data == 256 and l.micro_batch * l.micro_batches * l.data == cfg.train.batch_size
                for l in layouts)
     with pytest.raises(ConfigError, match="--efficiency"):
         plan(cfg, 256, GPUS["h100"], "h100", 8, 1.5)

@@ -193,7 +193,9 @@ class TextEncoderConfig:
 class VAEConfig:
     kind: Literal["space_to_depth", "diffusers"] = "space_to_depth"  # built-in pixel-space latent, or AutoencoderKL
     path: str = ""  # local directory of a `diffusers` AutoencoderKL (kind: diffusers)
-    factor: int = 4  # space_to_depth: pixels per latent cell along each side
+    # pixels per latent cell along each side: space_to_depth's cell; for diffusers the AutoencoderKL's downsampling
+    # (2^(down blocks - 1)), checked when it loads. Buckets and `vincie plan` need it before any VAE is loaded.
+    factor: int = 4
 
 
 @dataclass

@@ -78,8 +78,7 @@ class Estimate:
 def sample_workload(cfg: Config) -> tuple[Workload, int]:
     """The config's longest session as the model sees it -> (its Workload, its turns)."""
     h, w = bucket_shapes(cfg)[0]
-    factor = 8 if cfg.vae.kind == "diffusers" else cfg.vae.factor  # diffusers: the 8x VAE of the presets
-    cell = factor * cfg.model.patch_size
+    cell = cfg.vae.factor * cfg.model.patch_size
     grid, text = (h // cell, w // cell), cfg.text_encoder.max_tokens
     for turns in range(cfg.data.max_turns, 0, -1):
         blocks = build_blocks(turns, True, cfg.sequence, None)
@@ -246,6 +245,9 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
         lines.append(f"recommended: {' '.join(overrides(best.layout, cfg))}")
         lines.append(f"  {best.total_gib:.1f} of {usable:g} GiB per GPU, about {best.step_s:.2f} s per step, "
                      f"{step_flops / gpus / best.step_s / 1e12:.0f} TFLOP/s per GPU")
+        hours = cfg.train.steps * best.step_s / 3600
+        lines.append(f"  train.steps {cfg.train.steps}: about {hours:.1f} h on {gpus} GPUs "
+                     f"({hours * gpus:,.0f} GPU-hours)")
         return "\n".join(lines), 0
     if with_rc:
         best = with_rc[0]

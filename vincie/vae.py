@@ -31,7 +31,7 @@ class SpaceToDepthVAE(nn.Module):
 
 
 class DiffusersVAE(nn.Module):
-    def __init__(self, path: str):
+    def __init__(self, path: str, factor: int):
         super().__init__()
         try:
             from diffusers import AutoencoderKL
@@ -46,6 +46,9 @@ class DiffusersVAE(nn.Module):
         object.__setattr__(self, "vae", vae)  # frozen, referenced by path, not saved in vincie's checkpoints
         self.channels = vae.config.latent_channels
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if self.factor != factor:
+            raise VincieError(f"vae.factor is {factor} but the AutoencoderKL at {path} downsamples by {self.factor} "
+                              f"(2^(len(block_out_channels) - 1)): set vae.factor={self.factor}")
         self.scaling = vae.config.scaling_factor
 
     @torch.no_grad()
@@ -64,4 +67,4 @@ class DiffusersVAE(nn.Module):
 def build_vae(cfg: VAEConfig) -> nn.Module:
     if cfg.kind == "space_to_depth":
         return SpaceToDepthVAE(cfg.factor)
-    return DiffusersVAE(cfg.path)
+    return DiffusersVAE(cfg.path, cfg.factor)
