@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from data_index.synth import SynthJob, run_synth
-from vincie.config import StorageConfig, SynthConfig
+from vincie.config import StorageConfig, SynthConfig, load_config
 
 MICRO_MODEL = {"hidden_size": 64, "num_heads": 2, "num_layers": 2, "dual_stream_layers": 1, "patch_size": 2,
                "latent_channels": 48, "text_dim": 64, "source": "none",
@@ -19,6 +19,15 @@ MICRO_MODEL = {"hidden_size": 64, "num_heads": 2, "num_layers": 2, "dual_stream_
 PAPER_SEQUENCE = {"drop_current_image": 0.2, "masks_present": 0.8}
 MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO_MODEL.items()] + \
     [f"sequence.{k}={v}" for k, v in PAPER_SEQUENCE.items()]
+
+
+def micro_batch(n=2, seed=0, **overrides):
+    """-> (config, EditModel, n training samples of synthetic 32x32 sessions): the micro model in one process
+    (vincie.parallel.init_distributed first), `overrides` as {"section.key": value}."""
+    from vincie.bench import training_samples
+
+    cfg = load_config("tiny", ["data.resolution=32", *MICRO_OVERRIDES, *[f"{k}={v}" for k, v in overrides.items()]])
+    return (cfg, *training_samples(cfg, n, seed))
 
 
 def make_data(root, sessions=32, split="train", turns=(2, 4), image_format="jpg"):

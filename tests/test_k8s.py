@@ -162,8 +162,9 @@ def test_the_large_presets_render_with_the_layout_vincie_plan_recommends(preset,
     for doc in docs:
         validate(doc)
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    parallel = yaml.safe_load(config_map["data"]["config.yaml"])["parallel"]
-    assert [f"parallel.{key}={str(parallel[key]).lower()}" for key in (o.split("=")[0][9:] for o in layout)] == layout
+    rendered = yaml.safe_load(config_map["data"]["config.yaml"])
+    keys = [override.split("=")[0].split(".") for override in layout]  # e.g. parallel.tensor, train.recompute
+    assert [f"{section}.{key}={str(rendered[section][key]).lower()}" for section, key in keys] == layout
 
 
 def test_the_validation_rejects_what_a_cluster_would():

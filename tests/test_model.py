@@ -1,24 +1,20 @@
 """The MM-DiT: shapes for every preset (3b/7b on the meta device), zero init, and the attention rule as the
-whole model sees it."""
+whole model sees it; activation recomputation against the plain forward."""
 
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from vincie.batch import SessionEncoder, collate, patchify, unpatchify
-from vincie.components import build_components
+from vincie.batch import collate, patchify, unpatchify
 from vincie.config import load_config
-from vincie.data import from_session
 from vincie.model import PointwiseHead, build_on_meta, count_parameters
 from vincie.parallel import init_distributed
 from vincie.sequence import BlockType, Role
 from vincie.vae import SpaceToDepthVAE
 
-from data_index.world import generate_session
-from helpers import MICRO_OVERRIDES
+from helpers import micro_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,19 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module", autouse=True)
 def dist():
     init_distributed()
-
-
-def micro_batch(n=2, seed=0, **overrides):
-    cfg = load_config("tiny", ["data.resolution=32", *MICRO_OVERRIDES,
-                               *[f"{k}={v}" for k, v in overrides.items()]])
-    torch.manual_seed(seed)
-    model, vae, text = build_components(cfg, torch.device("cpu"))
-    encoder = SessionEncoder(cfg, vae, text, torch.device("cpu"))
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    synth = load_config("tiny", ["synth.resolution=32"]).synth
-    samples = [encoder.training_sample(from_session(generate_session(synth, "train", 0, i).session), rng, gen)
-               for i in range(n)]
-    return cfg, model, samples
 
 
 def test_output_is_one_velocity_per_latent_token_and_zero_at_init():
@@ -202,3 +185,28 @@ def test_pooled_text_gives_each_target_the_mean_of_its_turns_instruction():
         after = model(batch.inputs)
     moved = (after - before).abs().amax(dim=1) > 1e-4
     assert moved[batch.target_select].all()
+
+
+def test_recompute_gives_the_same_loss_and_gradients():
+    """train.recompute=full: every layer runs again in the backward from its saved input; the result must be the
+    plain forward's, bit for bit on one CPU (same kernels, same order)."""
+    results = []
+    for recompute in ("none", "full"):
+        cfg, model, samples = micro_batch(n=2, seed=3, **{"train.recompute": recompute})
+        assert model.dit.recompute is (recompute == "full")
+        torch.manual_seed(0)  # the zero-initialised layers would give zero gradients to most weights
+        for p in model.parameters():
+            p.data.normal_(0, 0.05)
+        calls = []
+        for layer in model.dit.layers.values():
+            layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
+        loss = model(batch.inputs).square().mean()
+        loss.backward()
+        assert len(calls) == cfg.model.num_layers * (2 if recompute == "full" else 1)  # rerun in the backward
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain_loss, plain), (rc_loss, rc) = results
+    assert torch.equal(plain_loss, rc_loss) and plain.keys() == rc.keys()
+    for name, grad in plain.items():
+        assert grad is not None and grad.norm() > 0, f"{name} has no gradient: the check would be empty"
+        assert torch.equal(grad, rc[name]), name

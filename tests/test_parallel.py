@@ -2,7 +2,8 @@
 
 Two processes over gloo (torchrun), megatron-core made CPU-capable by the test-only shim
 (tests/megatron_cpu_shim.py), each run compared with the single-process run from the same weights and data:
-TP=2 (with and without sequence parallel) and PP=2 (1F1B and interleaved) give the same loss and gradients;
+TP=2 (with and without sequence parallel, and with activation recomputation) and PP=2 (1F1B, interleaved, and
+1F1B with recomputation) give the same loss and gradients;
 DP=2 with the distributed optimizer trains like one process; checkpoints saved under one layout continue
 identically under another; `vincie launch local ... parallel.tensor=2` trains and resumes.
 """
@@ -66,8 +67,9 @@ def assert_same_loss_and_gradients(one: dict, split: dict) -> None:
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor=2"],
-                                    ["parallel.tensor=2", "parallel.sequence_parallel=true"]],
-                         ids=["tp2", "tp2-sp"])
+                                    ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+                                    ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.recompute=full"]],
+                         ids=["tp2", "tp2-sp", "tp2-sp-recompute"])
 def test_tensor_parallel_gives_the_single_process_loss_and_gradients(tmp_path, two_layers, layout):
     config, overrides, one = two_layers
     torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
@@ -76,8 +78,9 @@ def test_tensor_parallel_gives_the_single_process_loss_and_gradients(tmp_path, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["parallel.pipeline=2"],
-                                    ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]],
-                         ids=["pp2-1f1b", "pp2-interleaved"])
+                                    ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+                                    ["parallel.pipeline=2", "train.recompute=full"]],
+                         ids=["pp2-1f1b", "pp2-interleaved", "pp2-recompute"])
 def test_pipeline_parallel_gives_the_single_process_loss_and_gradients(tmp_path, four_layers, layout):
     config, overrides, one = four_layers  # 4 micro-batches of one session
     torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)

@@ -1,12 +1,19 @@
-"""`vincie plan`: a recommendation the config accepts, memory terms against independent counts, and the edge
-cases (fits nowhere, GPU counts that do not divide)."""
+"""`vincie plan`: a recommendation the config accepts, memory terms against independent counts (the activation
+constants against a measured forward), and the edge cases (recompute only, fits nowhere, GPU counts that do not
+divide)."""
+
+import json
 
 import pytest
 from conftest import error_line, run_main
+from helpers import MICRO_OVERRIDES
 
+from vincie.bench import activation_memory
 from vincie.config import ConfigError, check_world, load_config
 from vincie.model import build_on_meta, count_parameters
-from vincie.plan import GPUS, GIB, Layout, candidate_layouts, estimate, parameter_split, plan, sample_workload
+from vincie.parallel import init_distributed
+from vincie.plan import (ACT_BYTES_PER_H, GIB, GPUS, RECOMPUTE_BYTES_PER_H, STAGE_BYTES_PER_H, Layout,
+                         candidate_layouts, estimate, parameter_split, plan, sample_workload)
 
 
 def test_3b_on_256_h100_recommends_a_layout_the_config_accepts():
@@ -48,6 +55,42 @@ def test_memory_terms_against_the_parameter_count_and_each_other():
     assert one.activations_recompute_gib < one.activations_gib / 10
     assert one.step_recompute_s > one.step_s
     assert tp4.tensor_s > 0 == one.tensor_s
+
+
+def test_activation_constants_against_a_measured_forward():
+    """`vincie bench memory`'s measurement at the 3b's proportions (hidden 384: heads of 128, SwiGLU width 1024 =
+    2.67 x hidden), on the micro model's 32x32 sessions, against the constants the plan uses."""
+    init_distributed()
+    cfg = load_config("tiny", ["data.resolution=32", *MICRO_OVERRIDES, "model.hidden_size=384", "model.num_heads=3",
+                               "model.text_dim=384", "train.precision=bf16"])
+    measured = activation_memory(cfg)
+    assert measured["per_layer_shared"] == pytest.approx(ACT_BYTES_PER_H, rel=0.05)
+    assert measured["per_layer_dual"] == pytest.approx(ACT_BYTES_PER_H, rel=0.05)
+    assert measured["per_layer_recompute"] == pytest.approx(RECOMPUTE_BYTES_PER_H, rel=1e-6)  # the fp32 input
+    assert measured["per_stage_recompute"] == pytest.approx(STAGE_BYTES_PER_H, rel=0.05)
+    assert 0 < measured["per_stage"] <= STAGE_BYTES_PER_H
+
+
+def test_bench_memory_command(capsys):
+    result = run_main(capsys, "bench", "memory", "--hidden", "128", "--json", check=True)
+    report = json.loads(result.stdout)
+    assert report["plan"]["per_layer_recompute"] == RECOMPUTE_BYTES_PER_H and report["mlp_width"] == 384
+    assert report["measured"]["per_layer_recompute"] == pytest.approx(4.0)
+    assert report["measured"]["per_layer_shared"] > 20 * report["measured"]["per_layer_recompute"]
+    result = run_main(capsys, "bench", "memory", "--hidden", "100")
+    assert result.returncode == 2 and "--hidden (100) must be a positive multiple of --head-dim (128)" in \
+        error_line(result)
+
+
+def test_where_only_recomputation_fits_it_is_recommended(capsys):
+    result = run_main(capsys, "plan", "--preset", "7b", "--gpus", "8", "--gpu", "h100", check=True)
+    recommended = next(line for line in result.stdout.splitlines() if line.startswith("recommended: "))
+    overrides = recommended.removeprefix("recommended: ").split()
+    assert "train.recompute=full" in overrides and "(with activation recomputation)" in result.stdout
+    chosen = load_config("7b", overrides)  # validates
+    assert chosen.train.recompute == "full"
+    first_row = result.stdout.split(" MFU\n")[1].splitlines()[0].split()
+    assert [f"parallel.tensor={first_row[0]}", f"parallel.pipeline={first_row[1]}"] == overrides[:2]  # ranked first
 
 
 def test_a_model_that_fits_nowhere_says_so_and_exits_non_zero(capsys):

@@ -42,7 +42,7 @@ def test_fp8_needs_the_te_spec_and_bf16(monkeypatch):
 def test_fp8_gemm_dimensions_must_be_multiples_of_16_or_32_for_mxfp8(monkeypatch):
     fp8 = ["model.spec=te", "model.fp8=e4m3", "train.precision=bf16"]
     monkeypatch.setattr(config_module, "have_transformer_engine", lambda: True)
-    assert load_config("tiny", fp8).model.fp8 == "e4m3"  # hidden 192, MLP 512: aligned
+    assert load_config("tiny", fp8).model.fp8 == "e4m3"  # hidden 64, MLP 192: aligned
     assert load_config("tiny", [*fp8, "model.hidden_size=208", "model.num_heads=2", "model.text_dim=208"])
     message = one_line_error([*fp8, "model.hidden_size=136", "model.num_heads=1", "model.text_dim=136"], True,
                              monkeypatch)
@@ -54,6 +54,14 @@ def test_fp8_gemm_dimensions_must_be_multiples_of_16_or_32_for_mxfp8(monkeypatch
     message = one_line_error([*fp8, "model.hidden_size=208", "model.num_heads=2", "model.text_dim=208",
                               "parallel.tensor=2"], True, monkeypatch)
     assert "linear_qkv is 208 x 312" in message and "parallel.tensor 2" in message
+
+
+def test_recompute_with_delayed_fp8_scaling_is_refused(monkeypatch):
+    fp8 = ["model.spec=te", "model.fp8=e4m3", "train.precision=bf16", "train.recompute=full"]
+    monkeypatch.setattr(config_module, "have_transformer_engine", lambda: True)
+    assert load_config("tiny", fp8).train.recompute == "full"  # tensorwise (current) scaling: no history
+    message = one_line_error([*fp8, "model.fp8_recipe=delayed"], True, monkeypatch)
+    assert "train.recompute" in message and "amax" in message
 
 
 def test_spec_selection():

@@ -294,6 +294,74 @@ class PeakMemory:
         return self.status("VmHWM") - self.base if self.available else None
 
 
+def training_samples(cfg, sessions: int, seed: int):
+    """-> (the config's EditModel, training samples of `sessions` synthetic sessions drawn at data.resolution), on
+    the CPU in one process (vincie.parallel.init_distributed first)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from data_index.world import generate_session
+    from vincie.batch import SessionEncoder
+    from vincie.components import build_components
+    from vincie.data import from_session
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(seed)
+    model, vae, text_encoder = build_components(cfg, cpu)
+    encoder = SessionEncoder(cfg, vae, text_encoder, cpu)
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    synth = dataclasses.replace(cfg.synth, resolution=cfg.data.resolution)
+    samples = [encoder.training_sample(from_session(generate_session(synth, "train", 0, i).session), rng, generator)
+               for i in range(sessions)]
+    return model, samples
+
+
+def held_per_token_and_unit(cfg, sessions: int = 2) -> float:
+    """Bytes a training forward leaves allocated (what the backward keeps, and the output), per token of the
+    padded batch and hidden unit, from the profiler's allocation events on the CPU; bf16 autocast when
+    train.precision is bf16."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vincie.batch import collate
+
+    model, samples = training_samples(cfg, sessions, seed=0)
+    batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when the profiler first starts: no start/stop lines
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            out = model(batch.inputs)  # kept: it holds the graph, and the graph what the backward needs
+    assert out.requires_grad
+    held = sum(event.self_cpu_memory_usage for event in prof.events())
+    return held / batch.inputs.mask.token_block.numel() / cfg.model.hidden_size
+
+
+def activation_memory(cfg) -> dict:
+    """The activation terms of `vincie plan` measured on the config's model (its layer counts replaced): bytes
+    per token and hidden unit per shared and per dual-stream layer, per layer with train.recompute=full, and per
+    stage (what does not grow with the layers), from forwards of 2 and 4 layers."""
+    import dataclasses
+
+    from vincie.config import validate
+
+    def held(layers: int, dual: int, recompute: str) -> float:
+        variant = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers,
+                                                                     dual_stream_layers=dual),
+                                      train=dataclasses.replace(cfg.train, recompute=recompute))
+        validate(variant)
+        return held_per_token_and_unit(variant)
+
+    plain = {(n, d): held(n, d, "none") for n, d in ((2, 1), (4, 1), (4, 4))}
+    shared = (plain[4, 1] - plain[2, 1]) / 2
+    recompute = {n: held(n, 1, "full") for n in (2, 4)}
+    per_layer_recompute = (recompute[4] - recompute[2]) / 2
+    return {"per_layer_shared": shared, "per_layer_dual": (plain[4, 4] - plain[4, 1]) / 3 + shared,
+            "per_layer_recompute": per_layer_recompute, "per_stage": plain[2, 1] - 2 * shared,
+            "per_stage_recompute": recompute[2] - 2 * per_layer_recompute}
+
+
 def bench_inference(args: argparse.Namespace) -> int:
     import statistics
 
@@ -363,10 +431,37 @@ def bench_inference(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_memory(args: argparse.Namespace) -> int:
+    from vincie.config import ffn_hidden_size
+    from vincie.parallel import init_distributed
+    from vincie.plan import ACT_BYTES_PER_H, RECOMPUTE_BYTES_PER_H, STAGE_BYTES_PER_H
+
+    h = args.hidden
+    if h < 1 or h % args.head_dim:
+        raise VincieError(f"--hidden ({h}) must be a positive multiple of --head-dim ({args.head_dim})")
+    cfg = config_from_args(args, extra=[f"model.hidden_size={h}", f"model.num_heads={h // args.head_dim}",
+                                        f"model.text_dim={h}", "train.precision=bf16"])
+    init_distributed()
+    measured = activation_memory(cfg)
+    plan = {"per_layer_shared": ACT_BYTES_PER_H, "per_layer_dual": ACT_BYTES_PER_H,
+            "per_layer_recompute": RECOMPUTE_BYTES_PER_H, "per_stage": STAGE_BYTES_PER_H,
+            "per_stage_recompute": STAGE_BYTES_PER_H}
+    if args.json:
+        print(json.dumps({"config": args.config, "hidden": h, "head_dim": args.head_dim,
+                          "mlp_width": ffn_hidden_size(cfg.model), "measured": measured, "plan": plan}, indent=1))
+        return 0
+    print(f"activation memory, bytes per token and hidden unit: {args.config} at hidden {h}, heads of "
+          f"{args.head_dim}, MLP width {ffn_hidden_size(cfg.model)}, bf16 autocast, CPU")
+    print(f"{'':30} {'measured':>9} {'vincie plan':>12}")
+    for key, value in measured.items():
+        print(f"{key.replace('_', ' '):30} {value:>9.1f} {plan[key]:>12}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="performance benchmarks",
                                   description="Performance benchmarks; record results in docs/BENCHMARKS.md.")
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{synth,ingest,loader,inference}")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{synth,ingest,loader,inference,memory}")
     p = sub.add_parser("synth", help="synthetic session generation speed",
                        description="Sessions/s of the synthetic world: rendering alone in one process, and end "
                                    "to end (render, encode, shard, index) with 1 and --workers processes.")
@@ -434,3 +529,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config_arguments(p)
     p.set_defaults(func=bench_inference)
+
+    p = sub.add_parser("memory", help="activation memory per token: plain and with recomputation, against plan's",
+                       description="Bytes a training forward under bf16 autocast leaves allocated for the backward, "
+                                   "per token and hidden unit, on the CPU (the profiler's allocation events): per "
+                                   "shared and per dual-stream layer, per layer with train.recompute=full, and per "
+                                   "stage, from forwards of 2 and 4 layers of --config's model at --hidden (heads "
+                                   "of --head-dim) on synthetic sessions; beside the constants `vincie plan` uses.")
+    p.add_argument("--hidden", type=int, default=384, help="model.hidden_size (default 384)")
+    p.add_argument("--head-dim", type=int, default=128, help="head width, the 3b's (default 128)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_config_arguments(p)
+    p.set_defaults(func=bench_memory)

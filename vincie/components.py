@@ -28,6 +28,7 @@ class EditModel(MegatronModule):
         stage = dict(stage or {})
         linears = MegatronLinears(cfg.model, sequence_parallel=stage.pop("sequence_parallel", False))
         dit = MMDiT(cfg.model, linears, **stage)
+        dit.recompute = cfg.train.recompute == "full"
         super().__init__(linears.config)
         # read by megatron-core's pipeline schedules and finalize_model_grads (no word embedding tied to an output)
         self.model_type = ModelType.encoder_or_decoder

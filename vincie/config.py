@@ -266,6 +266,9 @@ class TrainConfig:
     # average spans about the last n / (ema_warmup - 1) updates, so short runs do not average in their init
     ema_warmup: float = 10.0
     precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype for the forward pass
+    # activation recomputation: "full" keeps only each layer's input in the forward and runs the layer again in the
+    # backward (about a third more compute, a fraction of the activation memory; `vincie plan` shows both)
+    recompute: Literal["none", "full"] = "none"
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -769,6 +772,9 @@ def validate_precision(cfg: Config) -> None:
         return
     require(m.spec == "te", "model.fp8", f"needs model.spec=te (Transformer Engine layers), got {m.spec!r}")
     require(cfg.train.precision == "bf16", "model.fp8", f"needs train.precision=bf16, got {cfg.train.precision!r}")
+    require(cfg.train.recompute == "none" or m.fp8_recipe != "delayed", "train.recompute",
+            "'full' with model.fp8_recipe=delayed would record each GEMM's amax twice per step (forward and "
+            "recompute) in the delayed-scaling history; use a current-scaling recipe (tensorwise) or recompute=none")
     align = fp8_alignment(m.fp8_recipe)
     for name, (n_in, n_out) in fp8_gemm_shapes(m, cfg.parallel.tensor).items():
         require(n_in % align == 0 and n_out % align == 0, "model.fp8",

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vincie.attention import MaskSpec, attend, dense_mask, prepare_mask
 from vincie.config import ModelConfig, ffn_hidden_size
@@ -331,6 +332,7 @@ class MMDiT(nn.Module):
         self.linears = linears = linears or Linears()
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor = None
+        self.recompute = False  # set by the trainer (train.recompute): checkpoint every layer, rerun it in backward
         h = cfg.hidden_size
         self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2
         if pre_process:
@@ -421,10 +423,18 @@ class MMDiT(nn.Module):
         else:
             backend = "sdpa"
             mask = cache.attention_mask(dense_mask(spec))  # (B, 1, T, L + T)
+
+        def run_layer(index: int, layer: MMDiTLayer, h: torch.Tensor) -> torch.Tensor:
+            with self.linears.layer_context(index):  # inside: a recomputation runs in the same FP8 context
+                return layer(h, shared_mod, token_is_text, rope, mask, backend, streams,
+                             cache.layer(index) if cache is not None else None)
+
         for index, layer in self.layers.items():
-            with self.linears.layer_context(int(index)):
-                h = layer(h, shared_mod, token_is_text, rope, mask, backend, streams,
-                          cache.layer(int(index)) if cache is not None else None)
+            if self.recompute and torch.is_grad_enabled():
+                # keeps h only; the layer draws no random numbers, so there is no RNG state to replay
+                h = checkpoint(run_layer, int(index), layer, h, use_reentrant=False, preserve_rng_state=False)
+            else:
+                h = run_layer(int(index), layer, h)
         if not self.post_process:
             return h
         # the final layer and the loss run on all tokens, the same on every TP rank

@@ -6,10 +6,12 @@ submitting a run. Everything here is an estimate from a stated model (printed wi
 - Memory per GPU, as vincie.train runs megatron-core: fp32 weights (4 B/param) and fp32 gradient buffers (4 B),
   Adam moments (8 B, sharded over data-parallel ranks with parallel.distributed_optimizer), the EMA copy (4 B);
   layer parameters split over TP x PP, the embedders and adaLN on every stage. Activations: ACT_BYTES_PER_H bytes
-  per token, layer and hidden unit (measured, see below), for the layers of one stage times the micro-batches in
-  flight (1F1B keeps PP of them on the first stage, so the first stage holds all layers' worth of one micro-batch),
-  divided by TP (sequence parallel); with full recomputation only each layer's fp32 input (4 B per unit) stays, plus
-  one layer's activations while it is recomputed. A fixed reserve for the CUDA context, NCCL and fragmentation.
+  per token, layer and hidden unit (measured, see below), for the layers of one stage, plus STAGE_BYTES_PER_H per
+  token for the stage's embeddings and conditioning, times the micro-batches in flight (1F1B keeps PP of them on
+  the first stage, so the first stage holds all layers' worth of one micro-batch), divided by TP (sequence
+  parallel); with full recomputation (train.recompute=full) only each layer's fp32 input (4 B per unit) stays,
+  plus one layer's activations while it is recomputed. A fixed reserve for the CUDA context, NCCL and
+  fragmentation.
 - Step time: compute = the step's model FLOPs per GPU / (peak x efficiency), x 4/3 with recomputation; tensor
   parallel: 8 collectives per layer per micro-batch (gather and reduce-scatter around attention and MLP, forward
   and backward) over NVLink inside a node; pipeline: the 1F1B bubble (PP-1)/micro-batches and the activations sent
@@ -25,11 +27,17 @@ from vincie.config import Config, ConfigError, bucket_shapes, ffn_hidden_size
 from vincie.flops import Workload, layout_workload, training_flops
 from vincie.sequence import Role, build_blocks, layout
 
-# Saved activations of one layer under bf16 autocast, in bytes per token per hidden unit: 126, measured on the CPU
-# with saved-tensor hooks (storages counted once) on a hidden-256 model (MLP width 2.75 x hidden), shared and
-# dual-stream layers alike. A half-precision GPT layer with flash attention keeps 34 (Korthikanti et al. 2022);
-# here the residual stream, norms, modulation and RoPE run in fp32 under autocast.
-ACT_BYTES_PER_H = 126
+# Memory a forward holds for the backward under bf16 autocast, in bytes per token per hidden unit, measured on the
+# CPU as the allocations a forward leaves behind (tests/test_plan.py measures them again) on a model of the 3b's
+# proportions (heads of 128, SwiGLU width 2.67 x hidden, shared and dual-stream layers alike):
+# - per layer: 137. A half-precision GPT layer with flash attention keeps 34 (Korthikanti et al. 2022); here the
+#   residual stream, norms, modulation and RoPE run in fp32 under autocast.
+# - per layer with full recomputation: 4, the layer's fp32 input, exactly.
+# - per micro-batch on each stage, whatever the layer count: 48 with recomputation (35 without), the embeddings,
+#   the conditioning every layer reads (adaLN input, RoPE angles, mask) and the final layer's output.
+ACT_BYTES_PER_H = 137
+RECOMPUTE_BYTES_PER_H = 4
+STAGE_BYTES_PER_H = 48
 COMM_EFFICIENCY = 0.8  # share of a link's peak bandwidth a collective reaches
 RESERVE_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
 GIB = 2 ** 30
@@ -138,8 +146,11 @@ def estimate(cfg: Config, lay: Layout, gpu: GPU, sample: Workload, params: tuple
     # 1F1B: the first stage keeps min(PP, micro-batches) micro-batches of its L/PP layers
     in_flight = min(pp, lay.micro_batches)
     stage_layers = layers // pp
-    activations = in_flight * stage_layers * tokens_micro * ACT_BYTES_PER_H * h / tp
-    recompute = in_flight * stage_layers * tokens_micro * 4 * h / tp + tokens_micro * ACT_BYTES_PER_H * h / tp
+    stage = in_flight * tokens_micro * STAGE_BYTES_PER_H * h / tp
+    activations = in_flight * stage_layers * tokens_micro * ACT_BYTES_PER_H * h / tp + stage
+    # with recomputation one layer's activations live again while its backward runs
+    recompute = in_flight * stage_layers * tokens_micro * RECOMPUTE_BYTES_PER_H * h / tp + stage \
+        + tokens_micro * ACT_BYTES_PER_H * h / tp
     fixed = weights + optimizer + RESERVE_GIB * GIB
     total = (fixed + activations) / GIB
     total_rc = (fixed + recompute) / GIB
@@ -168,7 +179,7 @@ def estimate(cfg: Config, lay: Layout, gpu: GPU, sample: Workload, params: tuple
                     compute, tensor, (compute + tensor) * bubble + pipeline, data, step, step_rc)
 
 
-def overrides(lay: Layout, cfg: Config) -> list[str]:
+def overrides(lay: Layout, cfg: Config, recompute: bool) -> list[str]:
     """The config overrides that select a layout (what `vincie train` and `vincie k8s render` take)."""
     out = [f"parallel.tensor={lay.tensor}", f"parallel.pipeline={lay.pipeline}",
            f"parallel.micro_batch_size={lay.micro_batch}"]
@@ -176,6 +187,7 @@ def overrides(lay: Layout, cfg: Config) -> list[str]:
         out.append("parallel.sequence_parallel=true")
     if lay.data > 1 and not cfg.parallel.distributed_optimizer:
         out.append("parallel.distributed_optimizer=true")
+    out.append(f"train.recompute={'full' if recompute else 'none'}")
     return out
 
 
@@ -198,8 +210,10 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
                           "change --gpus or train.batch_size")
     rows = [estimate(cfg, lay, gpu, sample, params, gpus_per_node, efficiency) for lay in layouts]
     usable = gpu.memory_gib
-    plain = sorted((r for r in rows if r.total_gib <= usable), key=lambda r: r.step_s)
-    with_rc = sorted((r for r in rows if r.total_recompute_gib <= usable), key=lambda r: r.step_recompute_s)
+    # (step time, recompute?, estimate) of every layout that fits, plainly or with recomputation
+    fitting = sorted([(r.step_s, False, r) for r in rows if r.total_gib <= usable] +
+                     [(r.step_recompute_s, True, r) for r in rows if r.total_recompute_gib <= usable],
+                     key=lambda item: item[:2])
     step_flops = cfg.train.batch_size * training_flops(cfg.model, sample)
 
     lines = [
@@ -214,8 +228,9 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
             f"GEMMs at {efficiency:.0%} of peak (--efficiency)",
             f"links at {COMM_EFFICIENCY:.0%} of peak, no overlap of communication with compute",
             "fp32 weights + gradients + EMA (12 B/param), Adam 8 B/param sharded over DP (distributed optimizer)",
-            f"activations {ACT_BYTES_PER_H} B per token x hidden per layer (measured on CPU, bf16 autocast), "
-            "1F1B in flight, /TP (sequence parallel)",
+            f"activations per token x hidden: {ACT_BYTES_PER_H} B per layer, {RECOMPUTE_BYTES_PER_H} B with "
+            f"recomputation, {STAGE_BYTES_PER_H} B per stage (measured on CPU, bf16 autocast), 1F1B in flight, "
+            "/TP (sequence parallel)",
             f"{RESERVE_GIB:g} GiB reserve per GPU",
             "recomputation: full, per layer (+1 forward)"]),
         "",
@@ -223,7 +238,8 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
         f"{'act-rc':>7} | {'total':>7} {'tot-rc':>7} | {'compute':>8} {'TP-comm':>8} {'PP':>7} {'DP':>7} | "
         f"{'step':>7} {'step-rc':>7} {'MFU':>5}",
     ]
-    shown = sorted(rows, key=lambda r: (r.total_gib > usable, r.total_recompute_gib > usable,
+    # ranked as the recommendation is: by the step time of the way each fits (recomputation only where needed)
+    shown = sorted(rows, key=lambda r: (r.total_recompute_gib > usable,
                                         r.step_s if r.total_gib <= usable else r.step_recompute_s))[:top]
     for r in shown:
         lay = r.layout
@@ -240,21 +256,17 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
     lines.append(f"(memory in GiB per GPU; times in s per step; {len(rows)} layouts, best {len(shown)} shown"
                  + (f"; {len(rejected)} left out, e.g. {rejected[0]}" if rejected else "") + ")")
     lines.append("")
-    if plain:
-        best = plain[0]
-        lines.append(f"recommended: {' '.join(overrides(best.layout, cfg))}")
-        lines.append(f"  {best.total_gib:.1f} of {usable:g} GiB per GPU, about {best.step_s:.2f} s per step, "
-                     f"{step_flops / gpus / best.step_s / 1e12:.0f} TFLOP/s per GPU")
-        hours = cfg.train.steps * best.step_s / 3600
+    if fitting:
+        step, recompute, best = fitting[0]
+        memory = best.total_recompute_gib if recompute else best.total_gib
+        lines.append(f"recommended: {' '.join(overrides(best.layout, cfg, recompute))}")
+        lines.append(f"  {memory:.1f} of {usable:g} GiB per GPU, about {step:.2f} s per step, "
+                     f"{step_flops / gpus / step / 1e12:.0f} TFLOP/s per GPU"
+                     + (" (with activation recomputation)" if recompute else ""))
+        hours = cfg.train.steps * step / 3600
         lines.append(f"  train.steps {cfg.train.steps}: about {hours:.1f} h on {gpus} GPUs "
                      f"({hours * gpus:,.0f} GPU-hours)")
         return "\n".join(lines), 0
-    if with_rc:
-        best = with_rc[0]
-        lines.append(f"no layout fits without activation recomputation, which vincie train does not have yet; "
-                     f"with it the best would be {' '.join(overrides(best.layout, cfg))} "
-                     f"({best.total_recompute_gib:.1f} GiB, about {best.step_recompute_s:.2f} s per step)")
-        return "\n".join(lines), 1
     least = min(rows, key=lambda r: r.total_recompute_gib)
     lines.append(f"the model fits nowhere: the smallest need is {least.total_recompute_gib:.1f} GiB per GPU "
                  f"(TP{least.layout.tensor} PP{least.layout.pipeline} DP{least.layout.data} with recomputation), "
