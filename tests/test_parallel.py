@@ -2,8 +2,9 @@
 
 Two processes over gloo (torchrun), megatron-core made CPU-capable by the test-only shim
 (tests/megatron_cpu_shim.py), each run compared with the single-process run from the same weights and data:
-TP=2 (with and without sequence parallel, and with activation recomputation) and PP=2 (1F1B, interleaved, and
-1F1B with recomputation) give the same loss and gradients;
+TP=2 (with and without sequence parallel; with activation recomputation; with packed rows) and PP=2 (1F1B,
+interleaved, with recomputation, with packed rows) give the same loss and gradients as one process with one
+session per row;
 DP=2 with the distributed optimizer trains like one process; checkpoints saved under one layout continue
 identically under another; `vincie launch local ... parallel.tensor=2` trains and resumes.
 """
@@ -68,8 +69,9 @@ def assert_same_loss_and_gradients(one: dict, split: dict) -> None:
 
 @pytest.mark.parametrize("layout", [["parallel.tensor=2"],
                                     ["parallel.tensor=2", "parallel.sequence_parallel=true"],
-                                    ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.recompute=full"]],
-                         ids=["tp2", "tp2-sp", "tp2-sp-recompute"])
+                                    ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.recompute=full"],
+                                    ["parallel.tensor=2", "parallel.sequence_parallel=true", "data.pack=true"]],
+                         ids=["tp2", "tp2-sp", "tp2-sp-recompute", "tp2-sp-packed"])
 def test_tensor_parallel_gives_the_single_process_loss_and_gradients(tmp_path, two_layers, layout):
     config, overrides, one = two_layers
     torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
@@ -79,8 +81,9 @@ def test_tensor_parallel_gives_the_single_process_loss_and_gradients(tmp_path, t
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["parallel.pipeline=2"],
                                     ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
-                                    ["parallel.pipeline=2", "train.recompute=full"]],
-                         ids=["pp2-1f1b", "pp2-interleaved", "pp2-recompute"])
+                                    ["parallel.pipeline=2", "train.recompute=full"],
+                                    ["parallel.pipeline=2", "data.pack=true"]],
+                         ids=["pp2-1f1b", "pp2-interleaved", "pp2-recompute", "pp2-packed"])
 def test_pipeline_parallel_gives_the_single_process_loss_and_gradients(tmp_path, four_layers, layout):
     config, overrides, one = four_layers  # 4 micro-batches of one session
     torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
@@ -153,7 +156,9 @@ def test_parallel_sizes_are_checked_with_one_line_errors():
              (["parallel.pipeline=4"], "must divide model.num_layers (6)"),
              (["parallel.virtual_pipeline=2"], "needs parallel.pipeline > 1"),
              (["parallel.sequence_parallel=true"], "needs parallel.tensor > 1"),
-             (["parallel.context=2"], "context parallel is not supported")]
+             (["parallel.context=2"], "context parallel is not supported"),
+             (["data.pack=true", "parallel.pipeline=2", "parallel.micro_batch_size=2"],
+              "must be 0 or 1 with data.pack and parallel.pipeline > 1")]
     for overrides, message in cases:
         with pytest.raises(ConfigError) as info:
             load_config("tiny", overrides)

@@ -117,3 +117,15 @@ def test_layouts_follow_the_config_rules():
                for l in layouts)
     with pytest.raises(ConfigError, match="--efficiency"):
         plan(cfg, 256, GPUS["h100"], "h100", 8, 1.5)
+
+
+def test_packed_rows_make_micro_batches_of_several_sessions():
+    cfg = load_config("tiny", ["data.pack=true", "data.max_tokens=8192", "train.batch_size=64"])
+    sample, _ = sample_workload(cfg)
+    assert 8192 // sample.tokens == 3  # 6 turns with masks at 32x32: 2496 tokens
+    layouts, _ = candidate_layouts(cfg, 8, 8, per_row=3)
+    dp8 = next(l for l in layouts if l.data == 8)  # 8 sessions per rank: rows of 3, 3 and 2
+    assert (dp8.micro_batch, dp8.micro_batches) == (3, 3)
+    report, status = plan(cfg, 8, GPUS["h100"], "h100", 8, 0.5)
+    assert status == 0 and "packed (data.pack): 3 per row of 8192 tokens" in report
+    assert "parallel.micro_batch_size=1" in report  # one row, not 3 sessions

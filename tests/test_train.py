@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from vincie import checkpoint
+from vincie.batch import pack_rows
 from vincie.config import load_config
 from vincie.data import SamplerState
 from vincie.diffusion import X0_MIN_T, output_to_velocity
 from vincie.parallel import init_distributed
-from vincie.train import EMA, Trainer, flow_loss_sums
+from vincie.train import EMA, Trainer, flow_loss_sums, reduce_logs
 
 from conftest import REPO, run_vincie
 from helpers import make_data, write_config
@@ -209,6 +210,39 @@ def test_two_data_parallel_processes_equal_one(tmp_path, data):
     for name in wa:
         if isinstance(wa[name], torch.Tensor):
             torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+
+
+def test_packed_rows_train_like_one_session_per_row(tmp_path, data):
+    """data.pack: the step's sessions share rows (no attention between them), and the steps' losses and the
+    weights after them are those of one session per row (floating-point order aside)."""
+    runs = {}
+    for pack in ("false", "true"):
+        cfg = load_config(write_config(tmp_path / f"{pack}.yaml", tmp_path / pack, data["train"]),
+                          [f"data.pack={pack}", "train.batch_size=6", "data.workers=0"])
+        trainer = Trainer(cfg, init_distributed(), progress=False)
+        rows = trainer.make_batch().inputs.mask.token_block.shape[0]
+        trainer.loader.seek(SamplerState())
+        logs = [trainer.train_step() for _ in range(3)]
+        losses = [log["loss_sum"] / log["count"] for log in logs]
+        padding = reduce_logs(logs, trainer.info)["padding_share"]
+        runs[pack] = rows, losses, padding, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    (rows_one, losses_one, padding_one, weights_one) = runs["false"]
+    (rows_packed, losses_packed, padding_packed, weights_packed) = runs["true"]
+    assert rows_one == 6 and rows_packed < rows_one  # sessions of 2-4 turns at 32x32: several fit in 4096 tokens
+    assert 0 <= padding_packed < padding_one < 1  # the log's share of token slots spent on padding
+    np.testing.assert_allclose(losses_packed, losses_one, rtol=1e-5)
+    for name, weight in weights_one.items():
+        torch.testing.assert_close(weights_packed[name], weight, atol=1e-6, rtol=1e-5)
+
+
+def test_pack_rows_balances_rows():
+    """By hand, capacity 10: the 30 tokens that fit open 3 rows; longest first into the least-filled row with room:
+    9, 7, 5 one each; 4 fits only beside the 5; 3 beside the 7; 2 fits nowhere and opens a row; 12 (longer than a
+    row) has its own. Rows come shortest first."""
+    lengths = [5, 9, 3, 7, 2, 12, 4]
+    assert pack_rows(lengths, capacity=10) == [[4], [0, 6], [1], [3, 2], [5]]
+    assert pack_rows([700] * 8, capacity=4096) == [[0, 2, 4, 6], [1, 3, 5, 7]]  # two even rows, not 5 + 3
+    assert pack_rows([3, 3, 3], capacity=9) == [[0, 1, 2]] and pack_rows([], capacity=9) == []
 
 
 def test_pairs_mode_trains_on_one_turn(tmp_path, data):

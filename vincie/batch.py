@@ -18,7 +18,8 @@ from vincie.data import LoadedSession
 from vincie.diffusion import noisy, sample_timesteps, velocity_target
 from vincie.flops import Workload, batch_workload
 from vincie.model import ModelInputs
-from vincie.sequence import TASKS, Block, BlockType, Layout, Role, build_blocks, full_attention_blocks, layout
+from vincie.sequence import (TASKS, Block, BlockType, Layout, Role, build_blocks, full_attention_blocks, layout,
+                             pack)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -217,6 +218,27 @@ def num_tokens(sample: SampleTokens) -> int:
     return sum(len(t) for t in sample.text) + sum(len(x) for x in sample.latents)
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices (into `lengths`, tokens per sample) grouped into rows of at most `capacity` tokens: as many
+    rows as the samples that fit need at least (ceil(their total / capacity)), each sample, longest first, into
+    the least-filled row with room, a new row when none has; a sample longer than `capacity` gets a row of its own.
+    Rows of one micro-batch are padded to its longest, so rows of even length waste the least. Rows come shortest
+    first."""
+    rows: list[list[int]] = [[] for _ in range(-(-sum(n for n in lengths if n <= capacity) // capacity))]
+    load = [0] * len(rows)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(rows)) if load[r] + lengths[i] <= capacity]
+        if fits:
+            r = min(fits, key=lambda r: load[r])
+        else:
+            rows.append([])
+            load.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        load[r] += lengths[i]
+    return [row for _, row in sorted((load[r], row) for r, row in enumerate(rows) if row)]
+
+
 def sample_layout(s: SampleTokens) -> Layout:
     """The token layout (block ids, positions) of one sequence."""
     # layout() indexes text lengths by block.source; map each TEXT block's source to its own length
@@ -226,10 +248,12 @@ def sample_layout(s: SampleTokens) -> Layout:
 
 
 def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, length: int | None = None,
-            latent_dim: int = 0) -> Batch:
-    """Rows of one sample each, padded to `length` tokens (default: the longest row); padding tokens attend only
-    to themselves. `text_dim` / `latent_dim`: token widths for a batch without text / without latent tokens."""
-    layouts = [sample_layout(s) for s in samples]
+            latent_dim: int = 0, rows: list[list[int]] | None = None) -> Batch:
+    """Rows padded to `length` tokens (default: the longest row); padding tokens attend only to themselves.
+    `rows`: the samples of each row, packed one after the other (no attention between them); default one sample
+    per row. `text_dim` / `latent_dim`: token widths for a batch without text / without latent tokens."""
+    rows = rows if rows is not None else [[i] for i in range(len(samples))]
+    layouts = [pack([sample_layout(samples[i]) for i in row]) for row in rows]
     spec = MaskSpec.from_layouts(layouts, num_tokens=length)
     B, T = spec.token_block.shape
     NB = spec.block_noisy.shape[1]
@@ -243,18 +267,21 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
     block_t = torch.zeros(B, NB)
     block_type = torch.zeros(B, NB, dtype=torch.int64)
     block_turn = torch.zeros(B, NB, dtype=torch.int64)
-    for b, (s, l) in enumerate(zip(samples, layouts)):
+    for b, (row, l) in enumerate(zip(rows, layouts)):
+        members = [samples[i] for i in row]
         positions[:l.num_tokens, b] = l.positions
-        nb = len(s.blocks)
-        block_t[b, :nb] = s.block_t
-        block_type[b, :nb] = torch.tensor([int(x.type) for x in s.blocks])
-        block_turn[b, :nb] = torch.tensor([x.turn for x in s.blocks])
-        if s.block_text is not None:
-            block_text[b, :nb] = s.block_text
-        texts = iter(s.text)
-        latents = iter(zip(s.latents, s.targets, s.weights or [None] * len(s.latents),
-                           s.sources or [None] * len(s.latents)))
-        for j, block in enumerate(s.blocks):
+        nb = len(l.blocks)
+        block_t[b, :nb] = torch.cat([torch.as_tensor(s.block_t, dtype=block_t.dtype) for s in members])
+        block_type[b, :nb] = torch.tensor([int(x.type) for x in l.blocks])
+        block_turn[b, :nb] = torch.tensor([x.turn for x in l.blocks])
+        if block_text is not None:
+            block_text[b, :nb] = torch.cat([torch.zeros(len(s.blocks), text_dim) if s.block_text is None
+                                            else s.block_text for s in members])
+        texts = iter([t for s in members for t in s.text])
+        latents = iter([item for s in members for item in
+                        zip(s.latents, s.targets, s.weights or [None] * len(s.latents),
+                            s.sources or [None] * len(s.latents))])
+        for j, block in enumerate(l.blocks):
             start, n = int(l.block_start[j]), int(l.block_length[j])
             flat = torch.arange(start, start + n) * B + b
             if block.type == BlockType.TEXT:
@@ -269,7 +296,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                 if target is not None:
                     targets.append(target)
                     tasks.append(torch.full((n,), TASKS.index(block.task)))
-                    target_t.append(torch.full((n, 1), float(s.block_t[j])))
+                    target_t.append(torch.full((n, 1), float(block_t[b, j])))
                     target_weight.append(torch.ones(n) if weight is None else weight)
     inputs = ModelInputs(
         text_tokens=torch.cat(text_tokens) if text_tokens else torch.zeros(0, text_dim),
@@ -287,4 +314,4 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                                                                                      device=device),
                  target_t=torch.cat(target_t).to(device) if target_t else torch.zeros(0, 1, device=device),
                  target_weight=torch.cat(target_weight).to(device) if target_weight else torch.zeros(0, device=device),
-                 num_samples=len(samples), work=work)
+                 num_samples=sum(len(row) for row in rows), work=work)

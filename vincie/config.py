@@ -232,6 +232,10 @@ class DataConfig:
     # 2 turns until step 500 (short sequences, cheap steps), then on up to 6; empty: data.max_turns throughout
     turn_curriculum: dict[int, int] = field(default_factory=dict)
     max_tokens: int = 4096  # sequence cap per sample; whole trailing turns are dropped to fit
+    # pack sessions into rows of up to max_tokens tokens (first-fit decreasing; no attention between them), as the
+    # paper's authors do: far less padding between sessions of different lengths, which pays where attention skips
+    # masked tiles (flex, on GPUs); parallel.micro_batch_size then counts rows
+    pack: bool = False
     # which sessions of the index are used (the index columns split, turns, width/height, source)
     split: str = ""  # only this split; empty: every split
     min_turns: int = 1  # sessions with fewer turns are left out
@@ -284,7 +288,7 @@ class ParallelConfig:
     context: int = 1  # sequence split for attention (not supported yet: must be 1)
     sequence_parallel: bool = False  # with tensor > 1: norms, modulation and residuals hold 1/tensor of the tokens
     distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over data-parallel ranks
-    micro_batch_size: int = 0  # sessions per micro-batch on one data-parallel rank; 0 = the whole local batch
+    micro_batch_size: int = 0  # sessions (rows with data.pack) per micro-batch on one data-parallel rank; 0 = all
 
 
 @dataclass
@@ -618,6 +622,9 @@ def validate_parallel(cfg: Config) -> None:
     require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel",
             "needs parallel.tensor > 1")
     require(p.micro_batch_size >= 0, "parallel.micro_batch_size", f"must be >= 0, got {p.micro_batch_size}")
+    require(not cfg.data.pack or p.pipeline == 1 or p.micro_batch_size <= 1, "parallel.micro_batch_size",
+            f"must be 0 or 1 with data.pack and parallel.pipeline > 1 (the pipeline sends micro-batches of one "
+            f"shape, and packing varies the number of rows), got {p.micro_batch_size}")
 
 
 def check_model_parallel(p: ParallelConfig, world_size: int) -> int:
@@ -637,7 +644,7 @@ def check_world(cfg: Config, world_size: int) -> int:
             f"({cfg.train.batch_size}) must be divisible by the number of data-parallel ranks ({dp})")
     local = cfg.train.batch_size // dp
     micro = p.micro_batch_size or local
-    require(local % micro == 0, "parallel.micro_batch_size",
+    require(cfg.data.pack or local % micro == 0, "parallel.micro_batch_size",
             f"must divide the sessions per data-parallel rank ({local}), got {micro}")
     return dp
 

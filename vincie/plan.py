@@ -3,6 +3,8 @@ submitting a run. Everything here is an estimate from a stated model (printed wi
 
 - Work per session: the config's longest sequence (data.max_turns turns with masks, no context dropout, whole
   trailing turns dropped to fit data.max_tokens, text.max_tokens per instruction), counted by vincie.flops.
+  With data.pack a row holds as many of them as fit in data.max_tokens, and a micro-batch is rows; for memory a
+  row counts as full (shorter sessions can fill it).
 - Memory per GPU, as vincie.train runs megatron-core: fp32 weights (4 B/param) and fp32 gradient buffers (4 B),
   Adam moments (8 B, sharded over data-parallel ranks with parallel.distributed_optimizer), the EMA copy (4 B);
   layer parameters split over TP x PP, the embedders and adaLN on every stage. Activations: ACT_BYTES_PER_H bytes
@@ -62,7 +64,7 @@ class Layout:
     tensor: int
     pipeline: int
     data: int
-    micro_batch: int  # sessions per micro-batch
+    micro_batch: int  # sessions per micro-batch (parallel.micro_batch_size, times the sessions per row with packing)
     micro_batches: int  # per data-parallel rank and step
 
 
@@ -109,8 +111,9 @@ def parameter_split(cfg: Config) -> tuple[int, int]:
     return layers, sum(p.numel() for p in model.parameters()) - layers
 
 
-def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> tuple[list[Layout], list[str]]:
-    """Every TP x PP x DP layout the config's rules allow on `gpus` GPUs -> (layouts, why others were left out)."""
+def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, per_row: int = 1) -> tuple[list[Layout], list[str]]:
+    """Every TP x PP x DP layout the config's rules allow on `gpus` GPUs -> (layouts, why others were left out).
+    With data.pack a micro-batch is parallel.micro_batch_size rows of `per_row` sessions each."""
     m, batch = cfg.model, cfg.train.batch_size
     layouts, rejected = [], []
     for tp in (t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0):
@@ -125,6 +128,10 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> tuple[list[
                 continue
             local = batch // dp
             micro = cfg.parallel.micro_batch_size or 1
+            if cfg.data.pack:
+                sessions = micro * per_row
+                layouts.append(Layout(tp, pp, dp, sessions, -(-local // sessions)))
+                continue
             if local % micro:
                 rejected.append(f"TP{tp} PP{pp} DP{dp}: {local} sessions per DP rank, not a multiple of "
                                 f"parallel.micro_batch_size {micro}")
@@ -143,14 +150,16 @@ def estimate(cfg: Config, lay: Layout, gpu: GPU, sample: Workload, params: tuple
     weights = per_gpu * (4 + 4 + 4)  # fp32 weights, fp32 gradient buffer, EMA
     optimizer = per_gpu * 8 / dp  # the distributed optimizer, which the recommendation turns on
     tokens_micro = sample.tokens * lay.micro_batch
+    # memory's worst case: with packing a row may fill up to data.max_tokens with shorter sessions
+    held = cfg.data.max_tokens * (cfg.parallel.micro_batch_size or 1) if cfg.data.pack else tokens_micro
     # 1F1B: the first stage keeps min(PP, micro-batches) micro-batches of its L/PP layers
     in_flight = min(pp, lay.micro_batches)
     stage_layers = layers // pp
-    stage = in_flight * tokens_micro * STAGE_BYTES_PER_H * h / tp
-    activations = in_flight * stage_layers * tokens_micro * ACT_BYTES_PER_H * h / tp + stage
+    stage = in_flight * held * STAGE_BYTES_PER_H * h / tp
+    activations = in_flight * stage_layers * held * ACT_BYTES_PER_H * h / tp + stage
     # with recomputation one layer's activations live again while its backward runs
-    recompute = in_flight * stage_layers * tokens_micro * RECOMPUTE_BYTES_PER_H * h / tp + stage \
-        + tokens_micro * ACT_BYTES_PER_H * h / tp
+    recompute = in_flight * stage_layers * held * RECOMPUTE_BYTES_PER_H * h / tp + stage \
+        + held * ACT_BYTES_PER_H * h / tp
     fixed = weights + optimizer + RESERVE_GIB * GIB
     total = (fixed + activations) / GIB
     total_rc = (fixed + recompute) / GIB
@@ -182,7 +191,7 @@ def estimate(cfg: Config, lay: Layout, gpu: GPU, sample: Workload, params: tuple
 def overrides(lay: Layout, cfg: Config, recompute: bool) -> list[str]:
     """The config overrides that select a layout (what `vincie train` and `vincie k8s render` take)."""
     out = [f"parallel.tensor={lay.tensor}", f"parallel.pipeline={lay.pipeline}",
-           f"parallel.micro_batch_size={lay.micro_batch}"]
+           f"parallel.micro_batch_size={cfg.parallel.micro_batch_size or 1}"]
     if lay.tensor > 1:
         out.append("parallel.sequence_parallel=true")
     if lay.data > 1 and not cfg.parallel.distributed_optimizer:
@@ -203,7 +212,8 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
         raise ConfigError(f"--efficiency must be in (0, 1], got {efficiency}")
     sample, turns = sample_workload(cfg)
     params = parameter_split(cfg)
-    layouts, rejected = candidate_layouts(cfg, gpus, min(gpus_per_node, gpus))
+    per_row = max(1, cfg.data.max_tokens // sample.tokens) if cfg.data.pack else 1
+    layouts, rejected = candidate_layouts(cfg, gpus, min(gpus_per_node, gpus), per_row)
     if not layouts:
         reason = rejected[0] if rejected else "no tensor-parallel size divides the heads and fits a node"
         raise ConfigError(f"no TP x PP x DP layout of {gpus} GPUs fits the config's rules ({reason}); "
@@ -223,7 +233,9 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
         f"work: {cfg.train.batch_size} sessions per step, each the longest sequence of the config: {turns} turns, "
         f"{sample.tokens} tokens ({sample.latent_tokens} latent, {sample.text_tokens} text), "
         f"{sample.attention_pairs / sample.tokens ** 2:.0%} of the attention square allowed "
-        f"({cfg.sequence.mode}); {step_flops / 1e15:.2f} PFLOP per step (model FLOPs, vincie.flops)",
+        f"({cfg.sequence.mode}); {step_flops / 1e15:.2f} PFLOP per step (model FLOPs, vincie.flops)"
+        + (f"; packed (data.pack): {per_row} per row of {cfg.data.max_tokens} tokens"
+           if cfg.data.pack else ""),
         "assumptions: " + "; ".join([
             f"GEMMs at {efficiency:.0%} of peak (--efficiency)",
             f"links at {COMM_EFFICIENCY:.0%} of peak, no overlap of communication with compute",

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vincie import checkpoint, storage
-from vincie.batch import Batch, SessionEncoder, collate, num_tokens
+from vincie.batch import Batch, SessionEncoder, collate, num_tokens, pack_rows
 from vincie.components import build_components
 from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict, to_yaml
 from vincie.data import SKIP_REASONS, SamplerState, sub_session, truncate
@@ -137,7 +137,6 @@ class Trainer:
         if needs_megatron(cfg) and not self.megatron:
             raise ConfigError("config keys parallel.tensor, parallel.pipeline and parallel.distributed_optimizer "
                               "need megatron-core's runtime, which needs CUDA; this machine has no GPU")
-        self.micro_batch_size = p.micro_batch_size or t.batch_size // dist_info.dp_size
         torch.manual_seed(cfg.run.seed)
         stages = model_stages(cfg) if self.megatron else None
         model, self.vae, self.text_encoder = build_components(cfg, dist_info.device, stages)
@@ -254,14 +253,17 @@ class Trainer:
             samples.append(self.encoder.training_sample(session, rng, generator))
         real = len(samples)
         samples = sorted(samples, key=num_tokens) or [self.encoder.null_sample()]
+        tokens = [num_tokens(s) for s in samples]
+        rows = pack_rows(tokens, self.cfg.data.max_tokens) if self.cfg.data.pack else [[i] for i in range(len(samples))]
+        size = self.cfg.parallel.micro_batch_size or len(rows)  # rows per micro-batch; 0: all in one
+        parts = [rows[k:k + size] for k in range(0, len(rows), size)]
         # under pipeline parallel one length for all micro-batches (the schedules send fixed-shape tensors); a
         # multiple of TP under sequence parallel (the tokens split evenly over TP ranks)
         multiple = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
-        parts = [samples[k:k + self.micro_batch_size] for k in range(0, len(samples), self.micro_batch_size)]
-        lengths = [max(num_tokens(s) for s in (samples if self.cfg.parallel.pipeline > 1 else part))
+        lengths = [max(sum(tokens[i] for i in row) for row in (rows if self.cfg.parallel.pipeline > 1 else part))
                    for part in parts]
-        batches = [collate(part, self.info.device, self.cfg.model.text_dim, -(-n // multiple) * multiple)
-                   for part, n in zip(parts, lengths)]
+        batches = [collate(samples, self.info.device, self.cfg.model.text_dim, -(-n // multiple) * multiple,
+                           rows=part) for part, n in zip(parts, lengths)]
         if not real:
             batches = [dataclasses.replace(batches[0], num_samples=0)]
         skipped = [sum(isinstance(x, Skipped) and x.reason == r for x in items) for r in SKIP_REASONS]
@@ -294,6 +296,7 @@ class Trainer:
         return {"step": self.step, "loss_sum": sums["loss_sum"], "count": sums["count"], "grad_norm": grad_norm,
                 "finite": finite, "lr": lr, "samples": sum(b.num_samples for b in batches),
                 "tokens": sum(int(b.inputs.mask.token_block.numel()) for b in batches),
+                "real_tokens": sum(b.work.tokens for b in batches if b.num_samples),
                 "task_sums": sums["task_sums"], "reporter": sums["reporter"], "keys": data["keys"],
                 "flops": model_flops(self.cfg, batches), "data_s": data["wait_s"],
                 "step_s": time.perf_counter() - start}
@@ -416,7 +419,7 @@ def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
     rank per replica reports (the last pipeline stage's TP rank 0: it holds the loss); the others add zeros."""
     sums = [sum(l["loss_sum"] / l["count"] for l in logs), sum(l["samples"] for l in logs),
             sum(l["tokens"] for l in logs),
-            sum(l["step_s"] for l in logs), sum(l["data_s"] for l in logs), 1.0]
+            sum(l["step_s"] for l in logs), sum(l["data_s"] for l in logs), 1.0, sum(l["real_tokens"] for l in logs)]
     for t in TASKS:
         sums += [sum(l["task_sums"][t][0] for l in logs), sum(l["task_sums"][t][1] for l in logs)]
     values = torch.tensor(sums, dtype=torch.float64) * float(logs[-1]["reporter"])
@@ -427,10 +430,11 @@ def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
            "grad_norm": logs[-1]["grad_norm"], "samples_per_s": float(values[1]) / seconds,
            "tokens_per_s": float(values[2]) / seconds, "step_s": seconds / len(logs),
            "data_wait_share": float(values[4]) / float(values[3]),
+           "padding_share": 1 - float(values[6]) / float(values[2]),  # token slots computed for padding
            "nonfinite_steps": sum(not l["finite"] for l in logs)}
     for k, t in enumerate(TASKS):
-        count = float(values[7 + 2 * k])
-        out[f"loss_{t}"] = float(values[6 + 2 * k]) / count if count else None
+        count = float(values[8 + 2 * k])
+        out[f"loss_{t}"] = float(values[7 + 2 * k]) / count if count else None
     return out
 
 
