@@ -28,3 +28,8 @@ def test_gpu_benchmark_dry_run(tmp_path):
         assert attention["ratio"] == pytest.approx(attention["flex_s"] / attention["sdpa_s"])
         assert 0 < attention["allowed"] < 1  # block-causal: part of the square
     assert set(details["fp8_gemm"]) == {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+    assert details["layer"]["shared_recompute"]["tokens"] == details["layer"]["shared_autocast"]["tokens"]
+    packing = details["packing"]
+    assert packing["packed"]["tokens"] == packing["one_per_row"]["tokens"]  # the same sessions, other rows
+    assert 0 <= packing["packed"]["padding_share"] < packing["one_per_row"]["padding_share"]
+    assert any(line.startswith("packed / one-per-row layer time") for line in table)

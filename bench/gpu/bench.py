@@ -7,6 +7,8 @@
 3. Block-causal attention, flex (BlockMask) against SDPA with the dense boolean mask, at about 4k and 16k tokens.
 4. FP8 GEMM ceiling: torch._scaled_mm (e4m3, per-tensor scales) against bf16 for the layer's GEMM shapes.
 5. With Transformer Engine (and megatron-core) importable: the layer under the TE spec, bf16 and FP8.
+6. The layer with activation recomputation (train.recompute=full) against without; and six sessions of 1/16 to
+   1/2 of 16k tokens, one per row padded to the longest, against packed into rows of 16k (data.pack).
 
 `--dry-run`: the same code on the CPU with a tiny shape (no meaningful numbers; flex attention forward only, as
 PyTorch has no flex backward on the CPU). Details go to OUT/gpu_bench.json, the short table is printed last.
@@ -23,13 +25,15 @@ import time
 from dataclasses import replace
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from vincie.attention import MaskSpec, attend, prepare_mask
 from vincie.config import ModelConfig, load_config
-from vincie.flops import attention_flops_per_pair, layer_flops_per_token, layout_workload
+from vincie.batch import pack_rows
+from vincie.flops import attention_flops_per_pair, batch_workload, layer_flops_per_token, layout_workload
 from vincie.model import Linears, MMDiTLayer, Streams, rope_angles
 from vincie.plan import ACT_BYTES_PER_H
-from vincie.sequence import BlockType, build_blocks, layout
+from vincie.sequence import BlockType, build_blocks, layout, pack
 
 
 def sync(device: torch.device) -> None:
@@ -59,15 +63,24 @@ def session_layout(cfg, tokens: int, grid: tuple[int, int], text: int):
     return layout(build_blocks(turns, True, cfg.sequence, None), [text] * turns, grid)
 
 
-def layer_inputs(m: ModelConfig, row, device, dtype):
-    """What a layer sees for one row (B = 1): h, shared modulation, text flags, RoPE, the streams."""
-    T, H = row.num_tokens, m.hidden_size
-    is_text = torch.tensor([row.blocks[b].type == BlockType.TEXT for b in row.token_block.tolist()], device=device)
-    h = torch.randn(T, 1, H, device=device, dtype=dtype)
-    shared = 0.1 * torch.randn(T, 1, 6 * H, device=device, dtype=dtype)
-    angles = rope_angles(row.positions.to(device)[:, None, :], H // m.num_heads, m.rope_theta)[:, :, None, :]
-    streams = Streams(torch.nonzero(is_text)[:, 0], torch.nonzero(~is_text)[:, 0], T)
-    return h, shared, is_text[:, None], (angles.cos().to(dtype), angles.sin().to(dtype)), streams
+def layer_inputs(m: ModelConfig, rows: list, device, dtype):
+    """What a layer sees for rows padded to the longest (token t of row b at flat index t * B + b, as collate lays
+    them out): h, shared modulation, text flags, RoPE, the streams, the mask spec."""
+    spec = MaskSpec.from_layouts(rows)
+    B, T = spec.token_block.shape
+    H = m.hidden_size
+    is_text = torch.zeros(T, B, dtype=torch.bool)
+    positions = torch.zeros(T, B, 3, dtype=torch.int64)
+    for b, row in enumerate(rows):
+        is_text[:row.num_tokens, b] = torch.tensor([row.blocks[i].type == BlockType.TEXT
+                                                    for i in row.token_block.tolist()])
+        positions[:row.num_tokens, b] = row.positions
+    is_text, flat = is_text.to(device), is_text.reshape(-1).to(device)
+    h = torch.randn(T, B, H, device=device, dtype=dtype)
+    shared = 0.1 * torch.randn(T, B, 6 * H, device=device, dtype=dtype)
+    angles = rope_angles(positions.to(device), H // m.num_heads, m.rope_theta)[:, :, None, :]
+    streams = Streams(torch.nonzero(flat)[:, 0], torch.nonzero(~flat)[:, 0], T * B)
+    return h, shared, is_text, (angles.cos().to(dtype), angles.sin().to(dtype)), streams, spec.to(device)
 
 
 def bench_matmul(device, n: int, repeats: int) -> float:
@@ -75,22 +88,26 @@ def bench_matmul(device, n: int, repeats: int) -> float:
     return 2 * n ** 3 / timed(lambda: a @ b, device, 3, repeats) / 1e12
 
 
-def bench_layer(m: ModelConfig, row, device, dual: bool, mode: str, backend: str, backward: bool,
-                repeats: int, linears: Linears | None = None, context=None) -> dict:
-    """mode: bf16 (bf16 weights) or autocast (fp32 weights, bf16 autocast)."""
+def bench_layer(m: ModelConfig, rows: list, device, dual: bool, mode: str, backend: str, backward: bool,
+                repeats: int, linears: Linears | None = None, context=None, recompute: bool = False) -> dict:
+    """mode: bf16 (bf16 weights) or autocast (fp32 weights, bf16 autocast). `rows`: the layouts of the batch's
+    rows (padded to the longest). `recompute`: the layer under a non-reentrant checkpoint, as train.recompute=full
+    runs it."""
     layer = MMDiTLayer(m, linears or Linears(), dual=dual).to(device)
     weights = torch.bfloat16 if mode == "bf16" else torch.float32
     layer = layer.to(weights)
-    h, shared, is_text, rope, streams = layer_inputs(m, row, device, weights)
+    h, shared, is_text, rope, streams, spec = layer_inputs(m, rows, device, weights)
     h.requires_grad_(backward)
-    spec = MaskSpec.from_layouts([row]).to(device)
     mask = prepare_mask(spec, backend)
-    work = layout_workload(row)
+    work = batch_workload(rows)
+
+    def run(x):
+        return layer(x, shared, is_text, rope, mask, backend, streams)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "autocast"), \
                 (context() if context else contextlib.nullcontext()):
-            out = layer(h, shared, is_text, rope, mask, backend, streams)
+            out = checkpoint(run, h, use_reentrant=False, preserve_rng_state=False) if recompute else run(h)
         if backward:
             out.float().square().mean().backward()
         return out
@@ -98,14 +115,15 @@ def bench_layer(m: ModelConfig, row, device, dual: bool, mode: str, backend: str
     seconds = timed(step, device, 2, repeats)
     flops = (3 if backward else 1) * (work.tokens * layer_flops_per_token(m)
                                      + work.attention_pairs * attention_flops_per_pair(m))
-    result = {"seconds": seconds, "tflops": flops / seconds / 1e12, "tokens": work.tokens}
+    result = {"seconds": seconds, "tflops": flops / seconds / 1e12, "tokens": work.tokens,
+              "padding_share": 1 - work.tokens / spec.token_block.numel()}
     if device.type == "cuda":  # saved activations: memory held after the forward, per token and hidden unit
         layer.zero_grad(set_to_none=True)
         h.grad = None
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "autocast"):
-            out = layer(h, shared, is_text, rope, mask, backend, streams)
+            out = run(h)
         torch.cuda.synchronize()
         result["activation_bytes_per_token_h"] = (torch.cuda.memory_allocated() - before) / work.tokens / m.hidden_size
         del out
@@ -159,7 +177,7 @@ def bench_te(m: ModelConfig, row, device, repeats: int) -> dict:
     for fp8 in ("off", "e4m3"):
         te_cfg = replace(m, spec="te", fp8=fp8, fp8_recipe="tensorwise")
         linears = MegatronLinears(te_cfg)
-        out[f"fp8_{fp8}"] = bench_layer(te_cfg, row, device, False, "bf16", "flex", True, repeats, linears,
+        out[f"fp8_{fp8}"] = bench_layer(te_cfg, [row], device, False, "bf16", "flex", True, repeats, linears,
                                         lambda: linears.layer_context(0))
     return out
 
@@ -181,7 +199,7 @@ def main(argv=None) -> int:
     sizes = (4096, 16384)
     if dry:
         m = replace(m, hidden_size=64, num_heads=2, text_dim=64)
-        text, grid, repeats, sizes = 4, (4, 4), 1, (128, 256)
+        text, grid, repeats, sizes = 4, (4, 4), 1, (128, 1024)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     results: dict = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)",
@@ -193,13 +211,29 @@ def main(argv=None) -> int:
 
     rows = {n: session_layout(cfg, n, grid, text) for n in sizes}
     layer_row = rows[sizes[0]]
+    backend = "sdpa" if dry else "flex"  # no flex backward on the CPU
     results["layer"] = {}
     for name, dual, mode in (("shared_bf16", False, "bf16"), ("dual_bf16", True, "bf16"),
                              ("shared_autocast", False, "autocast")):
-        r = bench_layer(m, layer_row, device, dual, mode, "sdpa" if dry else "flex", True, repeats)
+        r = bench_layer(m, [layer_row], device, dual, mode, backend, True, repeats)
         r["mfu"] = r["tflops"] / peak
         results["layer"][name] = r
         print(f"layer {name}: {r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.0%}", flush=True)
+    recomputed = bench_layer(m, [layer_row], device, False, "autocast", backend, True, repeats, recompute=True)
+    results["layer"]["shared_recompute"] = recomputed | {"mfu": recomputed["tflops"] / peak}
+    print(f"layer shared_autocast with recomputation: x{recomputed['seconds'] / r['seconds']:.2f} time", flush=True)
+
+    # data.pack: sessions of 1-6 turns one per row (padded to the longest) against packed into rows of sizes[1]
+    sessions = [session_layout(cfg, n, grid, text) for n in (sizes[1] // 2, sizes[1] // 4, sizes[1] // 8,
+                                                              sizes[1] // 3, sizes[1] // 6, sizes[1] // 16)]
+    packed = [pack([sessions[i] for i in row])
+              for row in pack_rows([s.num_tokens for s in sessions], sizes[1])]
+    one_per_row = bench_layer(m, sessions, device, False, "autocast", backend, True, repeats)
+    packed_rows = bench_layer(m, packed, device, False, "autocast", backend, True, repeats)
+    results["packing"] = {"one_per_row": one_per_row, "packed": packed_rows,
+                          "time_ratio": packed_rows["seconds"] / one_per_row["seconds"]}
+    print(f"packing {len(sessions)} sessions into {len(packed)} rows: x{results['packing']['time_ratio']:.2f} time",
+          flush=True)
 
     results["attention"] = {}
     for n, row in rows.items():
@@ -229,6 +263,11 @@ def main(argv=None) -> int:
     if "activation_bytes_per_token_h" in results["layer"]["shared_autocast"]:
         lines.append(f"{'activations B/token/hidden (plan: ' + str(ACT_BYTES_PER_H) + ')':<44} "
                      f"{results['layer']['shared_autocast']['activation_bytes_per_token_h']:>12.0f}")
+    lines.append(f"{'layer time with recomputation / without':<44} "
+                 f"{recomputed['seconds'] / results['layer']['shared_autocast']['seconds']:>12.2f}")
+    p = results["packing"]
+    lines.append(f"{'packed / one-per-row layer time (padding)':<44} {p['time_ratio']:>5.2f} "
+                 f"({p['packed']['padding_share']:.0%} vs {p['one_per_row']['padding_share']:.0%})")
     for r in results["attention"].values():
         what = f"attention {r['tokens']} tokens, flex/sdpa time"
         lines.append(f"{what:<44} {r['ratio']:>12.2f}")
