@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vincie.attention import MaskSpec, dense_mask, flex_attention, flex_block_mask
+from vincie.attention import MaskSpec, allowed, dense_mask, flex_attention, flex_block_mask
 from vincie.config import SequenceConfig
 from vincie.sequence import BlockType, Role, build_blocks, full_attention_blocks, layout, pack
 
@@ -157,6 +157,26 @@ def test_flex_block_mask_equals_dense_sdpa(seed):
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(spec))
     out = flex_attention(q, k, v, flex_block_mask(spec, block_size=16), compiled=False)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tile_built_block_mask_equals_create_block_mask(seed):
+    """flex_block_mask builds the BlockMask from blocks; flex's create_block_mask evaluates the rule at every
+    (query, key) pair. Every field must agree: packed rows, padding, tiles cut by the sequence's end."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rng = np.random.default_rng(seed)
+    B = int(rng.integers(1, 4))
+    rows = [pack([random_layout(rng) for _ in range(int(rng.integers(1, 4)))]) for _ in range(B)]
+    spec = MaskSpec.from_layouts(rows, num_tokens=max(r.num_tokens for r in rows) + int(rng.integers(0, 40)))
+    for tile in (8, 16, 32):
+        built = flex_block_mask(spec, tile)
+        reference = create_block_mask(lambda b, h, q, kv: allowed(spec, b, q, kv), B, None, spec.num_tokens,
+                                      spec.num_tokens, device="cpu", BLOCK_SIZE=tile)
+        assert int(reference.kv_num_blocks.sum()) > 0 and (tile > 8 or int(reference.full_kv_num_blocks.sum()) > 0)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(built, name), getattr(reference, name)), (tile, name)
 
 
 def test_flex_block_mask_skips_masked_tiles():

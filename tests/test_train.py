@@ -14,7 +14,7 @@ import torch
 
 from vincie import checkpoint
 from vincie.batch import pack_rows
-from vincie.config import load_config
+from vincie.config import ConfigError, load_config
 from vincie.data import SamplerState
 from vincie.diffusion import X0_MIN_T, output_to_velocity
 from vincie.parallel import init_distributed
@@ -233,6 +233,23 @@ def test_packed_rows_train_like_one_session_per_row(tmp_path, data):
     np.testing.assert_allclose(losses_packed, losses_one, rtol=1e-5)
     for name, weight in weights_one.items():
         torch.testing.assert_close(weights_packed[name], weight, atol=1e-6, rtol=1e-5)
+
+
+def test_pad_multiple_bounds_the_sequence_lengths(tmp_path, data):
+    """data.pad_multiple: every micro-batch's length is a multiple of it (compiled flex attention builds one kernel
+    per length); with data.pack and the multiple at data.max_tokens every row has that one length."""
+    base = ["train.batch_size=6", "data.workers=0", "parallel.micro_batch_size=2"]
+    for overrides, check in ((["data.pad_multiple=96"], lambda T: T % 96 == 0),
+                             (["data.pack=true", "data.max_tokens=1024", "data.pad_multiple=1024"],
+                              lambda T: T == 1024)):
+        cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]), [*base, *overrides])
+        trainer = Trainer(cfg, init_distributed(), progress=False)
+        for _ in range(3):
+            batches, _ = trainer.make_batches()
+            lengths = [b.inputs.mask.token_block.shape[1] for b in batches]
+            assert all(check(T) for T in lengths), (overrides, lengths)
+    with pytest.raises(ConfigError, match="data.pad_multiple"):
+        load_config("tiny", ["data.pad_multiple=0"])
 
 
 def test_pack_rows_balances_rows():

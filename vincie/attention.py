@@ -80,14 +80,64 @@ def dense_mask(spec: MaskSpec) -> torch.Tensor:
     return allowed(spec, b, index[None, :, None], index[None, None, :])[:, None]
 
 
+def tile_maps(spec: MaskSpec, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full), (B, 1, n, n) int8 with n = ceil(T / tile): which (query tile, key tile) pairs hold some
+    allowed pairs but not only those, and which hold only allowed pairs. Computed from blocks, never from the
+    T x T mask: a tile spans a run of whole or cut blocks, and whether a query may see a key depends only on
+    their blocks (one block is one sample's), so a tile pair has an allowed pair iff some pair of its blocks
+    is allowed, and all its pairs are allowed iff all pairs of its blocks are. Padding tokens (the last block
+    id, each its own sample) see only themselves: diagonal tiles only, never full. A tile cut short by the end
+    of the sequence is never full (as flex's create_block_mask counts it)."""
+    B, T = spec.token_block.shape
+    NB = spec.block_noisy.shape[1]
+    device = spec.token_block.device
+    n = -(-T // tile)
+    ids = torch.arange(NB, device=device)
+    exists = torch.zeros(B, NB, dtype=torch.bool, device=device).scatter_(1, spec.token_block, True)
+    block_sample = torch.zeros(B, NB, dtype=torch.int64, device=device).scatter_(1, spec.token_block,
+                                                                                 spec.token_sample)
+    real = exists & (ids < NB - 1)  # (B, NB): blocks with tokens, padding's excluded
+    same = block_sample[:, :, None] == block_sample[:, None, :]
+    earlier_context = (ids[None, None, :] < ids[None, :, None]) & ~spec.block_noisy[:, None, :]
+    block_allowed = real[:, :, None] & real[:, None, :] & same & ((ids[:, None] == ids[None, :]) | earlier_context)
+
+    def prefix(x: torch.Tensor) -> torch.Tensor:  # (B, NB, NB) -> (B, NB + 1, NB + 1) 2D prefix sums
+        return torch.nn.functional.pad(x.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+    starts = torch.arange(n, device=device) * tile
+    lo = spec.token_block[:, starts]  # (B, n): first and last block of each tile (block ids never decrease)
+    hi = spec.token_block[:, torch.clamp(starts + tile, max=T) - 1]
+    P = prefix(block_allowed)
+    rows = torch.arange(B, device=device)[:, None, None]
+    qlo, qhi, klo, khi = lo[:, :, None], hi[:, :, None] + 1, lo[:, None, :], hi[:, None, :] + 1
+    count = P[rows, qhi, khi] - P[rows, qlo, khi] - P[rows, qhi, klo] + P[rows, qlo, klo]  # (B, n, n)
+    blocks_in = exists.to(torch.int64).cumsum(1)
+    blocks_in = torch.nn.functional.pad(blocks_in, (1, 0))
+    existing = blocks_in.gather(1, hi + 1) - blocks_in.gather(1, lo)  # (B, n): blocks with tokens in each tile
+    whole = torch.clamp(starts + tile, max=T) - starts == tile  # (n,): tiles not cut by the end
+    full = (count == existing[:, :, None] * existing[:, None, :]) & whole[None, :, None] & whole[None, None, :]
+    has_padding = (spec.token_block[:, torch.clamp(starts + tile, max=T) - 1] == NB - 1)  # padding sits at the end
+    diagonal = torch.eye(n, dtype=torch.bool, device=device)[None]
+    some = (count > 0) | (diagonal & has_padding[:, :, None])
+    return (some & ~full)[:, None].to(torch.int8), full[:, None].to(torch.int8)
+
+
+def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., n, n) 0/1 tile map -> (tiles per row, their column indices first), flex's ordered layout."""
+    return dense.sum(-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+
+
 def flex_block_mask(spec: MaskSpec, block_size: int = 128):
-    from torch.nn.attention.flex_attention import create_block_mask
+    """flex attention's BlockMask of the rule, built from tiles (`tile_maps`): no T x T mask is made, which
+    create_block_mask would make (its mask_mod evaluated at every pair: gigabytes at 16k tokens)."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(spec, b, q_idx, kv_idx)
 
-    return create_block_mask(mask_mod, spec.batch, None, spec.num_tokens, spec.num_tokens,
-                             device=spec.token_block.device, BLOCK_SIZE=block_size)
+    partial, full = tile_maps(spec, block_size)
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(spec.num_tokens, spec.num_tokens))
 
 
 _compiled_flex = None
@@ -100,6 +150,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     if not compiled:
         return flex(q, k, v, block_mask=block_mask)
     if _compiled_flex is None:
+        # one kernel per shape: the trainer keeps the lengths few (data.pad_multiple). dynamic=True would serve all
+        # lengths with one kernel, but inductor's CPU flex template fails to compile it (PyTorch 2.13)
         _compiled_flex = torch.compile(flex, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask)
 

@@ -236,6 +236,11 @@ class DataConfig:
     # paper's authors do: far less padding between sessions of different lengths, which pays where attention skips
     # masked tiles (flex, on GPUs); parallel.micro_batch_size then counts rows
     pack: bool = False
+    # pad every micro-batch's token count up to a multiple of this. Compiled flex attention (GPUs) builds one kernel
+    # per sequence length and, after torch._dynamo.config.recompile_limit (8) of them, runs uncompiled (unfused,
+    # the whole score matrix in memory): a coarse multiple keeps the lengths few; data.max_tokens with data.pack
+    # gives every row one length
+    pad_multiple: int = 1
     # which sessions of the index are used (the index columns split, turns, width/height, source)
     split: str = ""  # only this split; empty: every split
     min_turns: int = 1  # sessions with fewer turns are left out
@@ -792,6 +797,7 @@ def validate_precision(cfg: Config) -> None:
 
 def validate_data(cfg: Config) -> None:
     d = cfg.data
+    require(d.pad_multiple >= 1, "data.pad_multiple", f"must be >= 1, got {d.pad_multiple}")
     require(len(d.buckets) > 0, "data.buckets", "must list at least one aspect ratio")
     for text in d.buckets:
         require(re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", text) is not None, "data.buckets",

@@ -258,8 +258,9 @@ class Trainer:
         size = self.cfg.parallel.micro_batch_size or len(rows)  # rows per micro-batch; 0: all in one
         parts = [rows[k:k + size] for k in range(0, len(rows), size)]
         # under pipeline parallel one length for all micro-batches (the schedules send fixed-shape tensors); a
-        # multiple of TP under sequence parallel (the tokens split evenly over TP ranks)
-        multiple = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
+        # multiple of TP under sequence parallel (the tokens split evenly over TP ranks) and of data.pad_multiple
+        multiple = math.lcm(self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1,
+                            self.cfg.data.pad_multiple)
         lengths = [max(sum(tokens[i] for i in row) for row in (rows if self.cfg.parallel.pipeline > 1 else part))
                    for part in parts]
         batches = [collate(samples, self.info.device, self.cfg.model.text_dim, -(-n // multiple) * multiple,
