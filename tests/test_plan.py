@@ -129,3 +129,13 @@ def test_packed_rows_make_micro_batches_of_several_sessions():
     report, status = plan(cfg, 8, GPUS["h100"], "h100", 8, 0.5)
     assert status == 0 and "packed (data.pack): 3 per row of 8192 tokens" in report
     assert "parallel.micro_batch_size=1" in report  # one row, not 3 sessions
+
+
+def test_padding_to_a_multiple_counts_in_the_activation_memory():
+    plain, padded = load_config("tiny"), load_config("tiny", ["data.pad_multiple=4096"])
+    sample, _ = sample_workload(plain)
+    assert sample.tokens == 2496  # padded to 4096 by the trainer
+    layout = Layout(1, 1, 1, 1, 8)
+    a, b = (estimate(c, layout, GPUS["h100"], sample, parameter_split(c), 8, 0.5) for c in (plain, padded))
+    assert b.activations_gib == pytest.approx(a.activations_gib * 4096 / 2496)
+    assert b.compute_s == a.compute_s  # model FLOPs: padding is not useful work

@@ -4,7 +4,7 @@ submitting a run. Everything here is an estimate from a stated model (printed wi
 - Work per session: the config's longest sequence (data.max_turns turns with masks, no context dropout, whole
   trailing turns dropped to fit data.max_tokens, text.max_tokens per instruction), counted by vincie.flops.
   With data.pack a row holds as many of them as fit in data.max_tokens, and a micro-batch is rows; for memory a
-  row counts as full (shorter sessions can fill it).
+  row counts as full (shorter sessions can fill it), rounded up to data.pad_multiple as the trainer pads it.
 - Memory per GPU, as vincie.train runs megatron-core: fp32 weights (4 B/param) and fp32 gradient buffers (4 B),
   Adam moments (8 B, sharded over data-parallel ranks with parallel.distributed_optimizer), the EMA copy (4 B);
   layer parameters split over TP x PP, the embedders and adaLN on every stage. Activations: ACT_BYTES_PER_H bytes
@@ -150,8 +150,11 @@ def estimate(cfg: Config, lay: Layout, gpu: GPU, sample: Workload, params: tuple
     weights = per_gpu * (4 + 4 + 4)  # fp32 weights, fp32 gradient buffer, EMA
     optimizer = per_gpu * 8 / dp  # the distributed optimizer, which the recommendation turns on
     tokens_micro = sample.tokens * lay.micro_batch
-    # memory's worst case: with packing a row may fill up to data.max_tokens with shorter sessions
-    held = cfg.data.max_tokens * (cfg.parallel.micro_batch_size or 1) if cfg.data.pack else tokens_micro
+    # memory's worst case: with packing a row may fill up to data.max_tokens with shorter sessions; rows are
+    # padded to a multiple of data.pad_multiple
+    pad = cfg.data.pad_multiple
+    rows = [cfg.data.max_tokens] * (cfg.parallel.micro_batch_size or 1) if cfg.data.pack else [tokens_micro]
+    held = sum(-(-n // pad) * pad for n in rows)
     # 1F1B: the first stage keeps min(PP, micro-batches) micro-batches of its L/PP layers
     in_flight = min(pp, lay.micro_batches)
     stage_layers = layers // pp
@@ -276,7 +279,7 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
                      f"{step_flops / gpus / step / 1e12:.0f} TFLOP/s per GPU"
                      + (" (with activation recomputation)" if recompute else ""))
         hours = cfg.train.steps * step / 3600
-        lines.append(f"  train.steps {cfg.train.steps}: about {hours:.1f} h on {gpus} GPUs "
+        lines.append(f"  train.steps {cfg.train.steps}: about {hours:.1f} h on {gpus} GPU{'s' if gpus > 1 else ''} "
                      f"({hours * gpus:,.0f} GPU-hours)")
         return "\n".join(lines), 0
     least = min(rows, key=lambda r: r.total_recompute_gib)
