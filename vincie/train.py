@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from vincie.sequence import TASKS
 def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float],
                    prediction: str, loss_space: str = "velocity") -> tuple[torch.Tensor, dict]:
     """Task-weighted sum of the per-token squared velocity error over this batch's target tokens, and per task
-    (sum, count) of the unweighted error. `output` is the model's output for every latent token [N_lat, P],
+    (sum, count) of the unweighted error as a (len(TASKS), 2) float64 tensor. `output` is the model's output for every latent token [N_lat, P],
     read as `prediction` (diffusion.output_to_velocity). The trainer divides by the target-token count of the
     whole global batch, so the loss (and the gradient) does not depend on how the batch is split over ranks."""
     velocity = output_to_velocity(output[batch.target_select].float(), batch.target_inputs, batch.target_t,
@@ -52,11 +53,19 @@ def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float]
     err = ((velocity - batch.target) ** 2).mean(dim=-1)  # (N_target,)
     if loss_space == "x0":  # x0 - x0_hat = t (v_hat - v)
         err = err * batch.target_t[:, 0].clamp(min=X0_MIN_T) ** 2
-    table = torch.tensor([weights[t] for t in TASKS], device=err.device)
+    table = task_weight_table(tuple(weights[t] for t in TASKS), err.device)
     weighted_sum = (table[batch.target_task] * batch.target_weight * err).sum()
-    per_task = {t: (float(err.detach()[batch.target_task == k].sum()), int((batch.target_task == k).sum()))
-                for k, t in enumerate(TASKS)}
+    # per task (error sum, token count), left on the device: the step reads every micro-batch's at once
+    per_task = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=err.device)
+    per_task[:, 0].index_add_(0, batch.target_task, err.detach().double())
+    per_task[:, 1].index_add_(0, batch.target_task, torch.ones_like(err, dtype=torch.float64))
     return weighted_sum, per_task
+
+
+@functools.lru_cache(maxsize=8)
+def task_weight_table(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """diffusion.loss_weights in TASKS order on `device`, made once (a host-to-device copy waits for the GPU)."""
+    return torch.tensor(weights, device=device)
 
 
 class EMA:
@@ -322,18 +331,25 @@ class Trainer:
         loss). `data_counts` (sessions read, skipped by reason) are summed over data-parallel ranks in the same
         all-reduce as the target-token count."""
         counts = torch.tensor([float(sum(b.target.shape[0] for b in batches)), *map(float, data_counts)],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=self.info.device)  # NCCL reduces device tensors only
         if self.info.dp_size > 1:
             dist.all_reduce(counts, group=data_parallel_group())  # over the global batch
+        counts = counts.cpu()
         count = counts[0].float()
-        sums = self.forward_backward_megatron(batches) if self.megatron else self.forward_backward_plain(batches, count)
-        return sums | {"count": float(count), "data_counts": counts[1:].tolist()}
+        loss_sum, per_task, reporter = (self.forward_backward_megatron(batches) if self.megatron
+                                        else self.forward_backward_plain(batches, count))
+        values = torch.cat([loss_sum.reshape(1), per_task.reshape(-1)]).tolist()  # the step's one device read
+        task_sums = {t: (values[1 + 2 * k], values[2 + 2 * k]) for k, t in enumerate(TASKS)}
+        return {"loss_sum": values[0], "task_sums": task_sums, "reporter": reporter, "count": float(count),
+                "data_counts": counts[1:].tolist()}
 
-    def forward_backward_plain(self, batches: list[Batch], count: torch.Tensor) -> dict:
-        """torch DDP averages gradients over ranks; scaling by dp_size / count makes that the global token mean."""
+    def forward_backward_plain(self, batches: list[Batch], count: torch.Tensor) -> tuple:
+        """torch DDP averages gradients over ranks; scaling by dp_size / count makes that the global token mean.
+        -> (loss sum, per-task table, reporter), the sums as device tensors."""
         model = self.wrapped[0]
         self.optimizer.zero_grad(set_to_none=True)
-        total, task_sums = 0.0, []
+        total = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        task_table = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=self.info.device)
         for k, batch in enumerate(batches):
             sync = contextlib.nullcontext() if k == len(batches) - 1 or model is self.model else model.no_sync()
             with sync, torch.autocast(self.info.device.type, dtype=torch.bfloat16,
@@ -341,14 +357,15 @@ class Trainer:
                 weighted_sum, per_task = flow_loss_sums(model(batch.inputs), batch, self.cfg.diffusion.loss_weights,
                                                         self.cfg.diffusion.prediction, self.cfg.diffusion.loss_space)
                 (weighted_sum * self.info.dp_size / count.clamp(min=1)).backward()
-            total += float(weighted_sum.detach())
-            task_sums.append(per_task)
-        return {"loss_sum": total, "task_sums": add_task_sums(task_sums), "reporter": True}
+            total += weighted_sum.detach().double()
+            task_table += per_task
+        return total, task_table, True
 
-    def forward_backward_megatron(self, batches: list[Batch]) -> dict:
+    def forward_backward_megatron(self, batches: list[Batch]) -> tuple:
         """megatron-core's schedule for this layout; the loss function returns (sum, token count), megatron sums
         the counts over micro-batches and data-parallel ranks and divides the gradients by the total
-        (calculate_per_token_loss)."""
+        (calculate_per_token_loss). -> (loss sum, per-task table, reporter), the sums as device tensors (zero on
+        the stages without the loss)."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -364,7 +381,7 @@ class Trainer:
                 weighted_sum, per_task = flow_loss_sums(pred, batch, weights, self.cfg.diffusion.prediction,
                                                          self.cfg.diffusion.loss_space)
                 count = torch.tensor(batch.target.shape[0], dtype=torch.int)
-                return weighted_sum, count, {"loss_sum": float(weighted_sum.detach()), "task_sums": per_task}
+                return weighted_sum, count, {"loss_sum": weighted_sum.detach().double(), "task_table": per_task}
             return output, loss_func
 
         for w in self.wrapped:
@@ -377,8 +394,12 @@ class Trainer:
             seq_length=first[1], micro_batch_size=first[0], forward_only=False)
         reporter = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
             parallel_state.get_tensor_model_parallel_rank() == 0
-        return {"loss_sum": sum(r["loss_sum"] for r in results),
-                "task_sums": add_task_sums([r["task_sums"] for r in results]), "reporter": reporter}
+        total = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        task_table = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=self.info.device)
+        for r in results:  # one per micro-batch, on the last stage only
+            total += r["loss_sum"]
+            task_table += r["task_table"]
+        return total, task_table, reporter
 
     def optimizer_step(self) -> tuple[float, bool]:
         """Clip and step unless the gradient norm is not finite (then the step is skipped and counted)."""
@@ -405,10 +426,6 @@ def model_flops(cfg: Config, batches: list[Batch]) -> float:
     return float(sum(training_flops(cfg.model, b.work) for b in batches if b.num_samples))
 
 
-def add_task_sums(per_batch: list[dict]) -> dict:
-    return {t: (sum(d[t][0] for d in per_batch), sum(d[t][1] for d in per_batch)) for t in TASKS}
-
-
 def data_parallel_group():
     from megatron.core import parallel_state
 
@@ -423,9 +440,10 @@ def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
             sum(l["step_s"] for l in logs), sum(l["data_s"] for l in logs), 1.0, sum(l["real_tokens"] for l in logs)]
     for t in TASKS:
         sums += [sum(l["task_sums"][t][0] for l in logs), sum(l["task_sums"][t][1] for l in logs)]
-    values = torch.tensor(sums, dtype=torch.float64) * float(logs[-1]["reporter"])
+    values = torch.tensor(sums, dtype=torch.float64, device=info.device) * float(logs[-1]["reporter"])
     if dist.is_initialized():
-        dist.all_reduce(values)
+        dist.all_reduce(values)  # on the device: NCCL reduces device tensors only
+    values = values.cpu()
     seconds = float(values[3]) / float(values[5])
     out = {"step": logs[-1]["step"], "loss": float(values[0]) / len(logs), "lr": logs[-1]["lr"],
            "grad_norm": logs[-1]["grad_norm"], "samples_per_s": float(values[1]) / seconds,
