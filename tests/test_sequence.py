@@ -186,9 +186,40 @@ def test_flex_block_mask_skips_masked_tiles():
     assert block_mask.sparsity() > 40  # percent of tiles never computed
 
 
+def fixed_length_inputs(seed: int, T: int = 320, B: int = 2, H: int = 2, D: int = 16):
+    """Rows of random packed sessions padded to T tokens: the same shape, another number of blocks per seed."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    while len(rows) < B:
+        row = pack([random_layout(rng) for _ in range(int(rng.integers(1, 3)))])
+        if row.num_tokens <= T:
+            rows.append(row)
+    spec = MaskSpec.from_layouts(rows, num_tokens=T)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    return spec, q, k, v
+
+
+def test_flex_mask_mod_captures_only_row_by_token_tensors():
+    """A compiled kernel is guarded on the shapes of what mask_mod captures: they must not include the number of
+    blocks, which changes from batch to batch at a fixed length (data.pad_multiple)."""
+    shapes = set()
+    for seed in range(3):
+        spec, *_ = fixed_length_inputs(seed)
+        cells = [c.cell_contents for c in flex_block_mask(spec, 16).mask_mod.__closure__]
+        shapes |= {tuple(c.shape) for c in cells if isinstance(c, torch.Tensor)}
+        assert spec.block_noisy.shape[1] != spec.num_tokens
+    assert shapes == {(2, 320)}
+
+
 @pytest.mark.slow
-def test_compiled_flex_equals_dense_sdpa():
-    spec, q, k, v = attention_inputs(11)
-    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(spec))
-    out = flex_attention(q, k, v, flex_block_mask(spec, block_size=16), compiled=True)
-    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+def test_compiled_flex_equals_dense_sdpa_without_recompiling_for_other_block_counts():
+    block_counts = set()
+    for seed in range(3):  # one length, 2 rows, another number of blocks each time
+        spec, q, k, v = fixed_length_inputs(seed)
+        block_counts.add(spec.block_noisy.shape[1])
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(spec))
+        with torch._dynamo.config.patch(error_on_recompile=seed > 0):  # the first call may compile this shape
+            out = flex_attention(q, k, v, flex_block_mask(spec, block_size=16), compiled=True)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert len(block_counts) == 3

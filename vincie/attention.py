@@ -65,12 +65,23 @@ def allowed(spec: MaskSpec, b: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) 
 
     Block-causal: kv is in q's own block, or in an earlier block that is not NOISY (see vincie.sequence).
     Full: any token of the same packed sample. Never across packed samples; padding sees only itself."""
-    same_sample = spec.token_sample[b, q] == spec.token_sample[b, kv]
-    if spec.full_attention:
+    return token_rule(spec.token_block, spec.token_sample, token_clean(spec), spec.full_attention, b, q, kv)
+
+
+def token_clean(spec: MaskSpec) -> torch.Tensor:
+    """(B, T) bool: the token's block is not NOISY (padding's block is not)."""
+    return ~spec.block_noisy.gather(1, spec.token_block)
+
+
+def token_rule(token_block: torch.Tensor, token_sample: torch.Tensor, clean: torch.Tensor, full_attention: bool,
+               b: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """`allowed` from per-token tensors only, all (B, T): what flex's mask_mod captures, so that a compiled
+    kernel depends on the rows and the length, not on how many blocks the rows hold."""
+    same_sample = token_sample[b, q] == token_sample[b, kv]
+    if full_attention:
         return same_sample
-    q_block, kv_block = spec.token_block[b, q], spec.token_block[b, kv]
-    earlier_context = (kv_block < q_block) & ~spec.block_noisy[b, kv_block]
-    return same_sample & ((q_block == kv_block) | earlier_context)
+    q_block, kv_block = token_block[b, q], token_block[b, kv]
+    return same_sample & ((q_block == kv_block) | ((kv_block < q_block) & clean[b, kv]))
 
 
 def dense_mask(spec: MaskSpec) -> torch.Tensor:
@@ -132,8 +143,12 @@ def flex_block_mask(spec: MaskSpec, block_size: int = 128):
     create_block_mask would make (its mask_mod evaluated at every pair: gigabytes at 16k tokens)."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    # dynamo guards on the shapes of what mask_mod captures: (B, T) tensors only (block_noisy is (B, blocks))
+    token_block, token_sample, clean, full_attention = (spec.token_block, spec.token_sample, token_clean(spec),
+                                                        spec.full_attention)
+
     def mask_mod(b, h, q_idx, kv_idx):
-        return allowed(spec, b, q_idx, kv_idx)
+        return token_rule(token_block, token_sample, clean, full_attention, b, q_idx, kv_idx)
 
     partial, full = tile_maps(spec, block_size)
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,

@@ -72,6 +72,7 @@ class Batch:
     inputs: ModelInputs
     target: torch.Tensor  # (N_target, P) velocity targets of the NOISY latent tokens
     target_select: torch.Tensor  # (N_lat,) bool: which latent tokens are NOISY (carry the loss)
+    target_index: torch.Tensor  # (N_target,) int64: where target_select is True (made on the host: no device wait)
     target_task: torch.Tensor  # (N_target,) int: index into TASKS
     target_t: torch.Tensor  # (N_target, 1) float: the timestep of each NOISY latent token
     target_weight: torch.Tensor  # (N_target,) float: loss weight per target token (diffusion.changed_region_weight)
@@ -81,7 +82,7 @@ class Batch:
     @property
     def target_inputs(self) -> torch.Tensor:
         """(N_target, P): the noisy latents x_t of the target tokens."""
-        return self.inputs.latent_tokens[self.target_select]
+        return self.inputs.latent_tokens[self.target_index]
 
 
 def source_tokens(blocks: list[Block], latents: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -297,7 +298,8 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                     targets.append(target)
                     tasks.append(torch.full((n,), TASKS.index(block.task)))
                     target_t.append(torch.full((n, 1), float(block_t[b, j])))
-                    target_weight.append(torch.ones(n) if weight is None else weight)
+                    # on the latents' device: region weights come from masks, which a GPU decoder leaves there
+                    target_weight.append(torch.ones(n, device=x.device) if weight is None else weight.to(x.device))
     inputs = ModelInputs(
         text_tokens=torch.cat(text_tokens) if text_tokens else torch.zeros(0, text_dim),
         latent_tokens=torch.cat(latent_tokens) if latent_tokens else torch.zeros(0, latent_dim),
@@ -307,9 +309,10 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
         latent_source=(torch.cat(sources) if sources else torch.zeros(0, latent_dim)) if with_sources else None,
         block_text=block_text,
     ).to(device)
+    select = torch.cat(select) if select else torch.zeros(0, dtype=torch.bool)
     return Batch(inputs=inputs,
                  target=torch.cat(targets).to(device) if targets else torch.zeros(0, 1, device=device),
-                 target_select=(torch.cat(select) if select else torch.zeros(0, dtype=torch.bool)).to(device),
+                 target_select=select.to(device), target_index=torch.nonzero(select)[:, 0].to(device),
                  target_task=torch.cat(tasks).to(device) if tasks else torch.zeros(0, dtype=torch.int64,
                                                                                      device=device),
                  target_t=torch.cat(target_t).to(device) if target_t else torch.zeros(0, 1, device=device),

@@ -234,10 +234,12 @@ def to_torch(batch, device_id: int | None) -> list[torch.Tensor]:
     else:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-        out = []
+        out, stream = [], torch.cuda.current_stream(device_id)
         for part in parts:
             out.append(torch.empty(part.shape(), dtype=to_torch_type[part.dtype], device=f"cuda:{device_id}"))
-            feed_ndarray(part, out[-1], cuda_stream=torch.cuda.current_stream(device_id))
+            feed_ndarray(part, out[-1], cuda_stream=stream)
+        # the copies are only queued on torch's stream; the pipeline's next run may reuse the buffers they read
+        stream.synchronize()
     return list(out[0].unbind(0)) if dense else out
 
 

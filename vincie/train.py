@@ -48,7 +48,7 @@ def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float]
     (sum, count) of the unweighted error as a (len(TASKS), 2) float64 tensor. `output` is the model's output for every latent token [N_lat, P],
     read as `prediction` (diffusion.output_to_velocity). The trainer divides by the target-token count of the
     whole global batch, so the loss (and the gradient) does not depend on how the batch is split over ranks."""
-    velocity = output_to_velocity(output[batch.target_select].float(), batch.target_inputs, batch.target_t,
+    velocity = output_to_velocity(output[batch.target_index].float(), batch.target_inputs, batch.target_t,
                                   prediction)
     err = ((velocity - batch.target) ** 2).mean(dim=-1)  # (N_target,)
     if loss_space == "x0":  # x0 - x0_hat = t (v_hat - v)
@@ -405,11 +405,18 @@ class Trainer:
         """Clip and step unless the gradient norm is not finite (then the step is skipped and counted)."""
         clip = self.cfg.train.grad_clip
         if self.megatron:
+            from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
             self.optimizer.prepare_grads()
             grad_norm = float(self.optimizer.get_grad_norm())
             finite = math.isfinite(grad_norm)
-            if finite:
-                self.optimizer.clip_grad_norm(clip)
+            if finite:  # clip by the norm just computed (clip_grad_norm would compute and all-reduce it again)
+                for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                    params = optimizer.get_parameters()
+                    if params:
+                        clip_grad_by_total_norm_fp32(
+                            params, max_norm=clip, total_norm=grad_norm,
+                            use_decoupled_grad=optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
                 self.optimizer.step_with_ready_grads()
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
