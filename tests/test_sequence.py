@@ -162,12 +162,13 @@ def test_flex_block_mask_equals_dense_sdpa(seed):
 @pytest.mark.parametrize("seed", range(8))
 def test_tile_built_block_mask_equals_create_block_mask(seed):
     """flex_block_mask builds the BlockMask from blocks; flex's create_block_mask evaluates the rule at every
-    (query, key) pair. Every field must agree: packed rows, padding, tiles cut by the sequence's end."""
+    (query, key) pair. Every field must agree: packed rows, padding, tiles cut by the sequence's end, both
+    attention modes."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     rng = np.random.default_rng(seed)
-    B = int(rng.integers(1, 4))
-    rows = [pack([random_layout(rng) for _ in range(int(rng.integers(1, 4)))]) for _ in range(B)]
+    B, full = int(rng.integers(1, 4)), seed % 4 == 3  # two of the seeds in full-attention mode
+    rows = [pack([random_layout(rng, full) for _ in range(int(rng.integers(1, 4)))]) for _ in range(B)]
     spec = MaskSpec.from_layouts(rows, num_tokens=max(r.num_tokens for r in rows) + int(rng.integers(0, 40)))
     for tile in (8, 16, 32):
         built = flex_block_mask(spec, tile)

@@ -108,16 +108,18 @@ def tile_maps(spec: MaskSpec, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     block_sample = torch.zeros(B, NB, dtype=torch.int64, device=device).scatter_(1, spec.token_block,
                                                                                  spec.token_sample)
     real = exists & (ids < NB - 1)  # (B, NB): blocks with tokens, padding's excluded
-    same = block_sample[:, :, None] == block_sample[:, None, :]
-    earlier_context = (ids[None, None, :] < ids[None, :, None]) & ~spec.block_noisy[:, None, :]
-    block_allowed = real[:, :, None] & real[:, None, :] & same & ((ids[:, None] == ids[None, :]) | earlier_context)
+    block_allowed = real[:, :, None] & real[:, None, :] & (block_sample[:, :, None] == block_sample[:, None, :])
+    if not spec.full_attention:  # the block-causal rule: its own block, or an earlier one that is not NOISY
+        earlier_context = (ids[None, None, :] < ids[None, :, None]) & ~spec.block_noisy[:, None, :]
+        block_allowed &= (ids[:, None] == ids[None, :]) | earlier_context
 
     def prefix(x: torch.Tensor) -> torch.Tensor:  # (B, NB, NB) -> (B, NB + 1, NB + 1) 2D prefix sums
         return torch.nn.functional.pad(x.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))
 
     starts = torch.arange(n, device=device) * tile
+    ends = torch.clamp(starts + tile, max=T)  # (n,): one past each tile's last token
     lo = spec.token_block[:, starts]  # (B, n): first and last block of each tile (block ids never decrease)
-    hi = spec.token_block[:, torch.clamp(starts + tile, max=T) - 1]
+    hi = spec.token_block[:, ends - 1]
     P = prefix(block_allowed)
     rows = torch.arange(B, device=device)[:, None, None]
     qlo, qhi, klo, khi = lo[:, :, None], hi[:, :, None] + 1, lo[:, None, :], hi[:, None, :] + 1
@@ -125,9 +127,9 @@ def tile_maps(spec: MaskSpec, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     blocks_in = exists.to(torch.int64).cumsum(1)
     blocks_in = torch.nn.functional.pad(blocks_in, (1, 0))
     existing = blocks_in.gather(1, hi + 1) - blocks_in.gather(1, lo)  # (B, n): blocks with tokens in each tile
-    whole = torch.clamp(starts + tile, max=T) - starts == tile  # (n,): tiles not cut by the end
+    whole = ends - starts == tile  # (n,): tiles not cut by the end
     full = (count == existing[:, :, None] * existing[:, None, :]) & whole[None, :, None] & whole[None, None, :]
-    has_padding = (spec.token_block[:, torch.clamp(starts + tile, max=T) - 1] == NB - 1)  # padding sits at the end
+    has_padding = hi == NB - 1  # (B, n): padding sits at the end of a row
     diagonal = torch.eye(n, dtype=torch.bool, device=device)[None]
     some = (count > 0) | (diagonal & has_padding[:, :, None])
     return (some & ~full)[:, None].to(torch.int8), full[:, None].to(torch.int8)
