@@ -113,7 +113,8 @@ def test_layouts_follow_the_config_rules():
     cfg = load_config("3b")
     layouts, _ = candidate_layouts(cfg, 256, 8)
     assert layouts and all(20 % l.tensor == 0 and 32 % l.pipeline == 0 for l in layouts)
-    assert all(l.tensor * l.pipeline * l.data == 256 and l.micro_batch * l.micro_batches * l.data == cfg.train.batch_size
+    assert all(l.tensor * l.pipeline * l.data == 256
+               and l.micro_batch * l.micro_batches * l.data == cfg.train.batch_size
                for l in layouts)
     with pytest.raises(ConfigError, match="--efficiency"):
         plan(cfg, 256, GPUS["h100"], "h100", 8, 1.5)

@@ -530,7 +530,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(p)
     p.set_defaults(func=bench_inference)
 
-    p = sub.add_parser("memory", help="activation memory per token: plain and with recomputation, against plan's",
+    p = sub.add_parser("memory", help="activation memory per token, plain and recomputed, against vincie plan",
                        description="Bytes a training forward under bf16 autocast leaves allocated for the backward, "
                                    "per token and hidden unit, on the CPU (the profiler's allocation events): per "
                                    "shared and per dual-stream layer, per layer with train.recompute=full, and per "

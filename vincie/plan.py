@@ -111,7 +111,8 @@ def parameter_split(cfg: Config) -> tuple[int, int]:
     return layers, sum(p.numel() for p in model.parameters()) - layers
 
 
-def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, per_row: int = 1) -> tuple[list[Layout], list[str]]:
+def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int,
+                      per_row: int = 1) -> tuple[list[Layout], list[str]]:
     """Every TP x PP x DP layout the config's rules allow on `gpus` GPUs -> (layouts, why others were left out).
     With data.pack a micro-batch is parallel.micro_batch_size rows of `per_row` sessions each."""
     m, batch = cfg.model, cfg.train.batch_size

@@ -43,11 +43,12 @@ from vincie.sequence import TASKS
 
 
 def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float],
-                   prediction: str, loss_space: str = "velocity") -> tuple[torch.Tensor, dict]:
+                   prediction: str, loss_space: str = "velocity") -> tuple[torch.Tensor, torch.Tensor]:
     """Task-weighted sum of the per-token squared velocity error over this batch's target tokens, and per task
-    (sum, count) of the unweighted error as a (len(TASKS), 2) float64 tensor. `output` is the model's output for every latent token [N_lat, P],
-    read as `prediction` (diffusion.output_to_velocity). The trainer divides by the target-token count of the
-    whole global batch, so the loss (and the gradient) does not depend on how the batch is split over ranks."""
+    (sum, count) of the unweighted error as a (len(TASKS), 2) float64 tensor. `output` is the model's output for
+    every latent token [N_lat, P], read as `prediction` (diffusion.output_to_velocity). The trainer divides by the
+    target-token count of the whole global batch, so the loss (and the gradient) does not depend on how the batch
+    is split over ranks."""
     velocity = output_to_velocity(output[batch.target_index].float(), batch.target_inputs, batch.target_t,
                                   prediction)
     err = ((velocity - batch.target) ** 2).mean(dim=-1)  # (N_target,)
@@ -263,7 +264,8 @@ class Trainer:
         real = len(samples)
         samples = sorted(samples, key=num_tokens) or [self.encoder.null_sample()]
         tokens = [num_tokens(s) for s in samples]
-        rows = pack_rows(tokens, self.cfg.data.max_tokens) if self.cfg.data.pack else [[i] for i in range(len(samples))]
+        rows = (pack_rows(tokens, self.cfg.data.max_tokens) if self.cfg.data.pack
+                else [[i] for i in range(len(samples))])
         size = self.cfg.parallel.micro_batch_size or len(rows)  # rows per micro-batch; 0: all in one
         parts = [rows[k:k + size] for k in range(0, len(rows), size)]
         # under pipeline parallel one length for all micro-batches (the schedules send fixed-shape tensors); a
