@@ -248,7 +248,9 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
             f"recomputation, {STAGE_BYTES_PER_H} B per stage (measured on CPU, bf16 autocast), 1F1B in flight, "
             "/TP (sequence parallel)",
             f"{RESERVE_GIB:g} GiB reserve per GPU",
-            "recomputation: full, per layer (+1 forward)"]),
+            "recomputation: full, per layer (+1 forward)",
+            "the step only: building its batch (decoding, VAE and text encoders, on every TP/PP rank of a replica) "
+            "is not counted; precompute the latents for large runs (vincie data precompute)"]),
         "",
         f"{'TP':>3} {'PP':>3} {'DP':>4} {'mb':>3} {'m':>4} | {'weights':>8} {'optim':>6} {'act':>7} "
         f"{'act-rc':>7} | {'total':>7} {'tot-rc':>7} | {'compute':>8} {'TP-comm':>8} {'PP':>7} {'DP':>7} | "
