@@ -23,6 +23,7 @@ submitting a run. Everything here is an estimate from a stated model (printed wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vincie.config import Config, ConfigError, bucket_shapes, ffn_hidden_size
@@ -35,7 +36,7 @@ from vincie.sequence import Role, build_blocks, layout
 # - per layer: 137. A half-precision GPT layer with flash attention keeps 34 (Korthikanti et al. 2022); here the
 #   residual stream, norms, modulation and RoPE run in fp32 under autocast.
 # - per layer with full recomputation: 4, the layer's fp32 input, exactly.
-# - per micro-batch on each stage, whatever the layer count: 48 with recomputation (35 without), the embeddings,
+# - per micro-batch on each stage, whatever the layer count: 48 with recomputation (32 without), the embeddings,
 #   the conditioning every layer reads (adaLN input, RoPE angles, mask) and the final layer's output.
 ACT_BYTES_PER_H = 137
 RECOMPUTE_BYTES_PER_H = 4
@@ -224,10 +225,15 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
                           "change --gpus or train.batch_size")
     rows = [estimate(cfg, lay, gpu, sample, params, gpus_per_node, efficiency) for lay in layouts]
     usable = gpu.memory_gib
-    # (step time, recompute?, estimate) of every layout that fits, plainly or with recomputation
-    fitting = sorted([(r.step_s, False, r) for r in rows if r.total_gib <= usable] +
-                     [(r.step_recompute_s, True, r) for r in rows if r.total_recompute_gib <= usable],
-                     key=lambda item: item[:2])
+
+    def way(r: Estimate) -> tuple[float, bool]:
+        """(step time, recompute?) of the way a layout fits: plainly, else with recomputation (always slower for
+        the same layout), else (inf, True): it does not fit."""
+        if r.total_gib <= usable:
+            return r.step_s, False
+        return (r.step_recompute_s if r.total_recompute_gib <= usable else math.inf), True
+
+    ranked = sorted(rows, key=lambda r: (way(r), r.step_recompute_s))  # the recommendation is the first, if it fits
     step_flops = cfg.train.batch_size * training_flops(cfg.model, sample)
 
     lines = [
@@ -256,15 +262,13 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
         f"{'act-rc':>7} | {'total':>7} {'tot-rc':>7} | {'compute':>8} {'TP-comm':>8} {'PP':>7} {'DP':>7} | "
         f"{'step':>7} {'step-rc':>7} {'MFU':>5}",
     ]
-    # ranked as the recommendation is: by the step time of the way each fits (recomputation only where needed)
-    shown = sorted(rows, key=lambda r: (r.total_recompute_gib > usable,
-                                        r.step_s if r.total_gib <= usable else r.step_recompute_s))[:top]
+    shown = ranked[:top]
     for r in shown:
         lay = r.layout
-        step = r.step_s if r.total_gib <= usable else r.step_recompute_s
-        mfu = step_flops / gpus / (step * gpu.peak_tflops * 1e12)
-        mark = "" if r.total_gib <= usable else ("  needs recompute" if r.total_recompute_gib <= usable
-                                                  else "  does not fit")
+        step, recompute = way(r)
+        fits = math.isfinite(step)
+        mfu = step_flops / gpus / ((step if fits else r.step_recompute_s) * gpu.peak_tflops * 1e12)
+        mark = "" if not recompute else "  needs recompute" if fits else "  does not fit"
         lines.append(
             f"{lay.tensor:>3} {lay.pipeline:>3} {lay.data:>4} {lay.micro_batch:>3} {lay.micro_batches:>4} | "
             f"{r.weights_gib:>8.1f} {r.optimizer_gib:>6.1f} {r.activations_gib:>7.1f} "
@@ -274,8 +278,9 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
     lines.append(f"(memory in GiB per GPU; times in s per step; {len(rows)} layouts, best {len(shown)} shown"
                  + (f"; {len(rejected)} left out, e.g. {rejected[0]}" if rejected else "") + ")")
     lines.append("")
-    if fitting:
-        step, recompute, best = fitting[0]
+    step, recompute = way(ranked[0])
+    if math.isfinite(step):
+        best = ranked[0]
         memory = best.total_recompute_gib if recompute else best.total_gib
         lines.append(f"recommended: {' '.join(overrides(best.layout, cfg, recompute))}")
         lines.append(f"  {memory:.1f} of {usable:g} GiB per GPU, about {step:.2f} s per step, "
