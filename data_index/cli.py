@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from vincie.cli_common import add_config_arguments, config_from_args
+from vincie.cli.common import add_config_arguments, config_from_args
 
 SYNTH_FLAGS = {  # command-line flag -> config key it overrides
     "resolution": "synth.resolution",
@@ -25,7 +25,7 @@ def plural(count: int, noun: str) -> str:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from data_index.synth import SynthJob, run_synth
+    from data_index.synthetic.synth import SynthJob, run_synth
 
     flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in SYNTH_FLAGS.items()
              if getattr(args, flag) not in (None, False)]
@@ -55,7 +55,7 @@ INGEST_FLAGS = {  # command-line flag -> config key it overrides
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from data_index.ingest import MANIFEST_FILE, run_ingest
+    from data_index.ingest.pipeline import MANIFEST_FILE, run_ingest
 
     flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in INGEST_FLAGS.items()
              if getattr(args, flag) is not None]
@@ -72,7 +72,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from data_index.index import build_index, index_url
+    from vincie.sessions.index import build_index, index_url
 
     cfg = config_from_args(args)
     table = build_index(args.url, cfg.storage)
@@ -81,7 +81,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_verify(args: argparse.Namespace) -> int:
-    from data_index.index import verify
+    from vincie.sessions.index import verify
 
     cfg = config_from_args(args)
     sessions, problems = verify(args.url, cfg.storage, decode=not args.quick)
@@ -96,7 +96,7 @@ def cmd_index_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_index_stats(args: argparse.Namespace) -> int:
-    from data_index.index import plot_stats, read_index, summarize
+    from vincie.sessions.index import plot_stats, read_index, summarize
 
     cfg = config_from_args(args)
     table = read_index(args.url, cfg.storage)
@@ -126,7 +126,7 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_index_split(args: argparse.Namespace) -> int:
-    from data_index.index import assign_splits, read_index, summarize, write_index
+    from vincie.sessions.index import assign_splits, read_index, summarize, write_index
 
     cfg = config_from_args(args)
     table = assign_splits(read_index(args.url, cfg.storage), args.val, args.test)

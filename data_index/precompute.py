@@ -1,5 +1,5 @@
 """`vincie data precompute`: a copy of a dataset whose sessions also carry their VAE latents and, for a frozen
-text encoder, their text features (vincie.features), so that training skips decoding and encoding.
+text encoder, their text features (vincie.sessions.features), so that training skips decoding and encoding.
 
 Pixels are decoded exactly as the training loader decodes them (DALI, the config's buckets) and encoded with the
 config's VAE / text encoder, so a run on the copy sees the same inputs as a run on the original. Shards keep their
@@ -14,15 +14,16 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data_index.index import build_index
-from vincie import features, storage
-from vincie.batch import masks_to_pixels
+from vincie.sessions.index import build_index
+from vincie import storage
+from vincie.sessions import features
+from vincie.model.batch import masks_to_pixels
 from vincie.config import Config
-from vincie.data import RowRef
-from vincie.loader import Fetched, Skip, SessionReader, Skipped
-from vincie.shards import SHARD_SUFFIX, ShardWriter, scan_shard
-from vincie.text_encoder import build_text_encoder
-from vincie.vae import build_vae
+from vincie.data.order import RowRef
+from vincie.data.loader import Fetched, Skip, SessionReader, Skipped
+from vincie.sessions.shards import SHARD_SUFFIX, ShardWriter, scan_shard
+from vincie.model.text_encoder import build_text_encoder
+from vincie.model.vae import build_vae
 
 ALL_TURNS = 1 << 16
 

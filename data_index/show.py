@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vincie import storage
 from vincie.config import StorageConfig
-from vincie.session import Session
-from vincie.shards import iter_sessions
+from vincie.sessions.session import Session
+from vincie.sessions.shards import iter_sessions
 
 CUR_COLOUR = (255, 255, 255)
 NEXT_COLOUR = (255, 40, 40)

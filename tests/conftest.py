@@ -64,9 +64,9 @@ def run_vincie(*args: str, check: bool = False, env: dict | None = None, timeout
 
 
 def run_main(capsys, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Runs the `vincie` command inside this process (vincie.cli.main: the same code, without an interpreter's
+    """Runs the `vincie` command inside this process (vincie.cli.main.main: the same code, without an interpreter's
     start-up), its output captured as run_vincie returns it."""
-    from vincie.cli import main
+    from vincie.cli.main import main
 
     capsys.readouterr()
     code = main(list(args))

@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from data_index.synth import SynthJob, run_synth
+from data_index.synthetic.synth import SynthJob, run_synth
 from vincie.config import StorageConfig, SynthConfig, load_config
 
 MICRO_MODEL = {"hidden_size": 64, "num_heads": 2, "num_layers": 2, "dual_stream_layers": 1, "patch_size": 2,
@@ -23,8 +23,8 @@ MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO_MODEL.items()] + \
 
 def micro_batch(n=2, seed=0, **overrides):
     """-> (config, EditModel, n training samples of synthetic 32x32 sessions): the micro model in one process
-    (vincie.parallel.init_distributed first), `overrides` as {"section.key": value}."""
-    from vincie.bench import training_samples
+    (vincie.training.parallel.init_distributed first), `overrides` as {"section.key": value}."""
+    from vincie.cli.bench import training_samples
 
     cfg = load_config("tiny", ["data.resolution=32", *MICRO_OVERRIDES, *[f"{k}={v}" for k, v in overrides.items()]])
     return (cfg, *training_samples(cfg, n, seed))
@@ -75,10 +75,10 @@ def make_plain_run(root) -> str:
     training: the micro model's parameters under their training names. -> the run directory."""
     import torch
 
-    from vincie import checkpoint
+    from vincie.training import checkpoint
     from vincie.config import load_config, to_dict, to_yaml
-    from vincie.model import MMDiT
-    from vincie.text_encoder import build_text_encoder
+    from vincie.model.mmdit import MMDiT
+    from vincie.model.text_encoder import build_text_encoder
 
     run = os.path.join(str(root), "run")
     cfg = load_config("tiny", ["data.resolution=32", "diffusion.sample_steps=2", f"run.out_dir={run}",

@@ -24,8 +24,8 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
 from vincie.config import load_config  # noqa: E402
-from vincie.parallel import init_distributed, shutdown  # noqa: E402
-from vincie.train import Trainer, train  # noqa: E402
+from vincie.training.parallel import init_distributed, shutdown  # noqa: E402
+from vincie.training.trainer import Trainer, train  # noqa: E402
 
 
 def gathered_grads(trainer: Trainer) -> dict:
@@ -67,7 +67,7 @@ def write_reference(trainer: Trainer, out: str) -> None:
     """The forward of the model as trained on a fixed batch: its inputs and the target tokens' velocity."""
     from safetensors.torch import save_file
 
-    from vincie.diffusion import output_to_velocity
+    from vincie.model.diffusion import output_to_velocity
 
     trainer.step = 0
     batch = trainer.make_batch()

@@ -6,8 +6,8 @@ import torch
 
 from vincie.config import TextEncoderConfig
 from vincie.errors import VincieError
-from vincie.text_encoder import HashedWordEncoder, HFTextEncoder
-from vincie.vae import DiffusersVAE, SpaceToDepthVAE
+from vincie.model.text_encoder import HashedWordEncoder, HFTextEncoder
+from vincie.model.vae import DiffusersVAE, SpaceToDepthVAE
 
 
 @pytest.fixture(autouse=True)

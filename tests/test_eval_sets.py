@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from vincie.errors import VincieError
-from vincie.eval_sets import load_magicbrush, load_mse_bench
-from vincie.judge import VLMJudge, cumulative_success
+from vincie.evaluation.eval_sets import load_magicbrush, load_mse_bench
+from vincie.evaluation.judge import VLMJudge, cumulative_success
 
 from conftest import error_line, run_main
 from helpers import make_plain_run
@@ -203,7 +203,7 @@ def tiny_models(tmp_path_factory):
 def test_similarity_metrics_with_tiny_local_models(tiny_models):
     from transformers import CLIPModel
 
-    from vincie.similarity import Clip, Dino, turn_metrics
+    from vincie.evaluation.similarity import Clip, Dino, turn_metrics
 
     clip, dino = Clip(tiny_models[0]), Dino(tiny_models[1])
     truth, edited = picture(1, 48, 64), picture(2, 32, 32)

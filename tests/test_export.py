@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vincie import checkpoint
+from vincie.training import checkpoint
 
 from conftest import REPO, error_line, run_main, run_vincie
 from helpers import make_data, make_plain_run, torchrun, write_config

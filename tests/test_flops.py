@@ -1,4 +1,4 @@
-"""vincie.flops against independent counts: torch's flop counter on the tiny model (dense attention, as SDPA
+"""vincie.model.flops against independent counts: torch's flop counter on the tiny model (dense attention, as SDPA
 computes it) and the attention mask itself (the allowed pairs)."""
 
 import numpy as np
@@ -7,16 +7,16 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_index.world import generate_session
-from vincie.attention import MaskSpec, dense_mask
-from vincie.batch import SessionEncoder, collate
+from data_index.synthetic.world import generate_session
+from vincie.model.attention import MaskSpec, dense_mask
+from vincie.model.batch import SessionEncoder, collate
 from vincie.config import load_config
-from vincie.data import from_session
-from vincie.flops import Workload, attention_pairs, forward_flops, training_flops
-from vincie.model import MMDiT, build_on_meta, count_parameters
-from vincie.sequence import build_blocks, layout, pack
-from vincie.text_encoder import build_text_encoder
-from vincie.vae import build_vae
+from vincie.data.order import from_session
+from vincie.model.flops import Workload, attention_pairs, forward_flops, training_flops
+from vincie.model.mmdit import MMDiT, build_on_meta, count_parameters
+from vincie.model.sequence import build_blocks, layout, pack
+from vincie.model.text_encoder import build_text_encoder
+from vincie.model.vae import build_vae
 
 
 def tiny_samples(n: int, seed: int = 0, *overrides: str):

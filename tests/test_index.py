@@ -9,10 +9,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from data_index.index import INDEX_FILE, read_index, verify
-from data_index.synth import SynthJob, run_synth
+from vincie.sessions.index import INDEX_FILE, read_index, verify
+from data_index.synthetic.synth import SynthJob, run_synth
 from vincie.config import StorageConfig, SynthConfig
-from vincie.shards import scan_shard
+from vincie.sessions.shards import scan_shard
 
 from conftest import REPO, run_vincie
 

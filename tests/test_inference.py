@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from vincie.config import load_config
-from vincie.inference import Context, Editor
-from vincie.model import MMDiT
-from vincie.sequence import Block, BlockType, Role
-from vincie.text_encoder import build_text_encoder
-from vincie.vae import build_vae
+from vincie.inference.editor import Context, Editor
+from vincie.model.mmdit import MMDiT
+from vincie.model.sequence import Block, BlockType, Role
+from vincie.model.text_encoder import build_text_encoder
+from vincie.model.vae import build_vae
 
 from conftest import run_main
 from helpers import MICRO_OVERRIDES

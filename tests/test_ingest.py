@@ -10,11 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
-from data_index.ingest import read_manifest, run_ingest
-from data_index.synth import SynthJob, run_synth
-from data_index.videos import encode_video
+from data_index.ingest.pipeline import read_manifest, run_ingest
+from data_index.synthetic.synth import SynthJob, run_synth
+from data_index.synthetic.videos import encode_video
 from vincie.config import SynthConfig, load_config
-from vincie.shards import iter_sessions
+from vincie.sessions.shards import iter_sessions
 
 from conftest import error_line, run_main
 

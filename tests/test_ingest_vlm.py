@@ -17,12 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from data_index.ingest import read_manifest
-from data_index.vlm import VLMError, VLMTextAnnotator
-from data_index.world import generate_session
-from data_index.videos import write_videos
+from data_index.ingest.pipeline import read_manifest
+from data_index.ingest.vlm import VLMError, VLMTextAnnotator
+from data_index.synthetic.world import generate_session
+from data_index.synthetic.videos import write_videos
 from vincie.config import SynthConfig, VLMConfig
-from vincie.shards import iter_sessions
+from vincie.sessions.shards import iter_sessions
 
 from conftest import run_main
 

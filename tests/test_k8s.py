@@ -24,7 +24,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from vincie import k8s
+from vincie.ops import k8s
 from vincie.config import load_config
 from vincie.errors import VincieError
 

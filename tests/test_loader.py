@@ -12,17 +12,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data_index.index import build_index, read_index
-from data_index.world import generate_session
+from vincie.sessions.index import build_index, read_index
+from data_index.synthetic.world import generate_session
 from vincie import storage
 from vincie.config import SynthConfig, load_config
-from vincie.data import SKIP_REASONS, SamplerState, SessionOrder
+from vincie.data.order import SKIP_REASONS, SamplerState, SessionOrder
 from vincie.errors import VincieError
-from vincie.loader import Loader, Skipped
-from vincie.parallel import init_distributed
-from vincie.session import session_to_sample
-from vincie.shards import ShardWriter, scan_shard
-from vincie.train import Trainer
+from vincie.data.loader import Loader, Skipped
+from vincie.training.parallel import init_distributed
+from vincie.sessions.session import session_to_sample
+from vincie.sessions.shards import ShardWriter, scan_shard
+from vincie.training.trainer import Trainer
 
 from conftest import run_vincie
 from faults import FaultProxy

@@ -22,9 +22,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from data_index.index import read_index
+from vincie.sessions.index import read_index
 from vincie.errors import VincieError
-from vincie.metrics import Metrics, serve
+from vincie.training.metrics import Metrics, serve
 
 from conftest import REPO, error_line, free_port, run_main
 from helpers import make_data, write_config

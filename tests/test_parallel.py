@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from vincie import checkpoint
+from vincie.training import checkpoint
 from vincie.config import ConfigError, check_world, load_config
 
 from conftest import REPO, run_vincie

@@ -8,11 +8,11 @@ import pytest
 from conftest import error_line, run_main
 from helpers import MICRO_OVERRIDES
 
-from vincie.bench import activation_memory
+from vincie.cli.bench import activation_memory
 from vincie.config import ConfigError, check_world, load_config
-from vincie.model import build_on_meta, count_parameters
-from vincie.parallel import init_distributed
-from vincie.plan import (ACT_BYTES_PER_H, GIB, GPUS, RECOMPUTE_BYTES_PER_H, STAGE_BYTES_PER_H, Layout,
+from vincie.model.mmdit import build_on_meta, count_parameters
+from vincie.training.parallel import init_distributed
+from vincie.ops.plan import (ACT_BYTES_PER_H, GIB, GPUS, RECOMPUTE_BYTES_PER_H, STAGE_BYTES_PER_H, Layout,
                          candidate_layouts, estimate, parameter_split, plan, sample_workload)
 
 

@@ -1,13 +1,13 @@
-"""Offline region masks (data_index/regions.py) against the synthetic world's exact masks, through real H.264 and
+"""Offline region masks (data_index/ingest/regions.py) against the synthetic world's exact masks, through real H.264 and
 VP9 encoding: the known answers that the ingest's offline masks are judged by (docs/BENCHMARKS.md)."""
 
 import av
 import numpy as np
 import pytest
 
-from data_index.regions import region_change
-from data_index.videos import CODECS, encode_video
-from data_index.world import generate_session
+from data_index.ingest.regions import region_change
+from data_index.synthetic.videos import CODECS, encode_video
+from data_index.synthetic.world import generate_session
 from vincie.config import BACKGROUNDS, SynthConfig, load_config
 
 HOLD = 4  # frames per state; the pair compared is the first frame of each state, as the ingest samples it

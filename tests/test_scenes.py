@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from data_index.regions import region_change
-from data_index.scenes import VideoScan, sample_points, scan_video
-from data_index.videos import encode_video
+from data_index.ingest.regions import region_change
+from data_index.ingest.scenes import VideoScan, sample_points, scan_video
+from data_index.synthetic.videos import encode_video
 from vincie.config import load_config
 
 FPS = 8
@@ -89,7 +89,7 @@ def test_camera_shift_is_aligned_before_differencing():
 def test_offline_masks_and_text_of_a_move():
     """A flat square moved right by half its width: its overlap with itself does not change, yet belongs to both
     masks; the templated text names kind, place, colour and direction."""
-    from data_index.annotators import OfflineTextAnnotator
+    from data_index.ingest.annotators import OfflineTextAnnotator
 
     a, b = square_frames((110, 110, 110), (220, 40, 40), states=2, hold=1)
     change = region_change(a, b, ingest_cfg())

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from vincie.attention import MaskSpec, allowed, dense_mask, flex_attention, flex_block_mask
+from vincie.model.attention import MaskSpec, allowed, dense_mask, flex_attention, flex_block_mask
 from vincie.config import SequenceConfig
-from vincie.sequence import BlockType, Role, build_blocks, full_attention_blocks, layout, pack
+from vincie.model.sequence import BlockType, Role, build_blocks, full_attention_blocks, layout, pack
 
 GRID = (2, 3)
 

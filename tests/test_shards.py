@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from data_index.world import generate_session
+from data_index.synthetic.world import generate_session
 from vincie import storage
 from vincie.config import SynthConfig
-from vincie.session import SessionFormatError, sample_to_session, session_to_sample
-from vincie.shards import iter_sessions, scan_shard, write_shard
+from vincie.sessions.session import SessionFormatError, sample_to_session, session_to_sample
+from vincie.sessions.shards import iter_sessions, scan_shard, write_shard
 
 from conftest import error_line, run_vincie
 

@@ -8,8 +8,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from vincie import config as config_module
 from vincie.config import ConfigError, load_config
-from vincie.megatron_layers import check_fp8_hardware, layer_spec, rows_aligned
-from vincie.model import Linear
+from vincie.model.megatron_layers import check_fp8_hardware, layer_spec, rows_aligned
+from vincie.model.mmdit import Linear
 
 
 def one_line_error(overrides, have_te: bool, monkeypatch) -> str:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from vincie import checkpoint
-from vincie.batch import pack_rows
+from vincie.training import checkpoint
+from vincie.model.batch import pack_rows
 from vincie.config import ConfigError, load_config
-from vincie.data import SamplerState
-from vincie.diffusion import X0_MIN_T, output_to_velocity
-from vincie.parallel import init_distributed
-from vincie.train import EMA, Trainer, flow_loss_sums, reduce_logs
+from vincie.data.order import SamplerState
+from vincie.model.diffusion import X0_MIN_T, output_to_velocity
+from vincie.training.parallel import init_distributed
+from vincie.training.trainer import EMA, Trainer, flow_loss_sums, reduce_logs
 
 from conftest import REPO, run_vincie
 from helpers import make_data, write_config
@@ -119,11 +119,11 @@ def test_changed_region_weight_weights_the_tokens_an_edit_touches(tmp_path, data
     the loss is the weighted sum of the per-token errors."""
     import torch.nn.functional as F
 
-    from data_index.world import generate_session
-    from vincie.batch import SessionEncoder, collate
+    from data_index.synthetic.world import generate_session
+    from vincie.model.batch import SessionEncoder, collate
     from vincie.config import SynthConfig
-    from vincie.data import from_session
-    from vincie.sequence import BlockType, Role
+    from vincie.data.order import from_session
+    from vincie.model.sequence import BlockType, Role
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["diffusion.changed_region_weight=4", "sequence.drop_current_image=0"])
@@ -301,7 +301,7 @@ def test_edit_and_eval_end_to_end(tmp_path, trained_run):
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 1000
     # the denoising probe's copy-input baseline, recomputed from the pixels (the space-to-depth latent is the
     # image in [-1, 1], rearranged)
-    from vincie.loader import load_sessions
+    from vincie.data.loader import load_sessions
     sessions = load_sessions(load_config("tiny"), str(report["data"]), max_turns=3, count=4)
     expected = np.mean([torch.mean((s.images[0].double() - s.images[1].double()) ** 2).item() for s in sessions])
     assert report["denoising"]["copy_input"] == pytest.approx(expected, rel=1e-4)

@@ -5,7 +5,7 @@ import json
 import av
 import numpy as np
 
-from data_index.world import generate_session
+from data_index.synthetic.world import generate_session
 from vincie.config import SynthConfig
 
 from conftest import run_vincie

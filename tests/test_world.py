@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 
-from data_index.world import COLOURS, GRID_WHERE, SIZE_NAMES, generate_session, object_px
+from data_index.synthetic.world import COLOURS, GRID_WHERE, SIZE_NAMES, generate_session, object_px
 from vincie.config import SynthConfig
-from vincie.shards import write_shard
+from vincie.sessions.shards import write_shard
 
 
 def changed_pixels(a: np.ndarray, b: np.ndarray) -> np.ndarray:

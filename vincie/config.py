@@ -89,7 +89,7 @@ class VLMConfig:
 
 @dataclass
 class IngestConfig:
-    """`vincie data ingest`: real video -> sessions (data_index/scenes.py, regions.py, annotators.py)."""
+    """`vincie data ingest`: real video -> sessions (data_index/ingest/scenes.py, regions.py, annotators.py)."""
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v"])
     decode_threads: int = 1  # FFmpeg threads per video (0: FFmpeg's choice); parallelism is across videos
     max_side: int = 512  # session frames: longer side at most this (pixels)
@@ -232,7 +232,7 @@ class DataConfig:
     # 2 turns until step 500 (short sequences, cheap steps), then on up to 6; empty: data.max_turns throughout
     turn_curriculum: dict[int, int] = field(default_factory=dict)
     max_tokens: int = 4096  # sequence cap per sample; whole trailing turns are dropped to fit
-    # pack sessions into rows of up to max_tokens tokens (rows of even length: vincie.batch.pack_rows; no attention
+    # pack sessions into rows of up to max_tokens tokens (rows of even length: vincie.model.batch.pack_rows; no attention
     # between sessions), as the paper's authors do: far less padding between sessions of different lengths, which
     # pays where attention skips masked tiles (flex, on GPUs); parallel.micro_batch_size then counts rows
     pack: bool = False
@@ -320,7 +320,7 @@ class K8sConfig:
 
 @dataclass
 class MetricsConfig:
-    """Prometheus endpoint and utilisation figures (vincie/metrics.py)."""
+    """Prometheus endpoint and utilisation figures (vincie/training/metrics.py)."""
     # base port of the HTTP endpoint: the process with local rank L serves http://0.0.0.0:(port + L)/metrics;
     # 0 = no endpoint (the figures still go to metrics.jsonl and the progress bar)
     port: int = 0

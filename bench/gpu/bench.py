@@ -2,8 +2,8 @@
 
 1. bf16 matmul peak of this GPU (8192^3), the reference for MFU.
 2. One layer of the 3b preset (a shared layer and a dual-stream one), forward + backward on a block-causal
-   sequence, flex attention: model TFLOP/s (vincie.flops: allowed attention pairs only) and MFU against (1); bf16
-   weights, and fp32 weights under bf16 autocast (as vincie.train runs); activation memory per token.
+   sequence, flex attention: model TFLOP/s (vincie.model.flops: allowed attention pairs only) and MFU against (1); bf16
+   weights, and fp32 weights under bf16 autocast (as vincie.training.trainer runs); activation memory per token.
 3. Block-causal attention, flex (BlockMask) against SDPA with the dense boolean mask, at about 4k and 16k tokens.
 4. FP8 GEMM ceiling: torch._scaled_mm (e4m3, per-tensor scales) against bf16 for the layer's GEMM shapes.
 5. With Transformer Engine (and megatron-core) importable: the layer under the TE spec, bf16 and FP8.
@@ -27,13 +27,13 @@ from dataclasses import replace
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from vincie.attention import MaskSpec, attend, prepare_mask
+from vincie.model.attention import MaskSpec, attend, prepare_mask
 from vincie.config import ModelConfig, load_config
-from vincie.batch import pack_rows
-from vincie.flops import attention_flops_per_pair, batch_workload, layer_flops_per_token, layout_workload
-from vincie.model import Linears, MMDiTLayer, Streams, rope_angles
-from vincie.plan import ACT_BYTES_PER_H
-from vincie.sequence import BlockType, build_blocks, layout, pack
+from vincie.model.batch import pack_rows
+from vincie.model.flops import attention_flops_per_pair, batch_workload, layer_flops_per_token, layout_workload
+from vincie.model.mmdit import Linears, MMDiTLayer, Streams, rope_angles
+from vincie.ops.plan import ACT_BYTES_PER_H
+from vincie.model.sequence import BlockType, build_blocks, layout, pack
 
 
 def sync(device: torch.device) -> None:
@@ -167,7 +167,7 @@ def bench_te(m: ModelConfig, row, device, repeats: int) -> dict:
         import transformer_engine  # noqa: F401
         from megatron.core import parallel_state
 
-        from vincie.megatron_layers import MegatronLinears
+        from vincie.model.megatron_layers import MegatronLinears
     except ImportError as exc:
         return {"skipped": f"not importable: {exc}"}
     if not torch.distributed.is_initialized():

@@ -1,0 +1,1 @@
+"""Real video -> sessions (`vincie data ingest`): scenes, regions, annotators."""

@@ -1,0 +1,1 @@
+"""The synthetic video world and `vincie data synth`."""

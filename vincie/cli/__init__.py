@@ -1,0 +1,1 @@
+"""The `vincie` command."""

@@ -1,0 +1,361 @@
+"""The `vincie` command line. Bad input ends with one line on stderr naming what was wrong, and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+
+from vincie.cli.common import add_config_arguments, config_from_args
+from vincie.config import to_yaml
+from vincie.errors import VincieError
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(to_yaml(config_from_args(args)), end="")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vincie.training.parallel import shutdown
+    from vincie.training.trainer import train
+
+    cfg = config_from_args(args)
+    try:
+        summary = train(cfg, progress=not args.no_progress)
+    finally:
+        shutdown()
+    if summary and int(os.environ.get("RANK", "0")) == 0:
+        print("train: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float)))
+    return 0
+
+
+def cmd_launch_local(args: argparse.Namespace) -> int:
+    import subprocess
+
+    config_from_args(args)  # a bad config or override: one error here, not one per rank under torchrun
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               f"--max-restarts={args.max_restarts}", "-m", "vincie", "train", "--config", args.config,
+               *(["--no-progress"] if args.no_progress else []), *args.overrides]
+    print("launch: " + " ".join(command[2:]), flush=True)
+    return subprocess.call(command)
+
+
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from vincie.ops import k8s
+
+    cfg = config_from_args(args)
+    if args.k8s_command == "render":
+        text = k8s.to_text(k8s.render(cfg, monitoring=args.monitoring))
+        if args.out:
+            from vincie import storage
+
+            storage.write_bytes_atomic(args.out, text.encode())
+            print(f"k8s: manifests -> {args.out} (apply: kubectl apply -f {args.out}, or vincie k8s submit)")
+        else:
+            print(text, end="")
+    elif args.k8s_command == "submit":
+        print(f"k8s: submitted {k8s.submit(cfg)} in namespace {cfg.k8s.namespace}")
+    elif args.k8s_command == "status":
+        print(k8s.status(cfg))
+    elif args.k8s_command == "logs":
+        print(k8s.logs(cfg, args.pod, args.tail), end="")
+    else:
+        print("k8s: deleted " + ", ".join(k8s.cancel(cfg)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vincie.ops.report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    print(f"report: {out}")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from vincie import storage
+    from vincie.inference.editor import Editor, load_config, load_image, restore_size
+    from vincie.inference.strip import strip_png
+
+    image, size = load_image(args.image, load_config(args.model).data.resolution)  # bad input fails fast
+    editor = Editor.load(args.model, raw_weights=args.raw_weights, kv_cache=not args.no_kv_cache)
+    results = editor.edit([image], [args.instruction], steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+                          chain_masks=args.chain_masks)[0]
+    os.makedirs(args.out, exist_ok=True)
+
+    def save(picture, name: str, mask: bool = False) -> None:
+        buffer = io.BytesIO()
+        restore_size(picture, size, mask).save(buffer, format="PNG")
+        storage.write_bytes_atomic(os.path.join(args.out, name), buffer.getvalue())
+
+    for k, result in enumerate(results, start=1):
+        save(result.image, f"turn-{k:02d}.png")
+        if result.cur_mask is not None:
+            save(result.cur_mask, f"turn-{k:02d}-cur-mask.png", mask=True)
+            save(result.next_mask, f"turn-{k:02d}-next-mask.png", mask=True)
+    storage.write_bytes_atomic(os.path.join(args.out, "strip.png"),
+                               strip_png(image, [r.image for r in results], args.instruction))
+    masks = ", turn-*-{cur,next}-mask.png" if args.chain_masks else ""
+    print(f"edit: {len(results)} turns -> {args.out}/turn-*.png{masks}, {args.out}/strip.png")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vincie.inference.export import export
+
+    config = export(args.checkpoint, args.out, weights=args.weights, dtype=args.dtype, overwrite=args.overwrite)
+    source = config["source"]
+    print(f"export: step {source['step']} ({args.weights} weights, {args.dtype}, {config['parameters']:,} "
+          f"MM-DiT parameters) -> {args.out}/model.safetensors, config.json, README.md")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vincie.inference.editor import Editor, load_config
+
+    if args.bench == "synth":
+        if args.judge_url or args.clip_model or args.dino_model:
+            raise VincieError("--bench synth is scored by its exact judge; --judge-url, --clip-model and "
+                              "--dino-model apply to mse-bench and magicbrush")
+    elif args.given_truth:
+        raise VincieError("--given-truth applies to --bench synth only (its sessions hold every turn's true image)")
+    elif not args.data:
+        raise VincieError(f"--bench {args.bench} needs --data DIR (a local copy of the benchmark)")
+    if args.judge_url and not args.judge_model:
+        raise VincieError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    load_config(args.model)  # a bad --model fails before anything loads
+    editor = Editor.load(args.model, raw_weights=args.raw_weights)
+    if args.bench == "synth":
+        from vincie.evaluation.evaluate import evaluate_synth, format_table
+
+        data = args.data or editor.cfg.data.eval_url
+        report = evaluate_synth(editor, data, args.out, sessions=args.sessions or 32, turns=args.turns,
+                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed, chain_masks=args.chain_masks,
+                                given_truth=args.given_truth)
+        print(format_table(report))
+    else:
+        from vincie.evaluation.evaluate import evaluate_benchmark, format_benchmark_table
+        from vincie.evaluation.judge import VLMJudge
+
+        judge = VLMJudge(args.judge_url, args.judge_model, args.judge_api_key_env) if args.judge_url else None
+        report = evaluate_benchmark(editor, args.bench, args.data, args.out, sessions=args.sessions,
+                                    steps=args.steps, cfg_scale=args.cfg, seed=args.seed, chain_masks=args.chain_masks,
+                                    clip_model=args.clip_model,
+                                    dino_model=args.dino_model, judge=judge)
+        print(format_benchmark_table(report))
+    print(f"eval: {report['sessions']} sessions; report {args.out}/report.json, pictures {args.out}/grid.png")
+    return 0
+
+
+def register_plan(sub) -> None:
+    p = sub.add_parser("plan", help="memory and step time of TP/PP/DP layouts on N GPUs, and the best one",
+                       description="Estimate per-GPU memory (weights, optimizer, activations with and without "
+                                   "recomputation) and step time of every tensor x pipeline x data-parallel layout "
+                                   "of a config on --gpus GPUs, from the model FLOPs (vincie.model.flops), the GPU's peak "
+                                   "rate and link bandwidths; print a ranked table, the assumptions, and the "
+                                   "recommended layout as config overrides for `vincie train` / `vincie k8s "
+                                   "render`. Exits 1 when no layout fits.")
+    p.add_argument("--config", "--preset", dest="config", default="3b", metavar="PRESET|YAML",
+                   help="config preset or YAML path (default: 3b)")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200"],
+                   help="GPU kind: sets the defaults below (printed with the plan)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (default: the GPU kind's)")
+    p.add_argument("--memory-gib", type=float, help="memory per GPU (default: the GPU kind's)")
+    p.add_argument("--nvlink-gbs", type=float, help="NVLink GB/s per GPU and direction (default: the kind's)")
+    p.add_argument("--network-gbs", type=float, help="inter-node GB/s per GPU (default: the kind's)")
+    p.add_argument("--efficiency", type=float, default=0.5, help="share of peak the GEMMs reach (default 0.5)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. "
+                                                                          "train.batch_size=512")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vincie.config import load_config
+    from vincie.ops.plan import GPU, GPUS, plan
+
+    cfg = load_config(args.config, args.overrides)
+    base = GPUS[args.gpu]
+    gpu = GPU(args.peak_tflops or base.peak_tflops, args.memory_gib or base.memory_gib,
+              args.nvlink_gbs or base.nvlink_gbs, args.network_gbs or base.network_gbs)
+    report, status = plan(cfg, args.gpus, gpu, args.gpu, args.gpus_per_node, args.efficiency)
+    print(report)
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_index import cli as data_cli
+    from vincie.cli import bench
+
+    parser = argparse.ArgumentParser(
+        prog="vincie",
+        description="vincie: train in-context multi-turn image editing from video (after VINCIE, arXiv 2506.10941).")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{config,data,train,launch,k8s,report,export,edit,eval,bench,plan}")
+
+    config = sub.add_parser("config", help="show a resolved, validated config",
+                            description="Load a preset or YAML file, apply overrides, validate, print the result.")
+    csub = config.add_subparsers(dest="config_command", required=True, metavar="{show}")
+    show = csub.add_parser("show", help="print the resolved config as YAML")
+    add_config_arguments(show)
+    show.set_defaults(func=cmd_config_show)
+
+    data_cli.register(sub)
+
+    export = sub.add_parser("export", help="turn a training checkpoint into an inference model directory",
+                            description="Read a training checkpoint of any tensor/pipeline-parallel layout (a run "
+                                        "directory's latest, or one checkpoints/step-N directory) and write one "
+                                        "model.safetensors with the whole weights, config.json (dimensions, latent "
+                                        "and text encoder, sampler defaults) and a model card README.md into --out "
+                                        "(written to a temporary directory, then renamed). The result loads with "
+                                        "plain PyTorch and safetensors: no megatron-core, nothing unpickled.")
+    export.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="training run directory (its latest checkpoint) or a checkpoints/step-N directory")
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="stored precision (default fp32; bf16 halves the file, inference upcasts to fp32)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=cmd_export)
+
+    edit = sub.add_parser("edit", help="edit an image turn by turn with a trained model",
+                          description="Apply instructions one after another; each output is the next turn's "
+                                      "input. The image may have any size: it is resized to the model's square "
+                                      "resolution and every output is restored to the input's size. Writes "
+                                      "turn-NN.png per turn, strip.png, and turn-NN-{cur,next}-mask.png with "
+                                      "--chain-masks.")
+    edit.add_argument("--model", required=True, metavar="DIR",
+                      help="an exported model (vincie export) or a training run directory (config.yaml, checkpoints/)")
+    edit.add_argument("--image", required=True, metavar="PATH")
+    edit.add_argument("--instruction", required=True, action="append", metavar="TEXT",
+                      help="one per turn; repeat for several turns")
+    edit.add_argument("--out", required=True, metavar="DIR")
+    edit.add_argument("--steps", type=int, help="Euler steps (default: diffusion.sample_steps)")
+    edit.add_argument("--cfg", type=float, help="text guidance scale (default: diffusion.cfg_scale)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--chain-masks", action="store_true", help="generate current mask, next mask, then image")
+    edit.add_argument("--raw-weights", action="store_true",
+                      help="training run directory: use the raw weights instead of the EMA")
+    edit.add_argument("--no-kv-cache", action="store_true",
+                      help="recompute the whole sequence at every step (same result, slower; for comparison)")
+    edit.set_defaults(func=cmd_edit)
+
+    evaluate = sub.add_parser("eval", help="multi-turn editing benchmarks",
+                              description="Edit benchmark sessions turn by turn (each output is the next turn's "
+                                          "input) and score them. synth: held-out synthetic sessions and an exact "
+                                          "judge (vincie/evaluation/evaluate.py). mse-bench (5 turns) and magicbrush (up to 3): "
+                                          "local copies in their published formats (vincie/evaluation/eval_sets.py); L1 against "
+                                          "ground truth where there is one, CLIP-I / DINO / CLIP-T with local "
+                                          "transformers model directories, and MSE-Bench's rule with a VLM judge "
+                                          "behind any OpenAI-compatible chat endpoint (vincie/evaluation/judge.py). Prints a "
+                                          "per-turn table; writes report.json and grid.png.")
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="an exported model or a training run directory")
+    evaluate.add_argument("--bench", default="synth", choices=["synth", "mse-bench", "magicbrush"],
+                          help="benchmark (default synth)")
+    evaluate.add_argument("--data", metavar="URL|DIR",
+                          help="synth: held-out sessions (default: the run's data.eval_url); mse-bench: a directory "
+                               "of its parquet files; magicbrush: its test/ directory (edit_sessions.json, images/)")
+    evaluate.add_argument("--out", required=True, metavar="DIR")
+    evaluate.add_argument("--sessions", type=int, help="at most this many sessions (default: synth 32, others all)")
+    evaluate.add_argument("--turns", type=int, default=5, help="synth: turns per session (default 5)")
+    evaluate.add_argument("--steps", type=int)
+    evaluate.add_argument("--cfg", type=float)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--chain-masks", action="store_true",
+                          help="each turn generates its current mask, next mask, then the image (CS -> NS -> I)")
+    evaluate.add_argument("--given-truth", action="store_true",
+                          help="synth: also edit each turn from the true previous image (teacher forcing, as in "
+                               "training) and print that per-turn success: what the model does at a turn, without "
+                               "the drift of its own earlier edits (twice the editing time)")
+    evaluate.add_argument("--raw-weights", action="store_true",
+                          help="training run directory: use the raw weights instead of the EMA")
+    evaluate.add_argument("--clip-model", default="", metavar="DIR",
+                          help="local transformers CLIP directory: CLIP-I and CLIP-T")
+    evaluate.add_argument("--dino-model", default="", metavar="DIR", help="local transformers DINO ViT directory: DINO")
+    evaluate.add_argument("--judge-url", default="", metavar="URL",
+                          help="OpenAI-compatible endpoint base, e.g. http://host:8000/v1 (POST .../chat/completions)")
+    evaluate.add_argument("--judge-model", default="", metavar="NAME", help="the judge model's name at that endpoint")
+    evaluate.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                          help="environment variable holding the endpoint's API key, if it needs one "
+                               "(default OPENAI_API_KEY)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    train = sub.add_parser("train", help="train the MM-DiT (single process, or one rank under torchrun)",
+                           description="Train on the shards of data.train_url. Writes run.out_dir/config.yaml, "
+                                       "metrics.jsonl and checkpoints/, and resumes from the latest checkpoint "
+                                       "there automatically.")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    launch = sub.add_parser("launch", help="launch training processes",
+                            description="Launch `vincie train` as several processes.")
+    lsub = launch.add_subparsers(dest="launch_command", required=True, metavar="{local}")
+    local = lsub.add_parser("local", help="torchrun on this machine (gloo on CPU, NCCL on GPUs)",
+                            description="Run `vincie train` under torchrun with N processes on this machine, the "
+                                        "same entry point as on Kubernetes. The layout comes from the config: "
+                                        "parallel.tensor, parallel.pipeline, ...; data parallel takes the rest.")
+    local.add_argument("--nproc", type=int, required=True, metavar="N", help="processes")
+    local.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
+    local.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_arguments(local)
+    local.set_defaults(func=cmd_launch_local)
+
+    kube = sub.add_parser("k8s", help="training jobs on Kubernetes (JobSet or PyTorchJob)",
+                          description="A training run as a Kubernetes job: k8s.nodes pods of k8s.gpus_per_node "
+                                      "torchrun processes (c10d rendezvous), the resolved config in a ConfigMap, "
+                                      "S3 credentials from the Secret k8s.s3_secret, run.out_dir on the volume "
+                                      "k8s.checkpoint_pvc, restarts that resume from the latest checkpoint. The "
+                                      "job is named after run.name. render builds k8s/ with `kubectl kustomize` "
+                                      "and prints the run's manifests (a dry run: nothing is sent); submit, status, "
+                                      "logs and cancel talk to the cluster of the current kubeconfig context.")
+    ksub = kube.add_subparsers(dest="k8s_command", required=True, metavar="{render,submit,status,logs,cancel}")
+    render = ksub.add_parser("render", help="print the run's manifests (nothing is sent)",
+                             description="Print the job (k8s.kind: jobset or pytorchjob), its headless service and "
+                                         "config as YAML.")
+    render.add_argument("--monitoring", action="store_true",
+                        help="add the PodMonitor, PrometheusRule and Grafana dashboard ConfigMap (once per namespace)")
+    render.add_argument("--out", metavar="FILE", help="write to FILE instead of printing")
+    submit = ksub.add_parser("submit", help="create the job in the cluster",
+                             description="Create the rendered ConfigMap, Service and job in k8s.namespace.")
+    kstatus = ksub.add_parser("status", help="the job's state and its pods",
+                              description="The job's newest condition, its restarts and its pods' phases.")
+    klogs = ksub.add_parser("logs", help="a trainer pod's log", description="The log of node 0's pod (or --pod).")
+    klogs.add_argument("--pod", help="pod name (default: the first of the run's pods, node 0)")
+    klogs.add_argument("--tail", type=int, help="only the last N lines")
+    kcancel = ksub.add_parser("cancel", help="delete the job, its pods, service and config",
+                              description="Delete the job (its pods go with it), its service and its ConfigMap. The "
+                                          "checkpoints on the volume stay: submitting the run again resumes it.")
+    for parser_ in (render, submit, kstatus, klogs, kcancel):
+        add_config_arguments(parser_)
+        parser_.set_defaults(func=cmd_k8s)
+
+    report = sub.add_parser("report", help="a PNG report of a run's metrics",
+                            description="Plot a run's metrics.jsonl (loss per task, step time, throughput, "
+                                        "utilisation, gradient norm, learning rate, data wait and skips) into one "
+                                        "PNG, written atomically.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")
+    report.add_argument("--out", metavar="PNG", help="output path (default: RUN_DIR/report.png)")
+    report.set_defaults(func=cmd_report)
+    bench.register(sub)
+    register_plan(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VincieError as exc:
+        print(f"vincie: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vincie: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

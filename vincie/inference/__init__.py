@@ -1,0 +1,1 @@
+"""Multi-turn editing: the editor and its KV cache, exported models."""

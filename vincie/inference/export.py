@@ -1,0 +1,281 @@
+"""`vincie export`: a training checkpoint (any TP/PP layout, either format) -> a directory anyone can run.
+
+    OUT/model.safetensors   every trained parameter, whole (TP slices joined, PP stages merged), by training name
+    OUT/config.json         model dimensions, latent and text encoder, sampler defaults, where the weights came from
+    OUT/README.md           model card
+
+Weight names are the training parameter names (`dit.layers.3.latent.linear_qkv.weight`, `text_encoder.embed.weight`
+for the built-in hashed-word encoder), so a checkpoint and its export are read by the same code; the tensors are
+the full, unsplit ones. docs/ARCHITECTURE.md ("Inference") maps them to the released VINCIE's module boundaries.
+
+`config.json` holds the sections of vincie's run config that inference needs, in the same form (`model`,
+`sequence.mode`, `data.resolution`, `text_encoder`, `vae`, and the sampler defaults in `diffusion`), so it is read
+back into a `Config` and checked by the one `validate()`. A `transformers` text encoder or `diffusers` VAE is
+referenced by its local directory (made absolute), not copied; the built-in space-to-depth latent has no
+parameters and the hashed-word text encoder's table is in model.safetensors.
+
+Loading (`load_model`) reads JSON and safetensors only: nothing is unpickled, and it never imports megatron-core
+(vincie.model.mmdit is plain PyTorch). Export itself reads the training checkpoint (torch / torch.distributed.checkpoint
+files) and writes into a temporary directory that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from vincie import storage
+from vincie.config import Config, ConfigError, from_dict, preset_dir, read_yaml, to_dict, validate
+from vincie.errors import VincieError
+from vincie.model.mmdit import MMDiT, count_parameters
+
+FORMAT = "vincie-inference"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SAMPLER_KEYS = ("prediction", "sample_steps", "sample_shift", "cfg_scale")  # diffusion.* that inference reads
+
+
+def is_export(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model from a state dict (exports and training checkpoints alike)
+
+
+def build_model(cfg: Config, weights: dict[str, torch.Tensor], device: torch.device, source: str):
+    """Training-named weights -> (MMDiT, text encoder) in fp32 on `device`, plain PyTorch (no megatron-core). Built
+    on the meta device and filled by assignment: no initialisation work, and every parameter must be given."""
+    from vincie.model.text_encoder import build_text_encoder
+
+    with torch.device("meta"):
+        model = MMDiT(cfg.model)
+    text_encoder = build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
+    expected = {f"dit.{n}": p.shape for n, p in model.named_parameters()}
+    trainable_text = getattr(text_encoder, "trainable", False)
+    if trainable_text:
+        expected |= {f"text_encoder.{n}": p.shape for n, p in text_encoder.named_parameters()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise VincieError(f"{source}: weights do not fit the model config (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]})")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            raise VincieError(f"{source}: weight {name} has shape {tuple(weights[name].shape)}, the model config "
+                              f"expects {tuple(shape)}")
+    model.load_state_dict({n[4:]: t for n, t in weights.items() if n.startswith("dit.")}, assign=True)
+    if trainable_text:
+        text_encoder.load_state_dict({n[13:]: t for n, t in weights.items() if n.startswith("text_encoder.")})
+    return model.float().to(device).eval(), text_encoder.float().to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A training run directory (its latest checkpoint) or one checkpoint step directory -> the step directory."""
+    from vincie.training import checkpoint
+
+    if not os.path.isdir(path):
+        raise VincieError(f"--checkpoint {path}: no such directory")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = checkpoint.latest(path)
+        if latest is None:
+            raise VincieError(f"--checkpoint {path}: no complete checkpoint under checkpoints/")
+        return latest
+    if os.path.isfile(os.path.join(path, checkpoint.STATE)) or os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    raise VincieError(f"--checkpoint {path}: not a training run directory (checkpoints/) nor a checkpoint step "
+                      "directory (state.pt, or a distributed checkpoint's .metadata)")
+
+
+def checkpoint_common(step_dir: str) -> dict:
+    """The common state every checkpoint carries (step, config, ...), from either format. These are the training
+    checkpoint's own pickles, read with torch.load: export trusts the run it exports."""
+    from vincie.training import checkpoint
+
+    if os.path.isfile(os.path.join(step_dir, checkpoint.STATE)):
+        return checkpoint.load(step_dir)["common"]
+    common = os.path.join(step_dir, "common.pt")  # written by megatron-core's dist_checkpointing
+    if not os.path.isfile(common):
+        raise VincieError(f"{step_dir}: distributed checkpoint without common.pt (expected one written by vincie)")
+    return torch.load(common, map_location="cpu", weights_only=False)["common"]
+
+
+def preset_of(cfg: Config) -> str | None:
+    """The preset whose model section this config's model equals, if any."""
+    for path in sorted(preset_dir().glob("*.yaml")):
+        model = from_dict(Config, {"model": read_yaml(path).get("model", {})}).model
+        if model == cfg.model:
+            return path.stem
+    return None
+
+
+def inference_sections(cfg: Config) -> dict:
+    """The run config's sections that inference needs, in the run config's own form."""
+    text_encoder = to_dict(cfg.text_encoder)
+    vae = to_dict(cfg.vae)
+    for section in (text_encoder, vae):
+        if section["path"]:
+            section["path"] = os.path.abspath(section["path"])
+    return {"model": to_dict(cfg.model), "sequence": {"mode": cfg.sequence.mode},
+            "data": {"resolution": cfg.data.resolution}, "text_encoder": text_encoder, "vae": vae,
+            "diffusion": {k: getattr(cfg.diffusion, k) for k in SAMPLER_KEYS}}
+
+
+def model_card(config: dict) -> str:
+    m, src, d = config["model"], config["source"], config["diffusion"]
+    te, vae = config["text_encoder"], config["vae"]
+    text = (f"built-in hashed words ({te['vocab_size']} buckets, weights in {WEIGHTS})" if te["kind"] == "hashed_words"
+            else f"transformers model at {te['path']} (not copied; must exist where this model runs)")
+    latent = (f"built-in space-to-depth, factor {vae['factor']} (no parameters)" if vae["kind"] == "space_to_depth"
+              else f"diffusers AutoencoderKL at {vae['path']} (not copied; must exist where this model runs)")
+    rows = [
+        ("preset", config["preset"] or "custom"),
+        ("MM-DiT parameters", f"{config['parameters']:,}"),
+        ("shape", f"hidden {m['hidden_size']}, {m['num_layers']} layers ({m['dual_stream_layers']} dual-stream), "
+                  f"{m['num_heads']} heads, patch {m['patch_size']}, {m['latent_channels']} latent channels"),
+        ("attention", config["sequence"]["mode"]),
+        ("resolution", f"{config['data']['resolution']} x {config['data']['resolution']} (inputs are resized to it; "
+                       "outputs restored to the input's size)"),
+        ("text encoder", text),
+        ("latent", latent),
+        ("sampler defaults", f"{d['sample_steps']} Euler steps, shift {d['sample_shift']}, guidance "
+                             f"{d['cfg_scale']}, network predicts {d['prediction']}"),
+        ("weights", f"{src['weights']} weights of step {src['step']}, stored as {config['dtype']}"),
+        ("source", f"`{src['checkpoint']}` (trained with tensor parallel {src['parallel']['tensor']}, pipeline "
+                   f"parallel {src['parallel']['pipeline']})"),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"""# vincie model: {src['run_name']} (step {src['step']})
+
+In-context multi-turn image editing (after VINCIE, arXiv 2506.10941), exported by `vincie export`.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```bash
+vincie edit --model THIS_DIR --image in.png --instruction "..." [--instruction "..."] --out edits/ [--chain-masks]
+vincie eval --model THIS_DIR --bench synth --data URL --out eval/
+```
+
+In Python (plain PyTorch; megatron-core is not needed):
+
+```python
+from vincie.inference.editor import Editor
+editor = Editor.load("THIS_DIR")
+turns = editor.edit([image], [["first instruction", "second instruction"]])[0]  # image: (H, W, 3) uint8
+```
+
+`{WEIGHTS}` holds every parameter under its training name; `{CONFIG}` the dimensions and sampler defaults.
+Loading reads only JSON and safetensors.
+"""
+
+
+def export(checkpoint_path: str, out_dir: str, weights: str = "ema", dtype: str = "fp32",
+           overwrite: bool = False) -> dict:
+    """-> the written config.json content. Raises VincieError on bad input, leaving nothing at `out_dir`."""
+    from safetensors.torch import save_file
+
+    from vincie.training import checkpoint
+
+    if weights not in ("ema", "raw"):
+        raise VincieError(f"--weights {weights}: expected 'ema' or 'raw'")
+    if dtype not in DTYPES:
+        raise VincieError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise VincieError(f"--out {out_dir} exists and is not empty (pass --overwrite to replace it)")
+    step_dir = resolve_checkpoint(checkpoint_path)
+    common = checkpoint_common(step_dir)
+    try:
+        cfg = from_dict(Config, common["config"])
+        validate(cfg)
+    except ConfigError as exc:
+        raise VincieError(f"{step_dir}: the checkpoint's config is not valid here ({exc})") from None
+    state = checkpoint.load_weights(step_dir, use_ema=weights == "ema")
+    state = {name: tensor for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}  # no _extra_state
+    model, _ = build_model(cfg, state, torch.device("cpu"), step_dir)  # checks names and shapes
+    tensors = {name: tensor.detach().to(DTYPES[dtype]).contiguous() for name, tensor in sorted(state.items())}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "preset": preset_of(cfg),
+              "parameters": count_parameters(model), "dtype": dtype, **inference_sections(cfg),
+              "source": {"checkpoint": os.path.abspath(step_dir), "step": common["step"], "run_name": cfg.run.name,
+                         "weights": weights,
+                         "parallel": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline}}}
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = storage.temp_name(out_dir)
+    os.makedirs(tmp)
+    try:
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(config, f, indent=1)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(config))
+        if os.path.exists(out_dir):  # replaced (--overwrite, or an empty directory): old moved aside, then deleted
+            old = storage.temp_name(out_dir)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading an export: JSON and safetensors only
+
+
+def read_config(path: str) -> tuple[Config, dict]:
+    """An export directory -> (its inference Config, validated; the raw config.json)."""
+    file = os.path.join(path, CONFIG)
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise VincieError(f"{path}: no {CONFIG} (expected a directory written by vincie export)") from None
+    except json.JSONDecodeError as exc:
+        raise VincieError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise VincieError(f"{file}: not a vincie export (expected \"format\": \"{FORMAT}\")")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise VincieError(f"{file}: format_version {raw.get('format_version')!r}; this vincie reads "
+                          f"{FORMAT_VERSION}")
+    sections = {name: raw.get(name, {}) for name in ("model", "sequence", "data", "text_encoder", "vae", "diffusion")}
+    try:
+        cfg = from_dict(Config, sections)
+        validate(cfg)
+    except ConfigError as exc:
+        raise VincieError(f"{file}: {exc}") from None
+    return cfg, raw
+
+
+def load_model(path: str, device: torch.device):
+    """An export directory -> (Config, MMDiT, vae, text encoder), from JSON and safetensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from vincie.model.vae import build_vae
+
+    cfg, _ = read_config(path)
+    try:
+        weights = load_file(os.path.join(path, WEIGHTS), device="cpu")
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise VincieError(f"{os.path.join(path, WEIGHTS)}: cannot read ({str(exc).splitlines()[0]})") from None
+    model, text_encoder = build_model(cfg, weights, device, os.path.join(path, WEIGHTS))
+    vae = build_vae(cfg.vae).to(device)
+    if vae.channels != cfg.model.latent_channels:
+        raise VincieError(f"{path}: the VAE gives {vae.channels} latent channels, the model expects "
+                          f"{cfg.model.latent_channels}")
+    return cfg, model, vae, text_encoder

@@ -1,0 +1,1 @@
+"""Operations: Kubernetes jobs, run reports, layout planning."""

@@ -1,0 +1,1 @@
+"""Sessions as stored: the session format, WebDataset shards, the session index, precomputed features."""

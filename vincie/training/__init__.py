@@ -1,0 +1,1 @@
+"""Training: the trainer, parallelism on megatron-core, checkpoints, metrics."""

@@ -1,0 +1,565 @@
+"""`vincie train`: the training loop (single process, or one rank of a TP/PP/DP layout under torchrun).
+
+Each step: the loader hands this data-parallel rank its sessions -> SessionEncoder builds block-causal
+sequences (context dropout, logit-normal timesteps, noise), in micro-batches -> the MM-DiT (or this rank's
+pipeline stage of it) predicts velocities -> per-task weighted flow loss -> AdamW with warmup + cosine, gradient
+clipping, EMA. Every random draw of step s comes from generators seeded by
+(seed, s, rank), so a resumed run repeats the uninterrupted one exactly.
+
+Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per log step), checkpoints/, and with
+data.record_sessions sessions/rank-NNN.jsonl (the session keys each rank consumed, per step). The same figures go
+to the progress bar and, with metrics.port, to a Prometheus endpoint per process (vincie/training/metrics.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from vincie import storage
+
+from vincie.training import checkpoint
+from vincie.model.batch import Batch, SessionEncoder, collate, num_tokens, pack_rows
+from vincie.model.components import build_components
+from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict, to_yaml
+from vincie.data.order import SKIP_REASONS, SamplerState, sub_session, truncate
+from vincie.model.diffusion import X0_MIN_T, output_to_velocity
+from vincie.errors import VincieError
+from vincie.model.flops import training_flops
+from vincie.data.loader import Loader, Skipped
+from vincie.training.metrics import Metrics, serve
+from vincie.training.parallel import DistInfo, init_distributed, megatron_runtime, model_stages
+from vincie.model.sequence import TASKS
+
+
+def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float],
+                   prediction: str, loss_space: str = "velocity") -> tuple[torch.Tensor, torch.Tensor]:
+    """Task-weighted sum of the per-token squared velocity error over this batch's target tokens, and per task
+    (sum, count) of the unweighted error as a (len(TASKS), 2) float64 tensor. `output` is the model's output for
+    every latent token [N_lat, P], read as `prediction` (diffusion.output_to_velocity). The trainer divides by the
+    target-token count of the whole global batch, so the loss (and the gradient) does not depend on how the batch
+    is split over ranks."""
+    velocity = output_to_velocity(output[batch.target_index].float(), batch.target_inputs, batch.target_t,
+                                  prediction)
+    err = ((velocity - batch.target) ** 2).mean(dim=-1)  # (N_target,)
+    if loss_space == "x0":  # x0 - x0_hat = t (v_hat - v)
+        err = err * batch.target_t[:, 0].clamp(min=X0_MIN_T) ** 2
+    table = task_weight_table(tuple(weights[t] for t in TASKS), err.device)
+    weighted_sum = (table[batch.target_task] * batch.target_weight * err).sum()
+    # per task (error sum, token count), left on the device: the step reads every micro-batch's at once
+    per_task = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=err.device)
+    per_task[:, 0].index_add_(0, batch.target_task, err.detach().double())
+    per_task[:, 1].index_add_(0, batch.target_task, torch.ones_like(err, dtype=torch.float64))
+    return weighted_sum, per_task
+
+
+@functools.lru_cache(maxsize=8)
+def task_weight_table(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """diffusion.loss_weights in TASKS order on `device`, made once (a host-to-device copy waits for the GPU)."""
+    return torch.tensor(weights, device=device)
+
+
+class EMA:
+    """Exponential moving average of the weights, with a warmup: the decay at update n is
+    min(decay, (1 + n) / (warmup + n)), so short runs do not average in their random initialisation (warmup 10 is
+    the usual choice; a smaller one averages over more of a short run's last updates). One shadow dict per model
+    chunk (a pipeline rank may hold several)."""
+
+    def __init__(self, chunks: list[torch.nn.Module], decay: float, warmup: float):
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0
+        self.shadow = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in chunks]
+
+    @torch.no_grad()
+    def update(self, chunks: list[torch.nn.Module]) -> None:
+        decay = min(self.decay, (1 + self.updates) / (self.warmup + self.updates))
+        self.updates += 1
+        for shadow, chunk in zip(self.shadow, chunks):
+            names, params = zip(*chunk.named_parameters())
+            torch._foreach_lerp_([shadow[n] for n in names], [p.detach() for p in params], 1 - decay)
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def max_turns_at(step: int, data: DataConfig) -> int:
+    """The session length cap in effect at `step` (data.turn_curriculum, else data.max_turns)."""
+    started = [k for k in data.turn_curriculum if k <= step]
+    return data.turn_curriculum[max(started)] if started else data.max_turns
+
+
+def sample_generators(seed: int, step: int, index: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The random streams of sample `index` (its position in the global batch) of step `step`: the same on
+    any number of data-parallel ranks."""
+    sequence = np.random.SeedSequence([seed, step, index])
+    torch_seed = int(sequence.generate_state(1, dtype=np.uint64)[0] % (2 ** 63))
+    return np.random.default_rng(sequence), torch.Generator().manual_seed(torch_seed)
+
+
+def check_run_dir(cfg: Config) -> None:
+    """A run directory holds one model: resuming it with another model shape is refused."""
+    path = os.path.join(cfg.run.out_dir, "config.yaml")
+    if os.path.exists(path):
+        import yaml
+
+        previous = yaml.safe_load(open(path)) or {}
+        if previous.get("model") != to_dict(cfg)["model"]:
+            raise VincieError(f"{cfg.run.out_dir} holds a run with another model config; choose a new "
+                              "run.out_dir to start a new run")
+
+
+def needs_megatron(cfg: Config) -> bool:
+    p = cfg.parallel
+    return p.tensor > 1 or p.pipeline > 1 or p.distributed_optimizer
+
+
+class Trainer:
+    """One optimizer step = the step's global batch, split over data-parallel ranks and, on each, into
+    micro-batches whose gradients accumulate.
+
+    Two runtimes, one loss. **megatron** (GPUs; on CPU only under the tests' shim, see parallel.megatron_runtime):
+    megatron-core DDP (+ distributed optimizer), its optimizer, and `get_forward_backward_func` (no pipelining,
+    1F1B or interleaved 1F1B), checkpoints through dist_checkpointing. **plain** (a CPU machine without CUDA:
+    `make demo`, tests): torch DDP and torch AdamW, data parallel only, checkpoints as one state.pt. Both divide
+    the summed loss by the target-token count of the global batch, so results do not depend on the split.
+    """
+
+    def __init__(self, cfg: Config, dist_info: DistInfo, progress: bool = True):
+        self.cfg, self.info, self.progress = cfg, dist_info, progress
+        t, p = cfg.train, cfg.parallel
+        check_world(cfg, dist_info.world_size)
+        self.megatron = megatron_runtime()
+        if needs_megatron(cfg) and not self.megatron:
+            raise ConfigError("config keys parallel.tensor, parallel.pipeline and parallel.distributed_optimizer "
+                              "need megatron-core's runtime, which needs CUDA; this machine has no GPU")
+        torch.manual_seed(cfg.run.seed)
+        stages = model_stages(cfg) if self.megatron else None
+        model, self.vae, self.text_encoder = build_components(cfg, dist_info.device, stages)
+        self.chunks = model if stages is not None else [model]
+        self.model = self.chunks[0]  # the whole model, except under pipeline parallel
+        if self.megatron:
+            self.wrapped, self.optimizer = self.megatron_setup()
+        else:
+            self.wrapped = [torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+                            if dist_info.world_size > 1 else self.model]
+            decay, no_decay = [], []
+            for param in self.model.parameters():
+                (decay if param.ndim >= 2 else no_decay).append(param)
+            self.optimizer = torch.optim.AdamW([{"params": decay, "wd_mult": 1.0},
+                                                {"params": no_decay, "wd_mult": 0.0}], lr=t.lr,
+                                               betas=tuple(t.betas), fused=True)  # one kernel, not a loop per tensor
+        self.ema = EMA(self.chunks, t.ema_decay, t.ema_warmup)
+        self.metrics = Metrics()
+        self.loader = Loader(cfg, dist_info.dp_rank, dist_info.dp_size, dist_info.device, self.metrics)
+        self.encoder = SessionEncoder(cfg, self.vae, self.text_encoder, dist_info.device)
+        self.step = 0
+        # over all ranks and the whole run (restored on resume): sessions read, and skipped by reason
+        self.data_totals = {"sessions": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
+
+    def megatron_setup(self):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        t, p = self.cfg.train, self.cfg.parallel
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=p.distributed_optimizer)
+        wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in self.chunks]
+        config = self.chunks[0].config  # the schedules read the first chunk's config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=t.lr, weight_decay=t.weight_decay, adam_beta1=t.betas[0],
+                            adam_beta2=t.betas[1], clip_grad=t.grad_clip,
+                            use_distributed_optimizer=p.distributed_optimizer), wrapped)
+        return wrapped, optimizer
+
+    # -- state (the plain runtime's checkpoint; the megatron runtime's is in checkpoint.py) -------------------
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": {"updates": self.ema.updates, "weights": self.ema.shadow[0]},
+                "optimizer": self.optimizer.state_dict(), "common": self.common_state()}
+
+    def common_state(self) -> dict:
+        """What every rank holds the same: step, data position and totals, RNG, config."""
+        return {"step": self.step, "sampler": asdict(self.loader.state),
+                "sessions_per_epoch": len(self.loader.order), "data_totals": self.data_totals,
+                "torch_rng": torch.get_rng_state(), "config": to_dict(self.cfg)}
+
+    def load_common(self, common: dict) -> None:
+        # checkpoints from before the loader lack the epoch length and totals; their (epoch, cursor) means the same
+        saved_length = common.get("sessions_per_epoch", len(self.loader.order))
+        if saved_length != len(self.loader.order):
+            raise VincieError(f"the checkpoint's data position counts {saved_length} sessions per "
+                              f"epoch, {self.cfg.data.train_url} now gives {len(self.loader.order)} (the index or "
+                              "the data.* filters changed), so it cannot be restored exactly; restore them, or "
+                              "train into a new run.out_dir")
+        self.step = common["step"]
+        self.loader.seek(SamplerState(**common["sampler"]))
+        self.data_totals = common.get("data_totals", self.data_totals)
+        torch.set_rng_state(common["torch_rng"])
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.updates = state["ema"]["updates"]
+        self.ema.shadow = [{n: t.clone() for n, t in state["ema"]["weights"].items()}]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_common(state["common"])
+
+    def save(self) -> None:
+        start = time.perf_counter()
+        if self.megatron:
+            checkpoint.save_sharded(self)
+        elif self.info.is_main:
+            checkpoint.save(self.cfg.run.out_dir, self.step, self.state(), self.cfg.train.keep_checkpoints)
+        if dist.is_initialized():
+            dist.barrier()
+        self.metrics.checkpoint(self.step, time.perf_counter() - start, time.time())
+
+    def resume(self) -> str | None:
+        path = checkpoint.latest(self.cfg.run.out_dir)
+        if path:
+            if self.megatron:
+                checkpoint.load_sharded(self, path)
+            else:
+                self.load(checkpoint.load(path))
+            self.metrics.checkpoint(self.step, None, os.path.getmtime(path))
+        return path
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def make_batches(self) -> tuple[list[Batch], dict]:
+        """This rank's share of the step's global batch, as micro-batches, and what reading it took: sample i of
+        the global batch goes to data-parallel rank i % dp_size and draws its randomness from (seed, step, i). A
+        skipped (bad) session leaves its place empty; a rank left with none trains on a sample without loss.
+        Samples are sorted by token count before they are split into micro-batches, so each micro-batch holds
+        similar lengths. Every TP/PP rank of one data-parallel replica builds the same micro-batches."""
+        dp = self.info.dp_size
+        start = time.perf_counter()
+        items = self.loader.next(self.cfg.train.batch_size // dp)
+        wait_s = time.perf_counter() - start
+        self.metrics.data_wait.observe(wait_s)
+        samples = []
+        for j, item in enumerate(items):
+            if isinstance(item, Skipped):
+                continue
+            rng, generator = sample_generators(self.cfg.run.seed, self.step, self.info.dp_rank + j * dp)
+            session = truncate(item, max_turns_at(self.step, self.cfg.data))
+            if self.cfg.data.mode == "pairs":
+                session = sub_session(session, int(rng.integers(0, session.turns)), 1)
+            samples.append(self.encoder.training_sample(session, rng, generator))
+        real = len(samples)
+        samples = sorted(samples, key=num_tokens) or [self.encoder.null_sample()]
+        tokens = [num_tokens(s) for s in samples]
+        rows = (pack_rows(tokens, self.cfg.data.max_tokens) if self.cfg.data.pack
+                else [[i] for i in range(len(samples))])
+        size = self.cfg.parallel.micro_batch_size or len(rows)  # rows per micro-batch; 0: all in one
+        parts = [rows[k:k + size] for k in range(0, len(rows), size)]
+        # under pipeline parallel one length for all micro-batches (the schedules send fixed-shape tensors); a
+        # multiple of TP under sequence parallel (the tokens split evenly over TP ranks) and of data.pad_multiple
+        multiple = math.lcm(self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1,
+                            self.cfg.data.pad_multiple)
+        lengths = [max(sum(tokens[i] for i in row) for row in (rows if self.cfg.parallel.pipeline > 1 else part))
+                   for part in parts]
+        batches = [collate(samples, self.info.device, self.cfg.model.text_dim, -(-n // multiple) * multiple,
+                           rows=part) for part, n in zip(parts, lengths)]
+        if not real:
+            batches = [dataclasses.replace(batches[0], num_samples=0)]
+        skipped = [sum(isinstance(x, Skipped) and x.reason == r for x in items) for r in SKIP_REASONS]
+        return batches, {"wait_s": wait_s, "counts": [len(items), *skipped], "keys": [x.key for x in items]}
+
+    def make_batch(self) -> Batch:
+        """The local batch as one batch (with parallel.micro_batch_size 0)."""
+        (batch,), _ = self.make_batches()
+        return batch
+
+    def set_lr(self) -> float:
+        """This step's learning rate, and weight decay per group (`wd_mult`: 0 for biases and vectors, as
+        megatron-core's optimizer groups them; its param scheduler is not used)."""
+        lr = self.cfg.train.lr * lr_factor(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = self.cfg.train.weight_decay * group["wd_mult"]
+        return lr
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        batches, data = self.make_batches()
+        sums = self.forward_backward(batches, data["counts"])
+        self.add_data_totals(sums["data_counts"])
+        lr = self.set_lr()
+        grad_norm, finite = self.optimizer_step()
+        if finite:
+            self.ema.update(self.chunks)
+        self.step += 1
+        return {"step": self.step, "loss_sum": sums["loss_sum"], "count": sums["count"], "grad_norm": grad_norm,
+                "finite": finite, "lr": lr, "samples": sum(b.num_samples for b in batches),
+                "tokens": sum(int(b.inputs.mask.token_block.numel()) for b in batches),
+                "real_tokens": sum(b.work.tokens for b in batches if b.num_samples),
+                "task_sums": sums["task_sums"], "reporter": sums["reporter"], "keys": data["keys"],
+                "flops": model_flops(self.cfg, batches), "data_s": data["wait_s"],
+                "step_s": time.perf_counter() - start}
+
+    def add_data_totals(self, counts: list[float]) -> None:
+        """Adds the step's global [sessions, skipped per reason] and stops the run, on every rank at once, when
+        more than data.max_bad_share of the sessions read were bad."""
+        self.data_totals["sessions"] += int(counts[0])
+        for reason, n in zip(SKIP_REASONS, counts[1:]):
+            self.data_totals["skipped"][reason] += int(n)
+        d, sessions = self.cfg.data, self.data_totals["sessions"]
+        bad = sum(self.data_totals["skipped"].values())
+        if sessions >= d.bad_min_sessions and bad > d.max_bad_share * sessions:
+            reasons = ", ".join(f"{r} {n}" for r, n in self.data_totals["skipped"].items() if n)
+            raise VincieError(f"data: {bad} of the {sessions} sessions read so far were bad ({bad / sessions:.1%}, "
+                              f"more than data.max_bad_share {d.max_bad_share:.1%}; {reasons}); the 'data: skipped' "
+                              f"lines name them (check: vincie data index verify {d.train_url})")
+
+    def forward_backward(self, batches: list[Batch], data_counts: list[int]) -> dict:
+        """Gradients of the step's loss (summed over micro-batches, divided by the global target-token count)
+        -> {loss_sum, count, task_sums, reporter, data_counts}; loss_sum is this rank's (zero where it holds no
+        loss). `data_counts` (sessions read, skipped by reason) are summed over data-parallel ranks in the same
+        all-reduce as the target-token count."""
+        counts = torch.tensor([float(sum(b.target.shape[0] for b in batches)), *map(float, data_counts)],
+                              dtype=torch.float64, device=self.info.device)  # NCCL reduces device tensors only
+        if self.info.dp_size > 1:
+            dist.all_reduce(counts, group=data_parallel_group())  # over the global batch
+        counts = counts.cpu()
+        count = counts[0].float()
+        loss_sum, per_task, reporter = (self.forward_backward_megatron(batches) if self.megatron
+                                        else self.forward_backward_plain(batches, count))
+        values = torch.cat([loss_sum.reshape(1), per_task.reshape(-1)]).tolist()  # the step's one device read
+        task_sums = {t: (values[1 + 2 * k], values[2 + 2 * k]) for k, t in enumerate(TASKS)}
+        return {"loss_sum": values[0], "task_sums": task_sums, "reporter": reporter, "count": float(count),
+                "data_counts": counts[1:].tolist()}
+
+    def forward_backward_plain(self, batches: list[Batch], count: torch.Tensor) -> tuple:
+        """torch DDP averages gradients over ranks; scaling by dp_size / count makes that the global token mean.
+        -> (loss sum, per-task table, reporter), the sums as device tensors."""
+        model = self.wrapped[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        task_table = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=self.info.device)
+        for k, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if k == len(batches) - 1 or model is self.model else model.no_sync()
+            with sync, torch.autocast(self.info.device.type, dtype=torch.bfloat16,
+                                      enabled=self.cfg.train.precision == "bf16"):
+                weighted_sum, per_task = flow_loss_sums(model(batch.inputs), batch, self.cfg.diffusion.loss_weights,
+                                                        self.cfg.diffusion.prediction, self.cfg.diffusion.loss_space)
+                (weighted_sum * self.info.dp_size / count.clamp(min=1)).backward()
+            total += weighted_sum.detach().double()
+            task_table += per_task
+        return total, task_table, True
+
+    def forward_backward_megatron(self, batches: list[Batch]) -> tuple:
+        """megatron-core's schedule for this layout; the loss function returns (sum, token count), megatron sums
+        the counts over micro-batches and data-parallel ranks and divides the gradients by the total
+        (calculate_per_token_loss). -> (loss sum, per-task table, reporter), the sums as device tensors (zero on
+        the stages without the loss)."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        weights = self.cfg.diffusion.loss_weights
+        precision = self.cfg.train.precision
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                output = model(batch.inputs)
+
+            def loss_func(pred: torch.Tensor):
+                weighted_sum, per_task = flow_loss_sums(pred, batch, weights, self.cfg.diffusion.prediction,
+                                                         self.cfg.diffusion.loss_space)
+                count = torch.tensor(batch.target.shape[0], dtype=torch.int)
+                return weighted_sum, count, {"loss_sum": weighted_sum.detach().double(), "task_table": per_task}
+            return output, loss_func
+
+        for w in self.wrapped:
+            w.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        first = batches[0].inputs.mask.token_block.shape
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.wrapped],
+            model=self.wrapped if len(self.wrapped) > 1 else self.wrapped[0], num_microbatches=len(batches),
+            seq_length=first[1], micro_batch_size=first[0], forward_only=False)
+        reporter = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+            parallel_state.get_tensor_model_parallel_rank() == 0
+        total = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        task_table = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=self.info.device)
+        for r in results:  # one per micro-batch, on the last stage only
+            total += r["loss_sum"]
+            task_table += r["task_table"]
+        return total, task_table, reporter
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Clip and step unless the gradient norm is not finite (then the step is skipped and counted)."""
+        clip = self.cfg.train.grad_clip
+        if self.megatron:
+            from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+            self.optimizer.prepare_grads()
+            grad_norm = float(self.optimizer.get_grad_norm())
+            finite = math.isfinite(grad_norm)
+            if finite:  # clip by the norm just computed (clip_grad_norm would compute and all-reduce it again)
+                for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                    params = optimizer.get_parameters()
+                    if params:
+                        clip_grad_by_total_norm_fp32(
+                            params, max_norm=clip, total_norm=grad_norm,
+                            use_decoupled_grad=optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+                self.optimizer.step_with_ready_grads()
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            finite = math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+        return grad_norm, finite
+
+
+def model_flops(cfg: Config, batches: list[Batch]) -> float:
+    """The one call site of the analytic FLOPs count that model TFLOP/s and MFU come from: forward + backward of
+    this rank's micro-batches (vincie.model.flops, block-causal pairs counted; the Workloads were counted on the host by
+    collate, so this touches no device). A rank without a real sample (a null batch) did no useful work."""
+    return float(sum(training_flops(cfg.model, b.work) for b in batches if b.num_samples))
+
+
+def data_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
+    """Averages a window of step logs over steps and data-parallel replicas (one all-reduce per log line). One
+    rank per replica reports (the last pipeline stage's TP rank 0: it holds the loss); the others add zeros."""
+    sums = [sum(l["loss_sum"] / l["count"] for l in logs), sum(l["samples"] for l in logs),
+            sum(l["tokens"] for l in logs),
+            sum(l["step_s"] for l in logs), sum(l["data_s"] for l in logs), 1.0, sum(l["real_tokens"] for l in logs)]
+    for t in TASKS:
+        sums += [sum(l["task_sums"][t][0] for l in logs), sum(l["task_sums"][t][1] for l in logs)]
+    values = torch.tensor(sums, dtype=torch.float64, device=info.device) * float(logs[-1]["reporter"])
+    if dist.is_initialized():
+        dist.all_reduce(values)  # on the device: NCCL reduces device tensors only
+    values = values.cpu()
+    seconds = float(values[3]) / float(values[5])
+    out = {"step": logs[-1]["step"], "loss": float(values[0]) / len(logs), "lr": logs[-1]["lr"],
+           "grad_norm": logs[-1]["grad_norm"], "samples_per_s": float(values[1]) / seconds,
+           "tokens_per_s": float(values[2]) / seconds, "step_s": seconds / len(logs),
+           "data_wait_share": float(values[4]) / float(values[3]),
+           "padding_share": 1 - float(values[6]) / float(values[2]),  # token slots computed for padding
+           "nonfinite_steps": sum(not l["finite"] for l in logs)}
+    for k, t in enumerate(TASKS):
+        count = float(values[8 + 2 * k])
+        out[f"loss_{t}"] = float(values[7 + 2 * k]) / count if count else None
+    return out
+
+
+def cut_log(path: str, step: int) -> None:
+    """Drops the lines of a JSONL log past `step` (the checkpoint a run resumes from; 0 for a fresh start) and a
+    torn last line, so the log holds what the resumed run committed and the steps it repeats appear once."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):  # a line cut short by a killed process
+            pass
+    storage.write_bytes_atomic(path, "".join(kept).encode())
+
+
+def append_line(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def window_utilisation(window: list[dict], cfg: Config) -> dict:
+    """Model TFLOP/s of this GPU over a log window (its share of the replica's FLOPs: 1 / (TP x PP)) and MFU."""
+    p = cfg.parallel
+    tflops = sum(l["flops"] for l in window) / (p.tensor * p.pipeline) / sum(l["step_s"] for l in window) / 1e12
+    return {"model_tflops": tflops} | ({"mfu": tflops / cfg.metrics.peak_tflops} if cfg.metrics.peak_tflops else {})
+
+
+def progress_figures(record: dict) -> dict:
+    """The progress bar's postfix: the log record's losses, throughput and utilisation."""
+    figures = {k: f"{record[k]:.3f}" for k in ("loss", "loss_nip", "loss_csp", "loss_nsp")
+               if record.get(k) is not None}
+    figures |= {"step_s": f"{record['step_s']:.3f}", "samples/s": f"{record['samples_per_s']:.1f}",
+                "tokens/s": f"{record['tokens_per_s']:.0f}", "grad_norm": f"{record['grad_norm']:.3f}"}
+    if "model_tflops" in record:
+        figures["TFLOP/s"] = f"{record['model_tflops']:.3g}"
+    if "mfu" in record:
+        figures["MFU"] = f"{record['mfu']:.1%}"
+    return figures
+
+
+def train(cfg: Config, progress: bool = True) -> dict:
+    info = init_distributed(cfg.parallel)
+    if info.is_main:
+        check_run_dir(cfg)
+        os.makedirs(cfg.run.out_dir, exist_ok=True)
+        storage.write_bytes_atomic(os.path.join(cfg.run.out_dir, "config.yaml"), to_yaml(cfg).encode())
+    trainer = Trainer(cfg, info, progress)
+    resume_from = trainer.resume()
+    if resume_from and info.is_main:
+        print(f"train: resuming from {resume_from} (step {trainer.step})")
+    server = None
+    if cfg.metrics.port:
+        port = cfg.metrics.port + info.local_rank
+        server = serve(trainer.metrics, port, info.rank)
+        print(f"train: rank {info.rank}: metrics at http://{socket.gethostname()}:{port}/metrics", flush=True)
+    metrics_path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
+    sessions_path = os.path.join(cfg.run.out_dir, "sessions", f"rank-{info.rank:03d}.jsonl")
+    if info.is_main:
+        cut_log(metrics_path, trainer.step)
+    if cfg.data.record_sessions:
+        os.makedirs(os.path.dirname(sessions_path), exist_ok=True)
+        cut_log(sessions_path, trainer.step)
+    bar = tqdm(total=cfg.train.steps, initial=trainer.step, unit="step", desc=f"train {cfg.run.name}",
+               disable=not (progress and info.is_main))
+    window, last = [], {}
+    while trainer.step < cfg.train.steps:
+        log = trainer.train_step()
+        window.append(log)
+        trainer.metrics.step(log)
+        if cfg.data.record_sessions:
+            append_line(sessions_path, {"step": log["step"], "keys": log["keys"]})
+        bar.update(1)
+        if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
+            last = reduce_logs(window, info) | window_utilisation(window, cfg) | {
+                "data_sessions": trainer.data_totals["sessions"],
+                "data_skipped": dict(trainer.data_totals["skipped"])}
+            window = []
+            trainer.metrics.window(last)
+            if info.is_main:
+                append_line(metrics_path, last)
+                bar.set_postfix(progress_figures(last))
+        if trainer.step % cfg.train.checkpoint_every == 0 or trainer.step == cfg.train.steps:
+            trainer.save()
+    bar.close()
+    trainer.loader.close()
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    if info.is_main:
+        totals = trainer.data_totals
+        skipped = ", ".join(f"{r} {n}" for r, n in totals["skipped"].items() if n) or "none"
+        print(f"train: data: {totals['sessions']} sessions read, {sum(totals['skipped'].values())} skipped "
+              f"({skipped}), epoch {trainer.loader.state.epoch} at {trainer.loader.state.cursor} of "
+              f"{len(trainer.loader.order)}")
+    return last
