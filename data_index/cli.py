@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from vincie.cli.common import add_config_arguments, config_from_args
+from vincie.config import add_config_arguments, config_from_args
 
 SYNTH_FLAGS = {  # command-line flag -> config key it overrides
     "resolution": "synth.resolution",

@@ -14,16 +14,16 @@ import sys
 import torch
 from tqdm import tqdm
 
-from vincie.sessions.index import build_index
 from vincie import storage
-from vincie.sessions import features
-from vincie.model.batch import masks_to_pixels
 from vincie.config import Config
+from vincie.data.loader import Fetched, SessionReader, Skip, Skipped
 from vincie.data.order import RowRef
-from vincie.data.loader import Fetched, Skip, SessionReader, Skipped
-from vincie.sessions.shards import SHARD_SUFFIX, ShardWriter, scan_shard
+from vincie.model.batch import masks_to_pixels
 from vincie.model.text_encoder import build_text_encoder
 from vincie.model.vae import build_vae
+from vincie.sessions import features
+from vincie.sessions.index import build_index
+from vincie.sessions.shards import SHARD_SUFFIX, ShardWriter, scan_shard
 
 ALL_TURNS = 1 << 16
 

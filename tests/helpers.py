@@ -75,10 +75,10 @@ def make_plain_run(root) -> str:
     training: the micro model's parameters under their training names. -> the run directory."""
     import torch
 
-    from vincie.training import checkpoint
     from vincie.config import load_config, to_dict, to_yaml
     from vincie.model.mmdit import MMDiT
     from vincie.model.text_encoder import build_text_encoder
+    from vincie.training import checkpoint
 
     run = os.path.join(str(root), "run")
     cfg = load_config("tiny", ["data.resolution=32", "diffusion.sample_steps=2", f"run.out_dir={run}",

@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from vincie.inference.export import load_model  # noqa: E402
 from vincie.model.attention import MaskSpec  # noqa: E402
 from vincie.model.diffusion import output_to_velocity  # noqa: E402
-from vincie.inference.export import load_model  # noqa: E402
 from vincie.model.mmdit import ModelInputs  # noqa: E402
 
 

@@ -1,5 +1,5 @@
-import yaml
 import pytest
+import yaml
 
 from vincie.config import Config, ConfigError, SynthConfig, load_config, to_yaml
 

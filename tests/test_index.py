@@ -9,9 +9,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from vincie.sessions.index import INDEX_FILE, read_index, verify
 from data_index.synthetic.synth import SynthJob, run_synth
 from vincie.config import StorageConfig, SynthConfig
+from vincie.sessions.index import INDEX_FILE, read_index, verify
 from vincie.sessions.shards import scan_shard
 
 from conftest import REPO, run_vincie

@@ -19,8 +19,8 @@ import pytest
 
 from data_index.ingest.pipeline import read_manifest
 from data_index.ingest.vlm import VLMError, VLMTextAnnotator
-from data_index.synthetic.world import generate_session
 from data_index.synthetic.videos import write_videos
+from data_index.synthetic.world import generate_session
 from vincie.config import SynthConfig, VLMConfig
 from vincie.sessions.shards import iter_sessions
 
@@ -102,8 +102,9 @@ def annotator(server, tmp_path, **kw) -> VLMTextAnnotator:
 
 
 def images_of(request: dict) -> list[np.ndarray]:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     parts = [p for p in request["messages"][0]["content"] if p["type"] == "image_url"]
     return [np.asarray(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))))

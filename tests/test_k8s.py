@@ -24,9 +24,9 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from vincie.ops import k8s
 from vincie.config import load_config
 from vincie.errors import VincieError
+from vincie.ops import k8s
 
 from conftest import REPO, error_line, run_main
 

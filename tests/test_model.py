@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vincie.model.batch import collate, patchify, unpatchify
 from vincie.config import load_config
+from vincie.model.batch import collate, patchify, unpatchify
 from vincie.model.mmdit import PointwiseHead, build_on_meta, count_parameters
-from vincie.training.parallel import init_distributed
 from vincie.model.sequence import BlockType, Role
 from vincie.model.vae import SpaceToDepthVAE
+from vincie.training.parallel import init_distributed
 
 from helpers import micro_batch
 

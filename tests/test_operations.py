@@ -22,8 +22,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from vincie.sessions.index import read_index
 from vincie.errors import VincieError
+from vincie.sessions.index import read_index
 from vincie.training.metrics import Metrics, serve
 
 from conftest import REPO, error_line, free_port, run_main

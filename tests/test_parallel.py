@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from vincie.training import checkpoint
 from vincie.config import ConfigError, check_world, load_config
+from vincie.training import checkpoint
 
 from conftest import REPO, run_vincie
 from helpers import make_data, torchrun, write_config

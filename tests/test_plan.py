@@ -5,15 +5,27 @@ divide)."""
 import json
 
 import pytest
-from conftest import error_line, run_main
-from helpers import MICRO_OVERRIDES
 
 from vincie.cli.bench import activation_memory
 from vincie.config import ConfigError, check_world, load_config
 from vincie.model.mmdit import build_on_meta, count_parameters
+from vincie.ops.plan import (
+    ACT_BYTES_PER_H,
+    GIB,
+    GPUS,
+    RECOMPUTE_BYTES_PER_H,
+    STAGE_BYTES_PER_H,
+    Layout,
+    candidate_layouts,
+    estimate,
+    parameter_split,
+    plan,
+    sample_workload,
+)
 from vincie.training.parallel import init_distributed
-from vincie.ops.plan import (ACT_BYTES_PER_H, GIB, GPUS, RECOMPUTE_BYTES_PER_H, STAGE_BYTES_PER_H, Layout,
-                         candidate_layouts, estimate, parameter_split, plan, sample_workload)
+
+from conftest import error_line, run_main
+from helpers import MICRO_OVERRIDES
 
 
 def test_3b_on_256_h100_recommends_a_layout_the_config_accepts():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vincie.model.attention import MaskSpec, allowed, dense_mask, flex_attention, flex_block_mask
 from vincie.config import SequenceConfig
+from vincie.model.attention import MaskSpec, allowed, dense_mask, flex_attention, flex_block_mask
 from vincie.model.sequence import BlockType, Role, build_blocks, full_attention_blocks, layout, pack
 
 GRID = (2, 3)

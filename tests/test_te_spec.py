@@ -6,8 +6,8 @@ import pytest
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from vincie import config as config_module
 from vincie.config import ConfigError, load_config
+from vincie.config import rules as config_module
 from vincie.model.megatron_layers import check_fp8_hardware, layer_spec, rows_aligned
 from vincie.model.mmdit import Linear
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from vincie.training import checkpoint
-from vincie.model.batch import pack_rows
 from vincie.config import ConfigError, load_config
 from vincie.data.order import SamplerState
+from vincie.model.batch import pack_rows
 from vincie.model.diffusion import X0_MIN_T, output_to_velocity
+from vincie.training import checkpoint
 from vincie.training.parallel import init_distributed
 from vincie.training.trainer import EMA, Trainer, flow_loss_sums, reduce_logs
 
@@ -120,10 +120,10 @@ def test_changed_region_weight_weights_the_tokens_an_edit_touches(tmp_path, data
     import torch.nn.functional as F
 
     from data_index.synthetic.world import generate_session
-    from vincie.model.batch import SessionEncoder, collate
     from vincie.config import SynthConfig
-    from vincie.data.order import from_session
+    from vincie.model.batch import SessionEncoder, collate
     from vincie.model.sequence import BlockType, Role
+    from vincie.sessions.loaded import from_session
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["diffusion.changed_region_weight=4", "sequence.drop_current_image=0"])

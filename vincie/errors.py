@@ -3,3 +3,7 @@
 
 class VincieError(Exception):
     """A user-facing error: the message names what was wrong and what was expected."""
+
+
+class ConfigError(VincieError):
+    """A config that cannot run: unknown key, wrong type, or values that do not fit together."""

@@ -27,13 +27,13 @@ from dataclasses import replace
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from vincie.model.attention import MaskSpec, attend, prepare_mask
 from vincie.config import ModelConfig, load_config
+from vincie.model.attention import MaskSpec, attend, prepare_mask
 from vincie.model.batch import pack_rows
 from vincie.model.flops import attention_flops_per_pair, batch_workload, layer_flops_per_token, layout_workload
 from vincie.model.mmdit import Linears, MMDiTLayer, Streams, rope_angles
-from vincie.ops.plan import ACT_BYTES_PER_H
 from vincie.model.sequence import BlockType, build_blocks, layout, pack
+from vincie.ops.plan import ACT_BYTES_PER_H
 
 
 def sync(device: torch.device) -> None:

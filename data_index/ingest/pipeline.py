@@ -32,13 +32,13 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from vincie.sessions import index as session_index
 from data_index.ingest.annotators import make_mask_annotator, make_text_annotator
 from data_index.ingest.regions import region_change, where
 from data_index.ingest.scenes import Scene, VideoRejected, VideoScan, scan_video
 from vincie import storage
 from vincie.config import Config, to_dict
 from vincie.errors import VincieError
+from vincie.sessions import index as session_index
 from vincie.sessions.session import Session, session_to_sample
 from vincie.sessions.shards import SHARD_SUFFIX, ShardWriter, shard_name
 

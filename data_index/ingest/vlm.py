@@ -24,9 +24,9 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
+from vincie.chat import ChatEndpoint
 from vincie.config import VLMConfig
 from vincie.errors import VincieError
-from vincie.evaluation.judge import png_data_url
 
 PROMPT_VERSION = 1
 DESCRIBE = ("Describe this video frame in two or three sentences: the main objects and people, their colours, "
@@ -75,10 +75,8 @@ class VLMTextAnnotator:
     quality = 0.75  # the paper reports about 75% accurate annotations from its VLM pipeline
 
     def __init__(self, cfg: VLMConfig, cache_dir: str, processes: int = 1):
-        base = cfg.url.rstrip("/")
-        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self.chat = ChatEndpoint(cfg.url, cfg.model, cfg.api_key_env, cfg.timeout_s)
         self.cfg, self.cache_dir = cfg, cache_dir
-        self.api_key = os.environ.get(cfg.api_key_env, "")
         self.limiter = RateLimiter(cfg.requests_per_s / max(1, processes))
         self.reported_models: set[str] = set()
         self.requests = self.cache_hits = 0
@@ -92,14 +90,6 @@ class VLMTextAnnotator:
         return {"text_model": self.cfg.model, "text_model_reported": sorted(self.reported_models),
                 "text_prompt_version": PROMPT_VERSION}
 
-    def post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers)
-        with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
-            return json.loads(response.read())
-
     def ask(self, step: str, text: str, frames: list[np.ndarray], parse=lambda s: s.strip() or None) -> str:
         """One chat completion (or its cached reply) -> `parse(content)`; a reply that parses to None counts as a
         failed attempt and is not cached."""
@@ -112,9 +102,7 @@ class VLMTextAnnotator:
             self.cache_hits += 1
             self.reported_models.add(cached["model"])
             return cached["content"]
-        content = [{"type": "text", "text": text}]
-        content += [{"type": "image_url", "image_url": {"url": png_data_url(self.resized(f))}} for f in frames]
-        body = {"model": self.cfg.model, "messages": [{"role": "user", "content": content}], "temperature": 0}
+        body = self.chat.body(text, [self.resized(f) for f in frames])
         problem = ""
         for attempt in range(self.cfg.attempts):
             if attempt:
@@ -122,7 +110,7 @@ class VLMTextAnnotator:
             self.limiter.acquire()
             self.requests += 1
             try:
-                reply = self.post(body)
+                reply = self.chat.post(body)
                 answer = reply["choices"][0]["message"]["content"]
             except (urllib.error.URLError, socket.timeout, TimeoutError, OSError) as exc:
                 problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
@@ -142,7 +130,7 @@ class VLMTextAnnotator:
                 json.dump({"content": parsed, "model": model}, f)
             os.replace(tmp, path)
             return parsed
-        raise VLMError(f"VLM {self.endpoint} ({step}): no usable reply after {self.cfg.attempts} attempts ({problem})")
+        raise VLMError(f"VLM {self.chat.url} ({step}): no usable reply after {self.cfg.attempts} attempts ({problem})")
 
     def resized(self, frame: np.ndarray) -> np.ndarray:
         height, width = frame.shape[:2]

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import yaml
 from tqdm import tqdm
 
-from vincie.sessions import index as session_index
 from data_index.synthetic.videos import CODECS, write_videos
 from data_index.synthetic.world import SPLIT_IDS, generate_session
 from vincie import storage
 from vincie.config import StorageConfig, SynthConfig
 from vincie.errors import VincieError
+from vincie.sessions import index as session_index
 from vincie.sessions.shards import SHARD_SUFFIX, shard_name, write_shard
 
 SETTINGS_FILE = "synth.yaml"

@@ -13,7 +13,7 @@ import time
 
 from tqdm import tqdm
 
-from vincie.cli.common import add_config_arguments, config_from_args
+from vincie.config import add_config_arguments, config_from_args
 from vincie.errors import VincieError
 
 
@@ -154,9 +154,9 @@ def copy_dataset(local: str, url: str, cfg) -> None:
 def read_all(cfg, root: str, decoder: str) -> tuple[float, int, int]:
     """Reads every session of `root` in index order in this process (ranged read, parse, decode) ->
     (seconds, sessions, pictures decoded: images and masks)."""
-    from vincie.sessions.index import read_index
-    from vincie.data.order import RowRef
     from vincie.data.loader import SessionReader, Skipped
+    from vincie.data.order import RowRef
+    from vincie.sessions.index import read_index
 
     refs = [RowRef(r["id"], r["shard"], r["offset"], r["size"])
             for r in read_index(root, cfg.storage).select(["id", "shard", "offset", "size"]).to_pylist()]
@@ -305,7 +305,7 @@ def training_samples(cfg, sessions: int, seed: int):
     from data_index.synthetic.world import generate_session
     from vincie.model.batch import SessionEncoder
     from vincie.model.components import build_components
-    from vincie.data.order import from_session
+    from vincie.sessions.loaded import from_session
 
     cpu = torch.device("cpu")
     torch.manual_seed(seed)
@@ -433,8 +433,8 @@ def bench_inference(args: argparse.Namespace) -> int:
 
 def bench_memory(args: argparse.Namespace) -> int:
     from vincie.config import ffn_hidden_size
-    from vincie.training.parallel import init_distributed
     from vincie.ops.plan import ACT_BYTES_PER_H, RECOMPUTE_BYTES_PER_H, STAGE_BYTES_PER_H
+    from vincie.training.parallel import init_distributed
 
     h = args.hidden
     if h < 1 or h % args.head_dim:

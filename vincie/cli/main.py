@@ -7,8 +7,7 @@ import io
 import os
 import sys
 
-from vincie.cli.common import add_config_arguments, config_from_args
-from vincie.config import to_yaml
+from vincie.config import add_config_arguments, config_from_args, to_yaml
 from vincie.errors import VincieError
 
 

@@ -27,21 +27,21 @@ import itertools
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vincie.sessions.index import read_index
 from vincie import storage
-from vincie.sessions import features
 from vincie.config import Config, bucket_shapes
-from vincie.data.order import LoadedSession, RowRef, SamplerState, SessionOrder
 from vincie.data.decode import DaliDecoder, PilDecoder, Request, nearest_bucket
+from vincie.data.order import RowRef, SamplerState, SessionOrder
 from vincie.errors import VincieError
-from vincie.training.metrics import Metrics
+from vincie.sessions import features
+from vincie.sessions.index import read_index
+from vincie.sessions.loaded import LoadedSession
 from vincie.sessions.session import SessionFormatError, find_member, parse_header
-
 
 PICTURES_PER_RUN = 64  # the most images (or masks) one DALI run decodes; more take several runs
 
@@ -277,14 +277,15 @@ class Loader:
     """This rank's sessions, in order, from a stream position that `state` reads and `seek` sets."""
 
     def __init__(self, cfg: Config, dp_rank: int = 0, dp_size: int = 1, device: torch.device | None = None,
-                 metrics: Metrics | None = None, decoder: str = "dali"):
+                 on_skip: Callable[[str], None] | None = None, decoder: str = "dali"):
+        """`on_skip(reason)`: called once per skipped session (the trainer counts them in its metrics)."""
         url = cfg.data.train_url
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.order = SessionOrder(read_index(url, cfg.storage), cfg.data, cfg.run.seed, url)
         gpu = device is not None and device.type == "cuda"
         self.reader = SessionReader(cfg, url, cfg.data.max_turns, device.index if gpu else None, decoder)
         self.decode_in_workers = not gpu
-        self.metrics = metrics or Metrics()
+        self.on_skip = on_skip or (lambda reason: None)
         self.position = 0  # stream positions consumed by all ranks together
         self.iterator = None
         self.buffer: collections.deque = collections.deque()  # the rest of the chunk the iterator gave last
@@ -336,7 +337,7 @@ class Loader:
         return items
 
     def report(self, item: Skipped) -> None:
-        self.metrics.data_skipped.labels(item.reason).inc()
+        self.on_skip(item.reason)
         once = (item.reason, item.shard) if item.reason == "missing_shard" else (item.reason, item.shard, item.key)
         if once not in self.logged:
             self.logged.add(once)

@@ -32,9 +32,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from vincie import storage
-from vincie.model.batch import tensor_to_image
-from vincie.data.order import LoadedSession
 from vincie.errors import VincieError
+from vincie.model.batch import tensor_to_image
+from vincie.sessions.loaded import LoadedSession
 from vincie.sessions.session import Session
 
 PIXEL_TOLERANCE = 24.0
@@ -103,8 +103,8 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
     "text_swap_change": how much the x0 estimate moves (mean squared change) when T0 is replaced by the next
     session's instruction, same image and noise. A model that follows instructions moves it by about as much as
     an edit changes an image (copy_input); one that ignores them barely moves it."""
-    from vincie.model.diffusion import noisy, output_to_velocity
     from vincie.inference.editor import Context
+    from vincie.model.diffusion import noisy, output_to_velocity
     from vincie.model.sequence import Block, BlockType, Role
 
     target = Block(BlockType.IMAGE, Role.NOISY, 0, 1)
@@ -320,7 +320,7 @@ def evaluate_benchmark(editor, bench: str, data: str, out_dir: str, sessions: in
     report = {
         "bench": bench, "data": data, "sessions": len(chosen), "turns": turns, "per_turn": per_turn,
         "models": {"clip": clip_model or None, "dino": dino_model or None,
-                   "judge": {"url": judge.endpoint, "model": judge.model} if judge else None},
+                   "judge": {"url": judge.chat.url, "model": judge.chat.model} if judge else None},
         "session_results": [
             {"id": s.id, "instructions": s.instructions, "metrics": m,
              "judge": [vars(j) | {"success": j.success} if j else None for j in judged[i]] if judged else None}

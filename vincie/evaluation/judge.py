@@ -7,18 +7,14 @@ prompt does not touch kept from the previous image). A turn succeeds when both s
 cumulative: a session's turns are judged in order and judging stops at its first failed turn, which, and every
 later turn, counts as failed. The success rate at turn k is the share of sessions whose turns 1..k all succeeded.
 
-The request is `POST {url}/chat/completions` with one user message: the instructions as text, then the images as
-`image_url` parts holding PNG data URLs, `temperature` 0. The reply's message content must hold a JSON object
-with integer `prompt_following` and `consistency` (a `reason` is kept when given); a reply that does not is
-retried, then reported in one line. The API key, if any, comes from an environment variable, never a flag.
+The request (vincie.chat) holds the instructions as text, then the images. The reply's message content must hold
+a JSON object with integer `prompt_following` and `consistency` (a `reason` is kept when given); a reply that
+does not is retried, then reported in one line.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import os
 import re
 import time
 import urllib.error
@@ -26,8 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
+from vincie.chat import ChatEndpoint
 from vincie.errors import VincieError
 
 THRESHOLD = 6  # a turn succeeds when both scores are > THRESHOLD
@@ -54,12 +50,6 @@ class Judgement:
         return self.prompt_following > THRESHOLD and self.consistency > THRESHOLD
 
 
-def png_data_url(picture: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def parse_reply(content: str) -> Judgement | None:
     """The first JSON object in the reply (code fences and text around it allowed) -> scores, or None."""
     match = re.search(r"\{.*\}", content, re.DOTALL)
@@ -78,29 +68,17 @@ def parse_reply(content: str) -> Judgement | None:
 class VLMJudge:
     def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", attempts: int = 3,
                  timeout_s: float = 120.0):
-        base = url.rstrip("/")
-        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        self.model, self.api_key = model, os.environ.get(api_key_env, "")
-        self.attempts, self.timeout_s = attempts, timeout_s
-
-    def request(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            return json.loads(response.read())
+        self.chat = ChatEndpoint(url, model, api_key_env, timeout_s)
+        self.attempts = attempts
 
     def judge_turn(self, prompts: list[str], images: list[np.ndarray]) -> Judgement:
         """prompts 1..k and images [source, edit 1, ..., edit k] -> the scores of turn k."""
         listed = "\n".join(f"turn {i + 1}: {p}" for i, p in enumerate(prompts))
-        content = [{"type": "text", "text": PROMPT.format(prompts=listed, turn=len(prompts))}]
-        content += [{"type": "image_url", "image_url": {"url": png_data_url(im)}} for im in images]
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0}
+        body = self.chat.body(PROMPT.format(prompts=listed, turn=len(prompts)), images)
         problem = ""
         for attempt in range(self.attempts):
             try:
-                reply = self.request(body)
+                reply = self.chat.post(body)
                 text = reply["choices"][0]["message"]["content"]
             except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
                 problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -110,7 +88,7 @@ class VLMJudge:
                     return judgement
                 problem = f"reply without the two integer scores: {str(text)[:120]!r}"
             time.sleep(min(2 ** attempt, 8) if attempt + 1 < self.attempts else 0)
-        raise VincieError(f"--judge-url {self.endpoint}: no usable answer after {self.attempts} attempts ({problem})")
+        raise VincieError(f"--judge-url {self.chat.url}: no usable answer after {self.attempts} attempts ({problem})")
 
     def judge_session(self, source: np.ndarray, prompts: list[str], edits: list[np.ndarray]) -> list[Judgement | None]:
         """Turns in order until the first failure; later turns are not judged (None) and count as failed."""

@@ -26,12 +26,21 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from vincie.model.batch import Batch, SampleTokens, collate, edit_conditioning, image_to_tensor, patchify, sample_layout, \
-    tensor_to_image, unpatchify
 from vincie.config import Config, from_dict, validate
-from vincie.model.diffusion import euler_sample, output_to_velocity
 from vincie.errors import VincieError
 from vincie.inference.kv_cache import BlockKV, KVCache
+from vincie.model.batch import (
+    Batch,
+    SampleTokens,
+    collate,
+    edit_conditioning,
+    image_to_tensor,
+    patchify,
+    sample_layout,
+    tensor_to_image,
+    unpatchify,
+)
+from vincie.model.diffusion import euler_sample, output_to_velocity
 from vincie.model.sequence import Block, BlockType, Role
 
 
@@ -110,9 +119,9 @@ class Editor:
     def from_run(model_dir: str, use_ema: bool = True, device: torch.device | None = None,
                  kv_cache: bool = True) -> "Editor":
         """A training run directory (config.yaml + checkpoints/) -> Editor with its latest (EMA) weights."""
-        from vincie.training import checkpoint
         from vincie.inference.export import build_model
         from vincie.model.vae import build_vae
+        from vincie.training import checkpoint
 
         cfg = load_run_config(model_dir)
         path = checkpoint.latest(model_dir)

@@ -12,14 +12,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vincie.model.attention import MaskSpec
 from vincie.config import Config, ModelConfig, bucket_shapes
-from vincie.data.order import LoadedSession
+from vincie.model.attention import MaskSpec
 from vincie.model.diffusion import noisy, sample_timesteps, velocity_target
 from vincie.model.flops import Workload, batch_workload
 from vincie.model.mmdit import ModelInputs
-from vincie.model.sequence import (TASKS, Block, BlockType, Layout, Role, build_blocks, full_attention_blocks, layout,
-                             pack)
+from vincie.model.sequence import (
+    TASKS,
+    Block,
+    BlockType,
+    Layout,
+    Role,
+    build_blocks,
+    full_attention_blocks,
+    layout,
+    pack,
+)
+from vincie.sessions.loaded import LoadedSession
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -40,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vincie.model.attention import MaskSpec, attend, dense_mask, prepare_mask
 from vincie.config import ModelConfig, ffn_hidden_size
+from vincie.model.attention import MaskSpec, attend, dense_mask, prepare_mask
 from vincie.model.sequence import BlockType
 
 NUM_BLOCK_TYPES = len(BlockType)

@@ -29,19 +29,19 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vincie import storage
-
-from vincie.training import checkpoint
+from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict, to_yaml
+from vincie.data.loader import Loader, Skipped
+from vincie.data.order import SKIP_REASONS, SamplerState
+from vincie.errors import VincieError
 from vincie.model.batch import Batch, SessionEncoder, collate, num_tokens, pack_rows
 from vincie.model.components import build_components
-from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict, to_yaml
-from vincie.data.order import SKIP_REASONS, SamplerState, sub_session, truncate
 from vincie.model.diffusion import X0_MIN_T, output_to_velocity
-from vincie.errors import VincieError
 from vincie.model.flops import training_flops
-from vincie.data.loader import Loader, Skipped
+from vincie.model.sequence import TASKS
+from vincie.sessions.loaded import sub_session, truncate
+from vincie.training import checkpoint
 from vincie.training.metrics import Metrics, serve
 from vincie.training.parallel import DistInfo, init_distributed, megatron_runtime, model_stages
-from vincie.model.sequence import TASKS
 
 
 def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float],
@@ -143,7 +143,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, dist_info: DistInfo, progress: bool = True):
         self.cfg, self.info, self.progress = cfg, dist_info, progress
-        t, p = cfg.train, cfg.parallel
+        t = cfg.train
         check_world(cfg, dist_info.world_size)
         self.megatron = megatron_runtime()
         if needs_megatron(cfg) and not self.megatron:
@@ -167,15 +167,19 @@ class Trainer:
                                                betas=tuple(t.betas), fused=True)  # one kernel, not a loop per tensor
         self.ema = EMA(self.chunks, t.ema_decay, t.ema_warmup)
         self.metrics = Metrics()
-        self.loader = Loader(cfg, dist_info.dp_rank, dist_info.dp_size, dist_info.device, self.metrics)
+        self.loader = Loader(cfg, dist_info.dp_rank, dist_info.dp_size, dist_info.device,
+                             on_skip=lambda reason: self.metrics.data_skipped.labels(reason).inc())
         self.encoder = SessionEncoder(cfg, self.vae, self.text_encoder, dist_info.device)
         self.step = 0
         # over all ranks and the whole run (restored on resume): sessions read, and skipped by reason
         self.data_totals = {"sessions": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
 
     def megatron_setup(self):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         t, p = self.cfg.train, self.cfg.parallel
