@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 import torch
-from tqdm import tqdm
 
 from vincie import storage
 from vincie.config import Config
@@ -21,6 +20,7 @@ from vincie.data.order import RowRef
 from vincie.model.batch import masks_to_pixels
 from vincie.model.text_encoder import build_text_encoder
 from vincie.model.vae import build_vae
+from vincie.progress import track
 from vincie.sessions import features
 from vincie.sessions.index import build_index
 from vincie.sessions.shards import SHARD_SUFFIX, ShardWriter, scan_shard
@@ -55,7 +55,7 @@ def precompute(in_url: str, out_url: str, cfg: Config, progress: bool = True) ->
     vae = build_vae(cfg.vae)
     text_encoder = build_text_encoder(cfg.text_encoder, cfg.model.text_dim) if reader.text_encoder else None
     counts = {"sessions": 0, "without_features": 0, "kept_shards": len(done)}
-    for url in tqdm(shards, unit="shard", desc="precompute", disable=not progress):
+    for url in track(shards, desc="precompute", unit="shard", enabled=progress):
         name = url.rsplit("/", 1)[-1]
         if name in done:
             continue

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [  # bottom first
     {"vincie.errors"},
     {"vincie.config"},
-    {"vincie.storage", "vincie.chat"},
+    {"vincie.storage", "vincie.chat", "vincie.progress"},
     {"vincie.sessions"},
     {"vincie.data", "vincie.model"},
     {"vincie.training", "data_index.synthetic", "data_index.ingest", "data_index.precompute", "data_index.show"},

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import yaml
-from tqdm import tqdm
 
 from data_index.ingest.annotators import make_mask_annotator, make_text_annotator
 from data_index.ingest.regions import region_change, where
@@ -38,6 +37,7 @@ from data_index.ingest.scenes import Scene, VideoRejected, VideoScan, scan_video
 from vincie import storage
 from vincie.config import Config, to_dict
 from vincie.errors import VincieError
+from vincie.progress import Progress
 from vincie.sessions import index as session_index
 from vincie.sessions.session import Session, session_to_sample
 from vincie.sessions.shards import SHARD_SUFFIX, ShardWriter, shard_name
@@ -294,7 +294,7 @@ def run_ingest(videos: str, out: str, cfg: Config, workers: int = 1, overwrite: 
     outcomes: Counter = Counter()
     made = {"sessions": 0, "turns": 0, "videos": 0, "cpu_seconds": 0.0}
     start = time.perf_counter()
-    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="video", desc="ingest", disable=not progress)
+    bar = Progress(len(tasks), "ingest", "video", initial=len(tasks) - len(todo), enabled=progress)
 
     def take(record: dict, samples: list[dict]) -> None:
         sink.add(record, samples)
@@ -303,8 +303,7 @@ def run_ingest(videos: str, out: str, cfg: Config, workers: int = 1, overwrite: 
         made["turns"] += record["turns"]
         made["videos"] += 1
         made["cpu_seconds"] += record["cpu_seconds"]
-        bar.update(1)
-        bar.set_postfix(sessions=made["sessions"])
+        bar.update(1, {"sessions": str(made["sessions"])})
 
     try:
         if workers <= 1 or len(todo) <= 1:

@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass, field
 
 import yaml
-from tqdm import tqdm
 
 from data_index.synthetic.videos import CODECS, write_videos
 from data_index.synthetic.world import SPLIT_IDS, generate_session
 from vincie import storage
 from vincie.config import StorageConfig, SynthConfig
 from vincie.errors import VincieError
+from vincie.progress import Progress
 from vincie.sessions import index as session_index
 from vincie.sessions.shards import SHARD_SUFFIX, shard_name, write_shard
 
@@ -130,8 +130,8 @@ def run_synth(job: SynthJob, cfg: StorageConfig, workers: int = 1, overwrite: bo
     todo = [s for s in range(job.num_shards) if s not in done]
     start = time.perf_counter()
     made = 0
-    bar = tqdm(total=job.sessions, initial=sum(len(job.shard_range(s)) for s in done), unit="session",
-               desc=f"synth {job.split}", disable=not progress)
+    bar = Progress(job.sessions, f"synth {job.split}", "session", initial=sum(len(job.shard_range(s)) for s in done),
+                   enabled=progress)
     tasks = [(job, shard, cfg) for shard in todo]
     if workers <= 1 or len(tasks) <= 1:
         results = map(_make_shard_star, tasks)

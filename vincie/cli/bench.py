@@ -11,10 +11,9 @@ import platform
 import tempfile
 import time
 
-from tqdm import tqdm
-
 from vincie.config import add_config_arguments, config_from_args
 from vincie.errors import VincieError
+from vincie.progress import track
 
 
 def bench_synth(args: argparse.Namespace) -> int:
@@ -33,7 +32,7 @@ def bench_synth(args: argparse.Namespace) -> int:
             job = SynthJob(out=os.path.join(tmp, "data"), sessions=args.sessions, split="train", seed=0,
                            synth=cfg.synth)
             start = time.perf_counter()
-            run_synth(job, cfg.storage, workers=workers, progress=False)
+            run_synth(job, cfg.storage, workers=workers)
             results[f"end_to_end_sessions_per_s_{workers}proc"] = args.sessions / (time.perf_counter() - start)
     print_results(results, args.json)
     return 0
@@ -87,10 +86,10 @@ def bench_ingest(args: argparse.Namespace) -> int:
         videos = os.path.join(tmp, "videos")
         job = SynthJob(out=os.path.join(tmp, "synth"), sessions=args.sessions, split="test", seed=1, synth=cfg.synth,
                        videos=videos, video_codecs=args.codecs.split(","))
-        run_synth(job, cfg.storage, workers=args.workers, progress=False)
+        run_synth(job, cfg.storage, workers=args.workers)
         for workers in sorted({1, args.workers}):
             out = os.path.join(tmp, f"out{workers}")
-            summary = run_ingest(videos, out, cfg, workers=workers, progress=False)
+            summary = run_ingest(videos, out, cfg, workers=workers)
             results[f"videos_per_s_{workers}proc"] = summary["videos_per_s"]
             results[f"sessions_per_s_{workers}proc"] = summary["sessions_per_s"]
             results[f"worker_cpu_s_per_video_{workers}proc"] = summary["cpu_seconds"] / max(1, summary["processed"])
@@ -179,8 +178,8 @@ def tiny_wait_share(cfg, steps: int, warmup: int) -> dict:
     from vincie.training.parallel import init_distributed
     from vincie.training.trainer import Trainer
 
-    trainer = Trainer(cfg, init_distributed(), progress=False)
-    logs = [trainer.train_step() for _ in tqdm(range(steps), desc="tiny training", unit="step")]
+    trainer = Trainer(cfg, init_distributed())
+    logs = [trainer.train_step() for _ in track(range(steps), desc="tiny training", unit="step")]
     trainer.loader.close()
     measured = logs[warmup:]
     step_s = sum(log["step_s"] for log in measured)
@@ -209,7 +208,7 @@ def bench_loader(args: argparse.Namespace) -> int:
         runs = [(source, root, decoder, k) for k in range(args.repeats) for source, root in (("local", local),
                 ("s3", remote)) for decoder in ("dali", "pil")]  # interleaved, so load changes hit both alike
         best: dict[tuple[str, str], tuple[float, int, int]] = {}
-        for source, root, decoder, _ in tqdm(runs, desc="decode", unit="pass"):
+        for source, root, decoder, _ in track(runs, desc="decode", unit="pass"):
             seconds, sessions, pictures = read_all(cfg, root, decoder)
             if (source, decoder) not in best or seconds < best[source, decoder][0]:
                 best[source, decoder] = (seconds, sessions, pictures)
@@ -367,8 +366,7 @@ def bench_inference(args: argparse.Namespace) -> int:
 
     import numpy as np
     import torch
-    from tqdm import tqdm
-
+    
     from vincie.inference.editor import Editor
 
     editor = Editor.load(args.model) if args.model else random_editor(config_from_args(args), args.seed)
@@ -390,7 +388,7 @@ def bench_inference(args: argparse.Namespace) -> int:
     for mode in times:  # warm-up: first calls allocate and pick kernels
         editor.use_cache = mode == "cache"
         editor.edit(images, [x[:1] for x in instructions], steps=1, cfg_scale=cfg_scale, seed=args.seed)
-    for _ in tqdm(range(args.repeats), desc="sessions (cache, recompute)", unit="pair", disable=args.json):
+    for _ in track(range(args.repeats), desc="sessions (cache, recompute)", unit="pair", enabled=not args.json):
         for mode in times:  # alternating, so that load from other processes hits both alike
             editor.use_cache = mode == "cache"
             memory.start()

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from vincie import storage
 from vincie.errors import VincieError
 from vincie.model.batch import tensor_to_image
+from vincie.progress import track
 from vincie.sessions.loaded import LoadedSession
 from vincie.sessions.session import Session
 
@@ -176,8 +177,6 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
     """Edits held-out sessions turn by turn from their sources and judges every turn against the ground truth.
     given_truth: also edit each turn from the true previous image (teacher forcing) and report that per-turn
     success, which separates what the model can do at a turn from the drift of its own earlier edits."""
-    from tqdm import tqdm
-
     from vincie.data.loader import load_sessions
 
     chosen = [to_session(s) for s in load_sessions(editor.cfg, data_url, max_turns=turns)
@@ -188,7 +187,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
 
     def edit_all(given: bool, desc: str) -> list[list[np.ndarray]]:
         outputs = []
-        for start in tqdm(range(0, len(chosen), batch), desc=desc, unit="batch", disable=not progress):
+        for start in track(range(0, len(chosen), batch), desc=desc, unit="batch", enabled=progress):
             part = chosen[start:start + batch]
             results = editor.edit([s.images[0] for s in part], [s.instructions for s in part], steps=steps,
                                   cfg_scale=cfg_scale, seed=seed + start, chain_masks=chain_masks,
@@ -256,15 +255,13 @@ def edit_sessions(editor, sessions: list, steps: int | None, cfg_scale: float | 
                   progress: bool, chain_masks: bool = False) -> list[list[np.ndarray]]:
     """Each session edited turn by turn from its source (resized to the model's square size); every edit
     restored to the source's size. Sessions with the same number of turns share a batch."""
-    from tqdm import tqdm
-
     from vincie.inference.editor import restore_size
 
     size = editor.resolution
     edits: dict[str, list[np.ndarray]] = {}
     groups = [[s for s in sessions if s.turns == n] for n in sorted({s.turns for s in sessions})]
     chunks = [group[k:k + batch] for group in groups for k in range(0, len(group), batch)]
-    for index, chunk in enumerate(tqdm(chunks, desc="edit", unit="batch", disable=not progress)):
+    for index, chunk in enumerate(track(chunks, desc="edit", unit="batch", enabled=progress)):
         sources = [np.asarray(Image.fromarray(s.source).resize((size, size), Image.BICUBIC)) for s in chunk]
         results = editor.edit(sources, [s.instructions for s in chunk], steps=steps, cfg_scale=cfg_scale,
                               seed=seed + index, chain_masks=chain_masks)
@@ -285,8 +282,6 @@ def evaluate_benchmark(editor, bench: str, data: str, out_dir: str, sessions: in
     """`bench`: mse-bench or magicbrush, read from the local directory `data`. Metrics per turn: L1 (when the
     benchmark has ground truth), CLIP-I / DINO / CLIP-T (when model directories are given), and the judge's
     cumulative success (a vincie.evaluation.judge.VLMJudge, optional)."""
-    from tqdm import tqdm
-
     from vincie.evaluation.eval_sets import LOADERS
     from vincie.evaluation.judge import cumulative_success
     from vincie.evaluation.similarity import Clip, Dino, turn_metrics
@@ -299,7 +294,7 @@ def evaluate_benchmark(editor, bench: str, data: str, out_dir: str, sessions: in
                              s.captions[k] if s.captions else s.instructions[k], clip, dino)
                 for k, edit in enumerate(session_edits)] for s, session_edits in zip(chosen, edits)]
     judged = [judge.judge_session(s.source, s.instructions, e)
-              for s, e in tqdm(list(zip(chosen, edits)), desc="judge", unit="session", disable=not progress)] \
+              for s, e in track(list(zip(chosen, edits)), desc="judge", unit="session", enabled=progress)] \
         if judge else None
     turns = max(s.turns for s in chosen)
     per_turn = []

@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from vincie import storage
 from vincie.config import StorageConfig
 from vincie.errors import VincieError
+from vincie.progress import track
 from vincie.sessions.session import SessionFormatError, parse_header, sample_to_session
 from vincie.sessions.shards import SHARD_SUFFIX, ScannedSample, ShardError, scan_shard
 
@@ -104,8 +104,8 @@ def build_index(root: str, cfg: StorageConfig | None = None, progress: bool = Tr
         raise SessionIndexError(f"{root}: no shards (*{SHARD_SUFFIX}) to index")
     rows, problems = [], []
     with ThreadPoolExecutor(threads) as pool:
-        for shard_rows, shard_problems in tqdm(pool.map(lambda u: index_shard(u, cfg), shards), total=len(shards),
-                                               unit="shard", desc="index build", disable=not progress):
+        for shard_rows, shard_problems in track(pool.map(lambda u: index_shard(u, cfg), shards), len(shards),
+                                                "index build", "shard", enabled=progress):
             rows += shard_rows
             problems += shard_problems
     for line in problems:
@@ -194,7 +194,7 @@ def verify(root: str, cfg: StorageConfig | None = None, decode: bool = True, pro
             work.append((on_storage[shard], shard, by_shard[shard]))
     with ThreadPoolExecutor(threads) as pool:
         results = pool.map(lambda w: verify_shard(*w, cfg, decode), work)
-        for shard_problems in tqdm(results, total=len(work), unit="shard", desc="index verify", disable=not progress):
+        for shard_problems in track(results, len(work), "index verify", "shard", enabled=progress):
             problems += shard_problems
     return len(rows), problems
 
