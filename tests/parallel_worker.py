@@ -25,7 +25,8 @@ from megatron.core import parallel_state as ps  # noqa: E402
 
 from vincie.config import load_config  # noqa: E402
 from vincie.training.parallel import init_distributed, shutdown  # noqa: E402
-from vincie.training.trainer import Trainer, train  # noqa: E402
+from vincie.training.train import train  # noqa: E402
+from vincie.training.trainer import Trainer  # noqa: E402
 
 
 def gathered_grads(trainer: Trainer) -> dict:
@@ -90,11 +91,11 @@ def main() -> None:
     config, out, mode, *overrides = sys.argv[1:]
     cfg = load_config(config, overrides)
     if mode == "train":
-        train(cfg, progress=False)
+        train(cfg)
         shutdown()
         return
     info = init_distributed(cfg.parallel)
-    trainer = Trainer(cfg, info, progress=False)
+    trainer = Trainer(cfg, info)
     if mode == "reference":
         random_weights(trainer, seed=1)
         trainer.train_step()

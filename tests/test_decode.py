@@ -16,8 +16,8 @@ from vincie.model.batch import SessionEncoder, collate, tensor_to_image
 from vincie.model.components import build_components
 from vincie.sessions.loaded import from_session
 from vincie.sessions.session import SessionFormatError, encode_mask
+from vincie.training.loss import flow_loss_sums
 from vincie.training.parallel import init_distributed
-from vincie.training.trainer import flow_loss_sums
 
 from helpers import MICRO_OVERRIDES
 

@@ -45,7 +45,7 @@ def write_dataset(root, shards):
                 for suffix, data in sample.items():
                     if suffix != "__key__":
                         writer.add_member(f"{sample['__key__']}.{suffix}", data)
-    build_index(str(root), progress=False)
+    build_index(str(root))
     return str(root)
 
 
@@ -172,7 +172,7 @@ def test_training_resumed_from_a_checkpoint_with_another_worker_count_reads_ever
         config = write_config(tmp_path / f"c{workers}.yaml", tmp_path / "run", clean,
                               train={"steps": steps, "batch_size": 4, "checkpoint_every": 1000},
                               data={"workers": workers})
-        t = Trainer(load_config(config, list(overrides)), init_distributed(), progress=False)
+        t = Trainer(load_config(config, list(overrides)), init_distributed())
         next_items = t.loader.next
         t.loader.next = lambda n: seen.extend(next_items(n)) or seen[-n:]  # records what training consumed
         return t
@@ -270,7 +270,7 @@ def test_training_survives_bad_data_and_stops_past_the_bad_share(tmp_path):
     def trainer(*overrides):
         config = write_config(tmp_path / "c.yaml", tmp_path / "run", root, train={"batch_size": 1},
                               data={"workers": 0})
-        return Trainer(load_config(config, list(overrides)), init_distributed(), progress=False)
+        return Trainer(load_config(config, list(overrides)), init_distributed())
 
     tolerant = trainer("data.max_bad_share=0.5", "data.bad_min_sessions=1")
     logs = [tolerant.train_step() for _ in range(16)]  # batch 1: some steps have no good session at all
@@ -361,7 +361,7 @@ def test_precomputed_latents_give_the_same_training_batches(tmp_path, clean):
     def batch(root):
         config = write_config(tmp_path / "c.yaml", tmp_path / "run", root, train={"batch_size": 4},
                               data={"workers": 0})
-        trainer = Trainer(load_config(config), init_distributed(), progress=False)
+        trainer = Trainer(load_config(config), init_distributed())
         from_latents = [item.images is None for item in trainer.loader.next(4)]
         trainer.loader.seek(SamplerState())
         return trainer.make_batch(), from_latents
@@ -401,11 +401,11 @@ def test_precomputed_text_features_of_a_frozen_encoder_give_the_same_training_ba
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", clean, train={"batch_size": 4},
                           data={"workers": 0}, text_encoder=frozen, model={"text_dim": 384})
     out = str(tmp_path / "pre")
-    counts = precompute(clean, out, load_config(config), progress=False)
+    counts = precompute(clean, out, load_config(config))
     assert counts == {"sessions": 40, "without_features": 0, "kept_shards": 0}
 
     def batch(root):
-        trainer = Trainer(load_config(config, [f"data.train_url={root}"]), init_distributed(), progress=False)
+        trainer = Trainer(load_config(config, [f"data.train_url={root}"]), init_distributed())
         from_features = [item.text is not None and item.images is None for item in trainer.loader.next(4)]
         trainer.loader.seek(SamplerState())
         return trainer.make_batch(), from_features

@@ -17,8 +17,11 @@ from vincie.data.order import SamplerState
 from vincie.model.batch import pack_rows
 from vincie.model.diffusion import X0_MIN_T, output_to_velocity
 from vincie.training import checkpoint
+from vincie.training.logs import reduce_logs
+from vincie.training.loss import flow_loss_sums
+from vincie.training.optim import EMA
 from vincie.training.parallel import init_distributed
-from vincie.training.trainer import EMA, Trainer, flow_loss_sums, reduce_logs
+from vincie.training.trainer import Trainer
 
 from conftest import REPO, run_vincie
 from helpers import make_data, write_config
@@ -39,7 +42,7 @@ def test_overfits_one_batch(tmp_path, data):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["train.lr=0.005", "train.warmup_steps=1", "train.steps=1000", "train.batch_size=2",
                        "data.max_turns=1", "data.workers=0"])
-    trainer = Trainer(cfg, init_distributed(), progress=False)
+    trainer = Trainer(cfg, init_distributed())
     losses = []
     for _ in range(100):
         trainer.loader.seek(SamplerState())  # the same sessions, noise and timesteps every step
@@ -80,7 +83,7 @@ def test_x0_prediction_reads_the_clean_latent_as_the_velocity_target(tmp_path, d
     velocity targets the batch was built with (a check that target_t and the noisy inputs line up)."""
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["diffusion.prediction=x0", "train.batch_size=4"])
-    batch = Trainer(cfg, init_distributed(), progress=False).make_batch()
+    batch = Trainer(cfg, init_distributed()).make_batch()
     x_t, t, velocity = batch.target_inputs, batch.target_t, batch.target
     x0 = x_t - t * velocity  # x_t = (1 - t) x0 + t noise and velocity = noise - x0
     recovered = output_to_velocity(x0, x_t, t, "x0")
@@ -100,7 +103,7 @@ def test_x0_loss_space_is_the_clean_latent_error(tmp_path, data):
     (x_t - t v), computed here independently from the batch's noisy inputs and timesteps."""
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["diffusion.prediction=x0", "train.batch_size=4"])
-    batch = Trainer(cfg, init_distributed(), progress=False).make_batch()
+    batch = Trainer(cfg, init_distributed()).make_batch()
     x_t, t, velocity = batch.target_inputs, batch.target_t, batch.target
     x0 = x_t - t * velocity
     output = torch.randn(batch.inputs.latent_tokens.shape, generator=torch.Generator().manual_seed(0))
@@ -127,7 +130,7 @@ def test_changed_region_weight_weights_the_tokens_an_edit_touches(tmp_path, data
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["diffusion.changed_region_weight=4", "sequence.drop_current_image=0"])
-    trainer = Trainer(cfg, init_distributed(), progress=False)
+    trainer = Trainer(cfg, init_distributed())
     session = from_session(generate_session(SynthConfig(resolution=32, min_turns=3, max_turns=3), "train", 0, 0).session)
     sample = SessionEncoder(cfg, trainer.vae, trainer.text_encoder, torch.device("cpu")).training_sample(
         session, np.random.default_rng(0), torch.Generator().manual_seed(0))
@@ -158,7 +161,7 @@ def test_changed_region_weight_weights_the_tokens_an_edit_touches(tmp_path, data
 def test_turn_curriculum_cuts_sessions_until_its_step(tmp_path, data):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["data.turn_curriculum={0: 1, 3: 4}", "data.max_turns=4", "train.batch_size=4"])
-    trainer = Trainer(cfg, init_distributed(), progress=False)
+    trainer = Trainer(cfg, init_distributed())
     turns_in = lambda batch: int(batch.inputs.block_turn.max()) + 1  # noqa: E731
     assert turns_in(trainer.make_batch()) == 1
     trainer.step = 3
@@ -219,7 +222,7 @@ def test_packed_rows_train_like_one_session_per_row(tmp_path, data):
     for pack in ("false", "true"):
         cfg = load_config(write_config(tmp_path / f"{pack}.yaml", tmp_path / pack, data["train"]),
                           [f"data.pack={pack}", "train.batch_size=6", "data.workers=0"])
-        trainer = Trainer(cfg, init_distributed(), progress=False)
+        trainer = Trainer(cfg, init_distributed())
         rows = trainer.make_batch().inputs.mask.token_block.shape[0]
         trainer.loader.seek(SamplerState())
         logs = [trainer.train_step() for _ in range(3)]
@@ -243,7 +246,7 @@ def test_pad_multiple_bounds_the_sequence_lengths(tmp_path, data):
                              (["data.pack=true", "data.max_tokens=1024", "data.pad_multiple=1024"],
                               lambda T: T == 1024)):
         cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]), [*base, *overrides])
-        trainer = Trainer(cfg, init_distributed(), progress=False)
+        trainer = Trainer(cfg, init_distributed())
         for _ in range(3):
             batches, _ = trainer.make_batches()
             lengths = [b.inputs.mask.token_block.shape[1] for b in batches]
@@ -264,7 +267,7 @@ def test_pack_rows_balances_rows():
 
 def test_pairs_mode_trains_on_one_turn(tmp_path, data):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]), ["data.mode=pairs"])
-    trainer = Trainer(cfg, init_distributed(), progress=False)
+    trainer = Trainer(cfg, init_distributed())
     batch = trainer.make_batch()
     assert int(batch.inputs.block_turn.max()) == 0  # every block belongs to turn 0
 
@@ -273,7 +276,12 @@ def test_pairs_mode_trains_on_one_turn(tmp_path, data):
 def trained_run(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("trained")
     config = write_config(root / "c.yaml", root / "run", data["train"], data["eval"], train={"steps": 2})
-    run_vincie("train", "--config", config, "--no-progress", check=True)
+    result = run_vincie("train", "--config", config, check=True)
+    # stdout is a pipe: a plain progress line per train.log_every (1) steps with the bar's figures, no redrawn bar
+    lines = [line for line in result.stdout.splitlines() if line.startswith("train test: ")]
+    assert [line.split(",")[0] for line in lines] == ["train test: 1/2 steps (50%)", "train test: 2/2 steps (100%)"]
+    assert all(" | loss " in line and " grad_norm " in line for line in lines)
+    assert "\r" not in result.stdout + result.stderr
     return root / "run"
 
 

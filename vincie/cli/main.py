@@ -18,7 +18,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vincie.training.parallel import shutdown
-    from vincie.training.trainer import train
+    from vincie.training.train import train
 
     cfg = config_from_args(args)
     try:
@@ -27,18 +27,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         shutdown()
     if summary and int(os.environ.get("RANK", "0")) == 0:
         print("train: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float)))
-    return 0
+    return summary.get("exit_code", 0)
 
 
 def cmd_launch_local(args: argparse.Namespace) -> int:
+    import signal
     import subprocess
+
+    import psutil
 
     config_from_args(args)  # a bad config or override: one error here, not one per rank under torchrun
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                f"--max-restarts={args.max_restarts}", "-m", "vincie", "train", "--config", args.config,
                *(["--no-progress"] if args.no_progress else []), *args.overrides]
     print("launch: " + " ".join(command[2:]), flush=True)
-    return subprocess.call(command)
+    torchrun = subprocess.Popen(command)
+
+    def stop(signum, frame):
+        """SIGTERM goes to the training processes themselves (torchrun's children): they finish their step, write
+        a checkpoint and exit 0, and torchrun with them. Passed to torchrun, it would stop them the same way but
+        exit with an error for its own signal."""
+        for worker in psutil.Process(torchrun.pid).children():
+            worker.send_signal(signal.SIGTERM)
+        print("launch: SIGTERM passed to the training processes: they stop after this step with a checkpoint",
+              flush=True)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return torchrun.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun too, which stops its workers at once
+        return torchrun.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
@@ -285,8 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the MM-DiT (single process, or one rank under torchrun)",
                            description="Train on the shards of data.train_url. Writes run.out_dir/config.yaml, "
                                        "metrics.jsonl and checkpoints/, and resumes from the latest checkpoint "
-                                       "there automatically.")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+                                       "there automatically. Progress: a bar when stdout is a terminal, else one "
+                                       "line per train.log_every steps. SIGTERM (e.g. Kubernetes preempting the "
+                                       "pod) stops the run after the step in progress with a checkpoint, exit "
+                                       "status 0; rerunning the same command resumes it. Ctrl-C stops at once.")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     add_config_arguments(train)
     train.set_defaults(func=cmd_train)
 
@@ -296,10 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     local = lsub.add_parser("local", help="torchrun on this machine (gloo on CPU, NCCL on GPUs)",
                             description="Run `vincie train` under torchrun with N processes on this machine, the "
                                         "same entry point as on Kubernetes. The layout comes from the config: "
-                                        "parallel.tensor, parallel.pipeline, ...; data parallel takes the rest.")
+                                        "parallel.tensor, parallel.pipeline, ...; data parallel takes the rest. "
+                                        "SIGTERM to this command reaches every training process: they stop after "
+                                        "the step in progress with a checkpoint, and it exits 0.")
     local.add_argument("--nproc", type=int, required=True, metavar="N", help="processes")
     local.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
-    local.add_argument("--no-progress", action="store_true", help="no progress bar")
+    local.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     add_config_arguments(local)
     local.set_defaults(func=cmd_launch_local)
 

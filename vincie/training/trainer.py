@@ -1,102 +1,40 @@
-"""`vincie train`: the training loop (single process, or one rank of a TP/PP/DP layout under torchrun).
+"""The Trainer: one optimizer step of the MM-DiT (single process, or one rank of a TP/PP/DP layout under torchrun),
+and the state a checkpoint holds. The loop around it is vincie.training.train.
 
 Each step: the loader hands this data-parallel rank its sessions -> SessionEncoder builds block-causal
 sequences (context dropout, logit-normal timesteps, noise), in micro-batches -> the MM-DiT (or this rank's
-pipeline stage of it) predicts velocities -> per-task weighted flow loss -> AdamW with warmup + cosine, gradient
-clipping, EMA. Every random draw of step s comes from generators seeded by
-(seed, s, rank), so a resumed run repeats the uninterrupted one exactly.
-
-Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per log step), checkpoints/, and with
-data.record_sessions sessions/rank-NNN.jsonl (the session keys each rank consumed, per step). The same figures go
-to the progress bar and, with metrics.port, to a Prometheus endpoint per process (vincie/training/metrics.py).
+pipeline stage of it) predicts velocities -> per-task weighted flow loss (loss.py) -> AdamW with warmup + cosine,
+gradient clipping, EMA (optim.py). Every random draw of step s comes from generators seeded by (seed, s, sample
+index), so a resumed run repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import json
 import math
 import os
-import socket
 import time
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from vincie import storage
-from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict, to_yaml
+from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict
 from vincie.data.loader import Loader, Skipped
 from vincie.data.order import SKIP_REASONS, SamplerState
 from vincie.errors import VincieError
 from vincie.model.batch import Batch, SessionEncoder, collate, num_tokens, pack_rows
 from vincie.model.components import build_components
-from vincie.model.diffusion import X0_MIN_T, output_to_velocity
 from vincie.model.flops import training_flops
 from vincie.model.sequence import TASKS
 from vincie.sessions.loaded import sub_session, truncate
 from vincie.training import checkpoint
-from vincie.training.metrics import Metrics, serve
-from vincie.training.parallel import DistInfo, init_distributed, megatron_runtime, model_stages
-
-
-def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float],
-                   prediction: str, loss_space: str = "velocity") -> tuple[torch.Tensor, torch.Tensor]:
-    """Task-weighted sum of the per-token squared velocity error over this batch's target tokens, and per task
-    (sum, count) of the unweighted error as a (len(TASKS), 2) float64 tensor. `output` is the model's output for
-    every latent token [N_lat, P], read as `prediction` (diffusion.output_to_velocity). The trainer divides by the
-    target-token count of the whole global batch, so the loss (and the gradient) does not depend on how the batch
-    is split over ranks."""
-    velocity = output_to_velocity(output[batch.target_index].float(), batch.target_inputs, batch.target_t,
-                                  prediction)
-    err = ((velocity - batch.target) ** 2).mean(dim=-1)  # (N_target,)
-    if loss_space == "x0":  # x0 - x0_hat = t (v_hat - v)
-        err = err * batch.target_t[:, 0].clamp(min=X0_MIN_T) ** 2
-    table = task_weight_table(tuple(weights[t] for t in TASKS), err.device)
-    weighted_sum = (table[batch.target_task] * batch.target_weight * err).sum()
-    # per task (error sum, token count), left on the device: the step reads every micro-batch's at once
-    per_task = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=err.device)
-    per_task[:, 0].index_add_(0, batch.target_task, err.detach().double())
-    per_task[:, 1].index_add_(0, batch.target_task, torch.ones_like(err, dtype=torch.float64))
-    return weighted_sum, per_task
-
-
-@functools.lru_cache(maxsize=8)
-def task_weight_table(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """diffusion.loss_weights in TASKS order on `device`, made once (a host-to-device copy waits for the GPU)."""
-    return torch.tensor(weights, device=device)
-
-
-class EMA:
-    """Exponential moving average of the weights, with a warmup: the decay at update n is
-    min(decay, (1 + n) / (warmup + n)), so short runs do not average in their random initialisation (warmup 10 is
-    the usual choice; a smaller one averages over more of a short run's last updates). One shadow dict per model
-    chunk (a pipeline rank may hold several)."""
-
-    def __init__(self, chunks: list[torch.nn.Module], decay: float, warmup: float):
-        self.decay, self.warmup = decay, warmup
-        self.updates = 0
-        self.shadow = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in chunks]
-
-    @torch.no_grad()
-    def update(self, chunks: list[torch.nn.Module]) -> None:
-        decay = min(self.decay, (1 + self.updates) / (self.warmup + self.updates))
-        self.updates += 1
-        for shadow, chunk in zip(self.shadow, chunks):
-            names, params = zip(*chunk.named_parameters())
-            torch._foreach_lerp_([shadow[n] for n in names], [p.detach() for p in params], 1 - decay)
-
-
-def lr_factor(step: int, cfg: Config) -> float:
-    t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+from vincie.training.loss import flow_loss_sums
+from vincie.training.metrics import Metrics
+from vincie.training.optim import EMA, lr_factor
+from vincie.training.parallel import DistInfo, megatron_runtime, model_stages
 
 
 def max_turns_at(step: int, data: DataConfig) -> int:
@@ -141,8 +79,8 @@ class Trainer:
     the summed loss by the target-token count of the global batch, so results do not depend on the split.
     """
 
-    def __init__(self, cfg: Config, dist_info: DistInfo, progress: bool = True):
-        self.cfg, self.info, self.progress = cfg, dist_info, progress
+    def __init__(self, cfg: Config, dist_info: DistInfo):
+        self.cfg, self.info = cfg, dist_info
         t = cfg.train
         check_world(cfg, dist_info.world_size)
         self.megatron = megatron_runtime()
@@ -445,125 +383,3 @@ def data_parallel_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group()
-
-
-def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
-    """Averages a window of step logs over steps and data-parallel replicas (one all-reduce per log line). One
-    rank per replica reports (the last pipeline stage's TP rank 0: it holds the loss); the others add zeros."""
-    sums = [sum(l["loss_sum"] / l["count"] for l in logs), sum(l["samples"] for l in logs),
-            sum(l["tokens"] for l in logs),
-            sum(l["step_s"] for l in logs), sum(l["data_s"] for l in logs), 1.0, sum(l["real_tokens"] for l in logs)]
-    for t in TASKS:
-        sums += [sum(l["task_sums"][t][0] for l in logs), sum(l["task_sums"][t][1] for l in logs)]
-    values = torch.tensor(sums, dtype=torch.float64, device=info.device) * float(logs[-1]["reporter"])
-    if dist.is_initialized():
-        dist.all_reduce(values)  # on the device: NCCL reduces device tensors only
-    values = values.cpu()
-    seconds = float(values[3]) / float(values[5])
-    out = {"step": logs[-1]["step"], "loss": float(values[0]) / len(logs), "lr": logs[-1]["lr"],
-           "grad_norm": logs[-1]["grad_norm"], "samples_per_s": float(values[1]) / seconds,
-           "tokens_per_s": float(values[2]) / seconds, "step_s": seconds / len(logs),
-           "data_wait_share": float(values[4]) / float(values[3]),
-           "padding_share": 1 - float(values[6]) / float(values[2]),  # token slots computed for padding
-           "nonfinite_steps": sum(not l["finite"] for l in logs)}
-    for k, t in enumerate(TASKS):
-        count = float(values[8 + 2 * k])
-        out[f"loss_{t}"] = float(values[7 + 2 * k]) / count if count else None
-    return out
-
-
-def cut_log(path: str, step: int) -> None:
-    """Drops the lines of a JSONL log past `step` (the checkpoint a run resumes from; 0 for a fresh start) and a
-    torn last line, so the log holds what the resumed run committed and the steps it repeats appear once."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    for line in open(path):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):  # a line cut short by a killed process
-            pass
-    storage.write_bytes_atomic(path, "".join(kept).encode())
-
-
-def append_line(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def window_utilisation(window: list[dict], cfg: Config) -> dict:
-    """Model TFLOP/s of this GPU over a log window (its share of the replica's FLOPs: 1 / (TP x PP)) and MFU."""
-    p = cfg.parallel
-    tflops = sum(l["flops"] for l in window) / (p.tensor * p.pipeline) / sum(l["step_s"] for l in window) / 1e12
-    return {"model_tflops": tflops} | ({"mfu": tflops / cfg.metrics.peak_tflops} if cfg.metrics.peak_tflops else {})
-
-
-def progress_figures(record: dict) -> dict:
-    """The progress bar's postfix: the log record's losses, throughput and utilisation."""
-    figures = {k: f"{record[k]:.3f}" for k in ("loss", "loss_nip", "loss_csp", "loss_nsp")
-               if record.get(k) is not None}
-    figures |= {"step_s": f"{record['step_s']:.3f}", "samples/s": f"{record['samples_per_s']:.1f}",
-                "tokens/s": f"{record['tokens_per_s']:.0f}", "grad_norm": f"{record['grad_norm']:.3f}"}
-    if "model_tflops" in record:
-        figures["TFLOP/s"] = f"{record['model_tflops']:.3g}"
-    if "mfu" in record:
-        figures["MFU"] = f"{record['mfu']:.1%}"
-    return figures
-
-
-def train(cfg: Config, progress: bool = True) -> dict:
-    info = init_distributed(cfg.parallel)
-    if info.is_main:
-        check_run_dir(cfg)
-        os.makedirs(cfg.run.out_dir, exist_ok=True)
-        storage.write_bytes_atomic(os.path.join(cfg.run.out_dir, "config.yaml"), to_yaml(cfg).encode())
-    trainer = Trainer(cfg, info, progress)
-    resume_from = trainer.resume()
-    if resume_from and info.is_main:
-        print(f"train: resuming from {resume_from} (step {trainer.step})")
-    server = None
-    if cfg.metrics.port:
-        port = cfg.metrics.port + info.local_rank
-        server = serve(trainer.metrics, port, info.rank)
-        print(f"train: rank {info.rank}: metrics at http://{socket.gethostname()}:{port}/metrics", flush=True)
-    metrics_path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
-    sessions_path = os.path.join(cfg.run.out_dir, "sessions", f"rank-{info.rank:03d}.jsonl")
-    if info.is_main:
-        cut_log(metrics_path, trainer.step)
-    if cfg.data.record_sessions:
-        os.makedirs(os.path.dirname(sessions_path), exist_ok=True)
-        cut_log(sessions_path, trainer.step)
-    bar = tqdm(total=cfg.train.steps, initial=trainer.step, unit="step", desc=f"train {cfg.run.name}",
-               disable=not (progress and info.is_main))
-    window, last = [], {}
-    while trainer.step < cfg.train.steps:
-        log = trainer.train_step()
-        window.append(log)
-        trainer.metrics.step(log)
-        if cfg.data.record_sessions:
-            append_line(sessions_path, {"step": log["step"], "keys": log["keys"]})
-        bar.update(1)
-        if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
-            last = reduce_logs(window, info) | window_utilisation(window, cfg) | {
-                "data_sessions": trainer.data_totals["sessions"],
-                "data_skipped": dict(trainer.data_totals["skipped"])}
-            window = []
-            trainer.metrics.window(last)
-            if info.is_main:
-                append_line(metrics_path, last)
-                bar.set_postfix(progress_figures(last))
-        if trainer.step % cfg.train.checkpoint_every == 0 or trainer.step == cfg.train.steps:
-            trainer.save()
-    bar.close()
-    trainer.loader.close()
-    if server is not None:
-        server.shutdown()
-        server.server_close()
-    if info.is_main:
-        totals = trainer.data_totals
-        skipped = ", ".join(f"{r} {n}" for r, n in totals["skipped"].items() if n) or "none"
-        print(f"train: data: {totals['sessions']} sessions read, {sum(totals['skipped'].values())} skipped "
-              f"({skipped}), epoch {trainer.loader.state.epoch} at {trainer.loader.state.cursor} of "
-              f"{len(trainer.loader.order)}")
-    return last
