@@ -82,8 +82,11 @@ def validate(doc: dict) -> None:
         kv.validate(doc, K8S_VERSION, strict=True)
 
 
+DATA = "data.train_url=s3://vincie-data/sessions/train"  # where a pod can read it (the presets' paths are local)
+
+
 def render(*overrides: str, monitoring: bool = True) -> list[dict]:
-    return k8s.render(load_config("tiny", list(overrides)), monitoring=monitoring)
+    return k8s.render(load_config("tiny", [DATA, *overrides]), monitoring=monitoring)
 
 
 def pod_templates(doc: dict) -> list[dict]:
@@ -96,7 +99,7 @@ def pod_templates(doc: dict) -> list[dict]:
 @pytest.mark.parametrize("kind", ["jobset", "pytorchjob"])
 def test_rendered_manifests_validate_strictly_and_carry_the_layout(kind, layout, tmp_path):
     docs = render(f"k8s.kind={kind}", "run.name=vincie-test", "k8s.image=registry.example/vincie:1.2",
-                  *LAYOUTS[layout])
+                  "k8s.queue=team-a", "k8s.termination_grace_s=120", *LAYOUTS[layout])
     kinds = sorted(doc["kind"] for doc in docs)
     job_kind = {"jobset": "JobSet", "pytorchjob": "PyTorchJob"}[kind]
     assert kinds == sorted(["ConfigMap", "ConfigMap", "Service", job_kind, "PodMonitor", "PrometheusRule"])
@@ -106,6 +109,7 @@ def test_rendered_manifests_validate_strictly_and_carry_the_layout(kind, layout,
     (job,) = [doc for doc in docs if doc["kind"] == job_kind]
     (service,) = [doc for doc in docs if doc["kind"] == "Service"]
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {k8s.RUN_LABEL: "vincie-test"}
+    assert job["metadata"]["labels"][k8s.QUEUE_LABEL] == "team-a"  # Kueue admits the job, not its pods
     templates = pod_templates(job)
     if kind == "jobset":
         (replicated,) = job["spec"]["replicatedJobs"]
@@ -135,7 +139,10 @@ def test_rendered_manifests_validate_strictly_and_carry_the_layout(kind, layout,
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
         assert "persistentVolumeClaim" in volumes[mounts["/checkpoints"]]
-        secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
+        assert spec["terminationGracePeriodSeconds"] == 120  # SIGTERM to SIGKILL: a step and a checkpoint
+        env = {e["name"]: e for e in container["env"]}
+        assert env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")["value"] == "110"  # torchrun waits for the checkpoint
+        secrets = {name: e["valueFrom"]["secretKeyRef"]["name"] for name, e in env.items()}
         assert secrets["AWS_SECRET_ACCESS_KEY"] == secrets["AWS_ACCESS_KEY_ID"] == "vincie-s3"
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "vincie-test-config"]
     run_config = yaml.safe_load(config_map["data"]["config.yaml"])
@@ -157,7 +164,7 @@ def test_the_large_presets_render_with_the_layout_vincie_plan_recommends(preset,
     """k8s/README's flow: `vincie plan` for 4 nodes x 8 GPUs, then `vincie k8s render` with its overrides."""
     result = run_main(capsys, "plan", "--preset", preset, "--gpus", "32", "--gpu", "h100", check=True)
     layout = next(line for line in result.stdout.splitlines() if line.startswith("recommended: ")).split()[1:]
-    result = run_main(capsys, "k8s", "render", "--config", preset, "k8s.nodes=4", *layout, check=True)
+    result = run_main(capsys, "k8s", "render", "--config", preset, "k8s.nodes=4", DATA, *layout, check=True)
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
     for doc in docs:
         validate(doc)
@@ -209,18 +216,26 @@ def test_no_secret_value_is_ever_rendered(monkeypatch):
 
 
 def test_render_command_and_bad_input(capsys, tmp_path):
-    result = run_main(capsys, "k8s", "render", "k8s.nodes=2", "train.batch_size=16", check=True)
+    result = run_main(capsys, "k8s", "render", DATA, "k8s.nodes=2", "train.batch_size=16", check=True)
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "JobSet"]
-    run_main(capsys, "k8s", "render", "--out", str(tmp_path / "m.yaml"), check=True)
+    run_main(capsys, "k8s", "render", "--out", str(tmp_path / "m.yaml"), DATA, check=True)
     assert [d["kind"] for d in yaml.safe_load_all((tmp_path / "m.yaml").read_text())] == \
         ["ConfigMap", "Service", "JobSet"]
-    result = run_main(capsys, "k8s", "render", "k8s.nodes=3")  # 24 processes do not divide batch_size 8
+    result = run_main(capsys, "k8s", "render", DATA, "k8s.nodes=3")  # 24 processes do not divide batch_size 8
     assert result.returncode == 2 and "train.batch_size" in error_line(result)
-    result = run_main(capsys, "k8s", "render", "run.name=Big_Name")
+    result = run_main(capsys, "k8s", "render", DATA, "run.name=Big_Name")
     assert result.returncode == 2 and "run.name" in error_line(result)
-    result = run_main(capsys, "k8s", "render", "k8s.memory=lots")
+    result = run_main(capsys, "k8s", "render", DATA, "k8s.memory=lots")
     assert result.returncode == 2 and "k8s.memory" in error_line(result)
+    for bad, key in (("k8s.queue=Team_A", "k8s.queue"), ("k8s.termination_grace_s=5", "k8s.termination_grace_s")):
+        result = run_main(capsys, "k8s", "render", DATA, bad)
+        assert result.returncode == 2 and key in error_line(result)
+    # training data a pod cannot read: the preset's path on this machine, or an absolute path off the volume
+    for url in ("runs/demo/data/train", "/data/train", "file:///data/train"):
+        result = run_main(capsys, "k8s", "render", f"data.train_url={url}")
+        assert result.returncode == 2 and f"'data.train_url' is '{url}'" in error_line(result)
+    assert run_main(capsys, "k8s", "render", "data.train_url=/checkpoints/data/train").returncode == 0
 
 
 def rule_file(tmp_path) -> Path:
@@ -364,7 +379,7 @@ def api_server(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["jobset", "pytorchjob"])
 def test_submit_status_logs_cancel_against_a_stand_in_api_server(kind, api_server, capsys):
-    args = ["--config", "tiny", f"k8s.kind={kind}", "k8s.namespace=training", "run.name=night-run", "k8s.nodes=2",
+    args = ["--config", "tiny", f"k8s.kind={kind}", "k8s.namespace=training", "run.name=night-run", "k8s.nodes=2", DATA,
             "train.batch_size=16"]
     result = run_main(capsys, "k8s", "submit", *args, check=True)
     group, version, plural, _ = k8s.KINDS[kind]

@@ -229,6 +229,10 @@ def validate_k8s(k: K8sConfig) -> None:
         require(re.fullmatch(DNS_LABEL, value) is not None, f"k8s.{name}",
                 f"must name a Kubernetes object (DNS label), got {value!r}")
     require(k.max_restarts >= 0, "k8s.max_restarts", f"must be >= 0, got {k.max_restarts}")
+    require(k.termination_grace_s >= 30, "k8s.termination_grace_s",
+            f"must be >= 30 seconds (a training step and a checkpoint must fit), got {k.termination_grace_s}")
+    require(k.queue == "" or (re.fullmatch(DNS_LABEL, k.queue) is not None and len(k.queue) <= 63), "k8s.queue",
+            f"must be empty or name a Kueue LocalQueue (DNS label), got {k.queue!r}")
 
 
 def validate_precision(cfg: Config) -> None:

@@ -298,8 +298,14 @@ class K8sConfig:
     # run.out_dir becomes /checkpoints/<run.name> in the rendered config
     checkpoint_pvc: str = "vincie-checkpoints"
     # torchrun restarts of dead worker processes inside a pod, and restarts of the whole job (JobSet
-    # failurePolicy.maxRestarts, PyTorchJob runPolicy.backoffLimit); each resumes from the latest checkpoint
+    # failurePolicy.maxRestarts, PyTorchJob runPolicy.backoffLimit); each resumes from the latest checkpoint.
+    # A JobSet's restarts after a preemption, eviction or node drain are not counted
     max_restarts: int = 3
+    # seconds a pod has between SIGTERM and SIGKILL (terminationGracePeriodSeconds): the training processes finish
+    # the step in progress and write a checkpoint in this time (torchrun waits for them 10 s less)
+    termination_grace_s: int = 300
+    # Kueue: the LocalQueue that admits the job (label kueue.x-k8s.io/queue-name); empty: not queued by Kueue
+    queue: str = ""
 
 
 @dataclass

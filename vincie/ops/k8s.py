@@ -1,10 +1,12 @@
 """`vincie k8s render|submit|status|logs|cancel`: a training run as a Kubernetes job.
 
 render: `kubectl kustomize` builds the tree in k8s/ (base: JobSet, overlays/pytorchjob: PyTorchJob; k8s/monitoring
-with --monitoring), then the run's values are filled in here, explicitly: names and labels (run.name), namespace,
-nodes x GPUs per node (k8s.*), image, resources, torchrun's c10d rendezvous, the resolved config as a ConfigMap
-(run.out_dir on the checkpoint volume, metrics endpoint on), S3 credentials as Secret references. The result is
-checked for secret values before it is printed: none may appear in a manifest.
+with --monitoring), then the run's values are filled in here, explicitly: names and labels (run.name, the Kueue
+queue), namespace, nodes x GPUs per node (k8s.*), image, resources, torchrun's c10d rendezvous, the pods' grace
+period for a checkpoint at SIGTERM, the resolved config as a ConfigMap (run.out_dir on the checkpoint volume,
+metrics endpoint on), S3 credentials as Secret references. A config whose training data a pod cannot read (a
+path on this machine) is refused. The result is checked for secret values before it is printed: none may appear
+in a manifest.
 submit/status/logs/cancel: the official `kubernetes` client with the current kubeconfig context.
 """
 
@@ -20,14 +22,17 @@ from pathlib import Path
 
 import yaml
 
+from vincie import storage
 from vincie.config import Config, check_world, to_yaml
-from vincie.errors import VincieError
+from vincie.errors import ConfigError, VincieError
 
 BASE_NAME = "vincie"  # the name every object of the kustomize tree carries before render renames it
 RUN_LABEL = "vincie.ai/run"
 CHECKPOINT_MOUNT = "/checkpoints"
 CONFIG_PATH = "/etc/vincie/config.yaml"
 RENDEZVOUS_PORT = 29500
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+SHUTDOWN_MARGIN_S = 10  # torchrun stops waiting for its workers this long before the pod's grace period ends
 DEFAULT_METRICS_PORT = 9400
 # kind -> (API group, version, plural, directory of the kustomize tree)
 KINDS = {"jobset": ("jobset.x-k8s.io", "v1alpha2", "jobsets", "base"),
@@ -86,6 +91,11 @@ def fill_pod(template: dict, cfg: Config, name: str, endpoint: str) -> None:
     container["resources"] = {"requests": dict(quantities), "limits": dict(quantities)}
     for env in container["env"]:
         env["valueFrom"]["secretKeyRef"]["name"] = k.s3_secret
+    # SIGTERM -> torchrun passes it to the workers, which finish their step and checkpoint (vincie.training.train);
+    # torchrun kills them after this many seconds, before the kubelet's SIGKILL at the end of the grace period
+    container["env"].append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+                             "value": str(k.termination_grace_s - SHUTDOWN_MARGIN_S)})
+    spec["terminationGracePeriodSeconds"] = k.termination_grace_s
     for volume in spec["volumes"]:
         if "configMap" in volume:
             volume["configMap"]["name"] = rename(volume["configMap"]["name"], name)
@@ -123,6 +133,7 @@ def render(cfg: Config, monitoring: bool = False) -> list[dict]:
         raise VincieError(f"run.name {name!r} names the Kubernetes objects: it must be a DNS label of at most 40 "
                           "characters (lowercase letters, digits, '-'; pod names add suffixes)")
     check_world(cfg, k.nodes * k.gpus_per_node)
+    check_readable_by_pods(cfg)
     docs = kustomize(tree() / KINDS[k.kind][3]) + (kustomize(tree() / "monitoring") if monitoring else [])
     for doc in docs:
         meta = doc["metadata"]
@@ -131,6 +142,8 @@ def render(cfg: Config, monitoring: bool = False) -> list[dict]:
             continue  # shared by every run in the namespace
         meta["name"] = rename(meta["name"], name)
         meta["labels"][RUN_LABEL] = name
+        if k.queue and doc["kind"] in ("JobSet", "PyTorchJob"):
+            meta["labels"][QUEUE_LABEL] = k.queue
         if doc["kind"] == "ConfigMap":
             doc["data"] = {"config.yaml": to_yaml(job_config(cfg))}
         elif doc["kind"] == "Service":
@@ -139,6 +152,16 @@ def render(cfg: Config, monitoring: bool = False) -> list[dict]:
             fill_job(doc, cfg, name)
     check_no_secrets(docs)
     return docs
+
+
+def check_readable_by_pods(cfg: Config) -> None:
+    """The training data must be where the job's pods can read it: a remote URL (s3://...) or a path on the run's
+    volume. A path on this machine (e.g. the presets' runs/...) exists nowhere in the cluster."""
+    url = cfg.data.train_url
+    if not (storage.is_remote(url) or url.startswith(CHECKPOINT_MOUNT + "/")):
+        raise ConfigError(f"config key 'data.train_url' is {url!r}, a path on this machine that the job's pods "
+                          f"cannot read; give an s3:// URL, or a path under {CHECKPOINT_MOUNT}/ (the run's volume, "
+                          f"k8s.checkpoint_pvc)")
 
 
 def check_no_secrets(docs: list[dict]) -> None:
