@@ -14,8 +14,8 @@ from vincie.config import StorageConfig, SynthConfig, load_config
 MICRO_MODEL = {"hidden_size": 64, "num_heads": 2, "num_layers": 2, "dual_stream_layers": 1, "patch_size": 2,
                "latent_channels": 48, "text_dim": 64, "source": "none",
                "output_head": "linear"}
-# the tiny preset trains without masks and never drops I_k (docs/ARCHITECTURE.md, "The tiny preset"); tests built on
-# it put the paper's context composition back, so that every block type and dropout case is exercised
+# the tiny preset trains without masks and never drops I_k (docs/training.md, "The tiny preset, and why"); tests
+# built on it put the paper's context composition back, so that every block type and dropout case is exercised
 PAPER_SEQUENCE = {"drop_current_image": 0.2, "masks_present": 0.8}
 MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO_MODEL.items()] + \
     [f"sequence.{k}={v}" for k, v in PAPER_SEQUENCE.items()]

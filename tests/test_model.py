@@ -39,8 +39,8 @@ def test_presets_build_and_match_the_documented_sizes(preset, low, high):
     model = build_on_meta(cfg.model)
     count = count_parameters(model)
     assert low < count < high
-    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
-    assert f"{count:,}" in doc, f"docs/ARCHITECTURE.md must state the {preset} parameter count {count:,}"
+    doc = (REPO / "docs" / "model.md").read_text()
+    assert f"{count:,}" in doc, f"docs/model.md must state the {preset} parameter count {count:,}"
 
 
 def test_3b_forward_shapes_on_meta():
@@ -88,8 +88,8 @@ def test_model_respects_block_causal_attention():
             assert later_context <= changed  # every later latent block sees it
 
 
-def test_architecture_doc_names_the_release_values():
-    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+def test_model_doc_names_the_release_values():
+    doc = (REPO / "docs" / "model.md").read_text()
     assert re.search(r"hidden 2560, 32 layers, 20 heads", doc)
 
 

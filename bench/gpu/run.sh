@@ -9,7 +9,7 @@
 #
 # Needs PyTorch with Triton, numpy and PyYAML (all in the lent GPU machines' image) and this checkout on
 # PYTHONPATH; nothing else travels with it. The TE comparison also needs transformer_engine and megatron-core,
-# which that image lacks: carry both as wheels to run it (docs/ARCHITECTURE.md, "GPU path").
+# which that image lacks: carry both as wheels to run it (docs/operations.md, "The GPU path").
 # PYTHON picks the interpreter (default python3); OUT the output directory (default ./bench-out).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -142,7 +142,7 @@ class ModelConfig:
     # "channels": its tokens also carry I_k through their own input projection (InstructPix2Pix's channel
     # concatenation: concat + linear = a sum of two linears); "residual": channels, and a next-image target's
     # output is I_k plus the network's output (x0 prediction only), so the untrained network copies and learning
-    # goes to the edit. docs/ARCHITECTURE.md, "The tiny preset"
+    # goes to the edit. docs/training.md, "The tiny preset, and why"
     source: Literal["none", "channels", "residual"] = "none"
     # each target block's conditioning (timestep + type + turn embedding, which drives adaLN) also gets the mean of
     # its turn's instruction features, projected (SD3's pooled text): a path from the instruction to every target
@@ -152,7 +152,8 @@ class ModelConfig:
     # "pointwise": the final layer gives each point of the token (a group of `head_channels` values: one pixel's
     # RGB for the space_to_depth latent, whose token values are channel-major) `head_features` features, and one
     # small MLP shared by all points maps [features, the source's values, the noisy values] at that point to its
-    # output. A convolutional decoder's weight sharing for a latent with no decoder (docs/ARCHITECTURE.md)
+    # output. A convolutional decoder's weight sharing for a latent with no decoder (docs/training.md, "The tiny
+    # preset, and why")
     output_head: Literal["linear", "pointwise"] = "linear"
     head_channels: int = 3
     head_features: int = 16

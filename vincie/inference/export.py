@@ -6,7 +6,8 @@
 
 Weight names are the training parameter names (`dit.layers.3.latent.linear_qkv.weight`, `text_encoder.embed.weight`
 for the built-in hashed-word encoder), so a checkpoint and its export are read by the same code; the tensors are
-the full, unsplit ones. docs/ARCHITECTURE.md ("Inference") maps them to the released VINCIE's module boundaries.
+the full, unsplit ones. docs/inference.md ("Names against the released VINCIE") maps them to the released VINCIE's
+module boundaries.
 
 `config.json` holds the sections of vincie's run config that inference needs, in the same form (`model`,
 `sequence.mode`, `data.resolution`, `text_encoder`, `vae`, and the sampler defaults in `diffusion`), so it is read
