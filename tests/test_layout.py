@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS = [  # bottom first
-    {"vincie.errors"},
+    {"vincie.errors", "vincie.gpus"},
     {"vincie.config"},
     {"vincie.storage", "vincie.chat", "vincie.progress"},
     {"vincie.sessions"},

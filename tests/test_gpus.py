@@ -1,0 +1,36 @@
+"""vincie.gpus: the datasheet table, the one MFU definition, and which card a CUDA device name is."""
+
+import pytest
+
+from vincie.gpus import CARDS, detect, mfu, resolve
+
+
+def test_mfu_is_model_flops_over_the_datasheet_dense_peak():
+    # half of the H100 SXM datasheet's 1,979 TFLOP/s bf16 "with sparsity": 989.5 dense
+    assert mfu(494.75e12, CARDS["h100"], "bf16") == pytest.approx(0.5)
+    assert mfu(33.5e12, CARDS["h100"], "fp32") == pytest.approx(0.5)  # 67 TFLOP/s, no tensor cores
+    assert mfu(156e12, CARDS["a100"], "bf16") == pytest.approx(0.5)  # 312, stated dense by the datasheet
+    assert mfu(1125e12, CARDS["b200"], "bf16") == pytest.approx(0.5)  # 4.5 PFLOP/s sparse per GPU
+    assert "fp8" not in CARDS["a100"].dense_tflops  # Ampere has no FP8 tensor cores
+
+
+@pytest.mark.parametrize("device_name, card", [
+    ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA A100 80GB PCIe", "a100"),  # the same peaks
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA B200", "b200"),
+    ("NVIDIA H100 PCIe", None), ("NVIDIA H100 NVL", None), ("NVIDIA H200 NVL", None),  # lower peaks
+    ("NVIDIA GH200 480GB", None), ("NVIDIA GB200", None), ("NVIDIA L40S", None)])
+def test_a_device_name_is_the_card_whose_peaks_it_has(device_name, card):
+    found = detect(device_name)
+    assert (found.name if found else None) == card
+
+
+def test_resolve_names_detects_or_overrides_the_card():
+    assert resolve("auto", 0.0, "bf16", None) is None  # the CPU: no MFU
+    assert resolve("auto", 0.0, "bf16", "NVIDIA L40S") is None  # an unlisted card: no MFU
+    assert resolve("auto", 0.0, "bf16", "NVIDIA H200") is CARDS["h200"]
+    assert resolve("a100", 0.0, "bf16", "NVIDIA H200") is CARDS["a100"]  # named beats detected
+    unlisted = resolve("auto", 362.0, "bf16", "NVIDIA L40S")
+    assert unlisted.name == "NVIDIA L40S" and mfu(181e12, unlisted, "bf16") == pytest.approx(0.5)
+    capped = resolve("h100", 800.0, "bf16", None)
+    assert capped.dense_tflops == {**CARDS["h100"].dense_tflops, "bf16": 800.0}
+    assert CARDS["h100"].dense_tflops["bf16"] == 989.5  # the table is left as it was
