@@ -75,9 +75,10 @@ def test_the_endpoint_serves_every_design_series_with_the_rank_label():
 
 def test_metrics_config_is_validated(capsys):
     for override, key in (("metrics.port=80", "metrics.port"), ("metrics.port=70000", "metrics.port"),
-                          ("metrics.peak_tflops=-1", "metrics.peak_tflops")):
+                          ("metrics.peak_tflops=-1", "metrics.peak_tflops"), ("metrics.gpu=v100", "metrics.gpu")):
         result = run_main(capsys, "config", "show", override)
         assert result.returncode == 2 and f"'{key}'" in error_line(result)
+    assert "(a100, h100, h200, b200), got 'v100'" in error_line(result)  # the known cards, on one line
 
 
 def test_report_draws_a_run_log_and_names_bad_input(tmp_path, capsys):

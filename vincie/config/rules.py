@@ -19,6 +19,7 @@ from vincie.config.sections import (
     have_transformer_engine,
 )
 from vincie.errors import ConfigError
+from vincie.gpus import CARDS
 
 
 def require(condition: bool, key: str, message: str) -> None:
@@ -205,8 +206,10 @@ def validate(cfg: Config) -> None:
     require(cfg.metrics.port == 0 or 1024 <= cfg.metrics.port <= 65535, "metrics.port",
             f"must be 0 (off) or a port in 1024..65535, got {cfg.metrics.port}")
     validate_k8s(cfg.k8s)
+    require(cfg.metrics.gpu == "auto" or cfg.metrics.gpu in CARDS, "metrics.gpu",
+            f"must be auto or a known GPU card ({', '.join(CARDS)}), got {cfg.metrics.gpu!r}")
     require(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops",
-            f"must be >= 0 (0: unknown, no MFU), got {cfg.metrics.peak_tflops}")
+            f"must be >= 0 (0: the card's datasheet peak), got {cfg.metrics.peak_tflops}")
 
 
 QUANTITY = r"[0-9]+(\.[0-9]+)?([numkMGTPE]|[KMGTPE]i)?"

@@ -315,8 +315,12 @@ class MetricsConfig:
     # base port of the HTTP endpoint: the process with local rank L serves http://0.0.0.0:(port + L)/metrics;
     # 0 = no endpoint (the figures still go to metrics.jsonl and the progress bar)
     port: int = 0
-    # the device's peak dense TFLOP/s at the training precision (e.g. 989 for an H100 SXM in bf16), for MFU;
-    # 0 = unknown: model TFLOP/s is reported, MFU is not
+    # the GPU card MFU is stated against (vincie/gpus.py: model TFLOP/s over the card's datasheet dense peak at
+    # train.precision, bf16 for FP8 runs too): a card of vincie.gpus.CARDS (a100, h100, h200, b200), or "auto",
+    # the card torch.cuda.get_device_name() names; on the CPU or an unlisted card model TFLOP/s is reported, MFU is not
+    gpu: str = "auto"
+    # an explicit dense peak TFLOP/s per GPU at train.precision, replacing the card's: for a card the table lacks
+    # (an H100 PCIe: 756 in bf16); 0 = the card's datasheet figure
     peak_tflops: float = 0.0
 
 

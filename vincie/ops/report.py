@@ -62,7 +62,7 @@ def write_report(run_dir: str, out: str | None = None) -> str:
         ax.twinx().plot(steps, series("mfu"), color="tab:orange")
     elif any("model_tflops" in r for r in records):
         ax.plot(steps, series("model_tflops"))
-        ax.set_title("model TFLOP/s per GPU\n(no MFU: metrics.peak_tflops unset)", fontsize=10)
+        ax.set_title("model TFLOP/s per GPU\n(no MFU: no known GPU card; see metrics.gpu)", fontsize=10)
     else:
         ax.set_title("model TFLOP/s, MFU")
         ax.text(0.5, 0.5, "not logged\n(no FLOPs count in this run)", ha="center", va="center",

@@ -11,7 +11,8 @@ are read back for the log anyway).
     vincie_train_samples_total               sessions trained on (one rank per model replica counts)
     vincie_train_tokens_total                sequence tokens trained on (the same ranks)
     vincie_train_model_tflops                analytic model TFLOP/s of this GPU over the last log window
-    vincie_train_mfu_ratio                   model_tflops / metrics.peak_tflops
+    vincie_train_mfu_ratio                   model_tflops over the GPU card's datasheet dense peak at train.precision
+                                             (vincie.gpus.mfu; bf16 for FP8 runs too); absent without a known card
     vincie_train_grad_norm, vincie_train_lr  of the last step
     vincie_nonfinite_steps_total             steps skipped for a non-finite gradient norm
     vincie_data_wait_seconds                 histogram of the time a step waited for its sessions
@@ -23,11 +24,14 @@ are read back for the log anyway).
 
 from __future__ import annotations
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
+from vincie.config import Config
 from vincie.data.order import SKIP_REASONS
 from vincie.errors import VincieError
+from vincie.gpus import CARDS, Card, resolve
 from vincie.model.sequence import TASKS
 
 LOSS_TASKS = (*TASKS, "all")  # "all": the task-weighted total the optimizer sees
@@ -54,8 +58,9 @@ class Metrics:
         self.tokens = Counter("vincie_train_tokens", "Sequence tokens trained on", registry=r)
         self.model_tflops = Gauge("vincie_train_model_tflops",
                                   "Analytic model TFLOP/s of this GPU over the last log window", registry=r)
-        self.mfu = Gauge("vincie_train_mfu_ratio", "Model FLOPs utilisation: model TFLOP/s over the device peak",
-                         registry=r)
+        self.mfu = Gauge("vincie_train_mfu_ratio",
+                         "Model FLOPs utilisation: model TFLOP/s over the GPU card's datasheet dense peak at "
+                         "train.precision (bf16 for FP8 runs too; vincie.gpus)", registry=r)
         self.grad_norm = Gauge("vincie_train_grad_norm", "Gradient norm of the last step (before clipping)",
                                registry=r)
         self.lr = Gauge("vincie_train_lr", "Learning rate of the last step", registry=r)
@@ -97,6 +102,18 @@ class Metrics:
             self.checkpoint_seconds.observe(seconds)
         self.checkpoint_step.set(step)
         self.checkpoint_time.set(when)
+
+
+def mfu_card(cfg: Config, device: torch.device) -> tuple[Card | None, str]:
+    """The card this process states MFU against (vincie.gpus.resolve: metrics.gpu, or with "auto" the CUDA
+    device's name; metrics.peak_tflops), and a line that names its peak or says why there is no MFU."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    precision = cfg.train.precision
+    card = resolve(cfg.metrics.gpu, cfg.metrics.peak_tflops, precision, name)
+    if card is None:
+        where = f"{name!r} is not a known card ({', '.join(CARDS)})" if name else "not on a GPU"
+        return None, f"model TFLOP/s without MFU ({where}; metrics.gpu or metrics.peak_tflops names a peak)"
+    return card, f"MFU against the {card.name}'s dense {precision} peak, {card.dense_tflops[precision]:g} TFLOP/s"
 
 
 class RankLabelled(Collector):
