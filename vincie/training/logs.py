@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from vincie import storage
 from vincie.config import Config
+from vincie.gpus import Card, mfu
 from vincie.model.sequence import TASKS
 from vincie.training.parallel import DistInfo
 
@@ -42,11 +43,12 @@ def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
 
 
 
-def window_utilisation(window: list[dict], cfg: Config) -> dict:
-    """Model TFLOP/s of this GPU over a log window (its share of the replica's FLOPs: 1 / (TP x PP)) and MFU."""
+def window_utilisation(window: list[dict], cfg: Config, card: Card | None) -> dict:
+    """Model TFLOP/s of this GPU over a log window (its share of the replica's FLOPs: 1 / (TP x PP)) and, with a
+    card (training.metrics.mfu_card), MFU as vincie.gpus.mfu defines it."""
     p = cfg.parallel
     tflops = sum(l["flops"] for l in window) / (p.tensor * p.pipeline) / sum(l["step_s"] for l in window) / 1e12
-    return {"model_tflops": tflops} | ({"mfu": tflops / cfg.metrics.peak_tflops} if cfg.metrics.peak_tflops else {})
+    return {"model_tflops": tflops} | ({"mfu": mfu(tflops * 1e12, card, cfg.train.precision)} if card else {})
 
 
 

@@ -26,9 +26,10 @@ import torch.distributed as dist
 
 from vincie import storage
 from vincie.config import Config, to_yaml
+from vincie.gpus import Card
 from vincie.progress import Progress
 from vincie.training.logs import append_line, cut_log, progress_figures, reduce_logs, window_utilisation
-from vincie.training.metrics import serve
+from vincie.training.metrics import mfu_card, serve
 from vincie.training.parallel import DistInfo, init_distributed
 from vincie.training.trainer import Trainer, check_run_dir
 
@@ -73,13 +74,16 @@ def train(cfg: Config, progress: bool = True) -> dict:
         resume_from = trainer.resume()
         if resume_from and info.is_main:
             print(f"train: resuming from {resume_from} (step {trainer.step})", flush=True)
+        card, utilisation = mfu_card(cfg, info.device)
+        if info.is_main:
+            print(f"train: {utilisation}", flush=True)
         server = None
         if cfg.metrics.port:
             port = cfg.metrics.port + info.local_rank
             server = serve(trainer.metrics, port, info.rank)
             print(f"train: rank {info.rank}: metrics at http://{socket.gethostname()}:{port}/metrics", flush=True)
         try:
-            last = loop(trainer, cfg, info, stop, progress)
+            last = loop(trainer, cfg, info, card, stop, progress)
         finally:
             trainer.loader.close()
             if server is not None:
@@ -100,7 +104,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     return last
 
 
-def loop(trainer: Trainer, cfg: Config, info: DistInfo, stop: StopRequest, progress: bool) -> dict:
+def loop(trainer: Trainer, cfg: Config, info: DistInfo, card: Card | None, stop: StopRequest, progress: bool) -> dict:
     metrics_path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
     sessions_path = os.path.join(cfg.run.out_dir, "sessions", f"rank-{info.rank:03d}.jsonl")
     if info.is_main:
@@ -122,7 +126,7 @@ def loop(trainer: Trainer, cfg: Config, info: DistInfo, stop: StopRequest, progr
             stopping = stop.agreed(info)
             end = trainer.step == cfg.train.steps
             if trainer.step % cfg.train.log_every == 0 or end or stopping:
-                last = reduce_logs(window, info) | window_utilisation(window, cfg) | {
+                last = reduce_logs(window, info) | window_utilisation(window, cfg, card) | {
                     "data_sessions": trainer.data_totals["sessions"],
                     "data_skipped": dict(trainer.data_totals["skipped"])}
                 window = []
