@@ -14,6 +14,7 @@ import torch
 
 from vincie.config import ConfigError, load_config
 from vincie.data.order import SamplerState
+from vincie.gpus import CARDS, mfu
 from vincie.model.batch import pack_rows
 from vincie.model.diffusion import X0_MIN_T, output_to_velocity
 from vincie.training import checkpoint
@@ -21,6 +22,7 @@ from vincie.training.logs import reduce_logs
 from vincie.training.loss import flow_loss_sums
 from vincie.training.optim import EMA
 from vincie.training.parallel import init_distributed
+from vincie.training.train import train
 from vincie.training.trainer import Trainer
 
 from conftest import REPO, run_vincie
@@ -253,6 +255,21 @@ def test_pad_multiple_bounds_the_sequence_lengths(tmp_path, data):
             assert all(check(T) for T in lengths), (overrides, lengths)
     with pytest.raises(ConfigError, match="data.pad_multiple"):
         load_config("tiny", ["data.pad_multiple=0"])
+
+
+def test_a_cpu_run_reports_model_tflops_and_mfu_only_against_a_named_card(tmp_path, data, capsys):
+    """On the CPU (metrics.gpu auto) a run logs model TFLOP/s and no MFU, and says why at the start; a named card
+    gives MFU against its dense peak at train.precision (the test config's fp32: the H100's 67 TFLOP/s)."""
+    records = {}
+    for gpu in ("auto", "h100"):
+        cfg = load_config(write_config(tmp_path / f"{gpu}.yaml", tmp_path / gpu, data["train"], metrics={"gpu": gpu},
+                                       train={"steps": 1}), ["data.workers=0"])
+        records[gpu] = train(cfg, progress=False), capsys.readouterr().out
+    (auto, auto_out), (h100, h100_out) = records["auto"], records["h100"]
+    assert auto["model_tflops"] > 0 and "mfu" not in auto
+    assert "train: model TFLOP/s without MFU (not on a GPU;" in auto_out
+    assert h100["mfu"] == pytest.approx(mfu(h100["model_tflops"] * 1e12, CARDS["h100"], "fp32"))
+    assert "train: MFU against the h100's dense fp32 peak, 67 TFLOP/s" in h100_out
 
 
 def test_pack_rows_balances_rows():
