@@ -95,3 +95,16 @@ def make_plain_run(root) -> str:
     checkpoint.save(run, 7, {"model": raw, "ema": {"updates": 7, "weights": ema}, "optimizer": {},
                              "common": {"step": 7, "config": to_dict(cfg)}}, keep=1)
     return run
+
+
+def plan_first_row(report: str, cfg, card, gpus: int, gpus_per_node: int = 8, efficiency: float = 0.5):
+    """The first layout of a `vincie plan` report -> (its columns, split; the model FLOPs per second per GPU of
+    its step time, from plan's own estimate of that layout, plainly or with recomputation as the row fits)."""
+    from vincie.model.flops import training_flops
+    from vincie.ops.plan import Layout, estimate, parameter_split, sample_workload
+
+    row = report.split(" MFU\n")[1].splitlines()[0].split()
+    sample, _ = sample_workload(cfg)
+    r = estimate(cfg, Layout(*map(int, row[:5])), card, sample, parameter_split(cfg), gpus_per_node, efficiency)
+    step = r.step_s if r.total_gib <= card.memory_gib else r.step_recompute_s
+    return row, cfg.train.batch_size * training_flops(cfg.model, sample) / gpus / step

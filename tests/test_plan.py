@@ -8,11 +8,11 @@ import pytest
 
 from vincie.cli.bench import activation_memory
 from vincie.config import ConfigError, check_world, load_config
+from vincie.gpus import CARDS, mfu
 from vincie.model.mmdit import build_on_meta, count_parameters
 from vincie.ops.plan import (
     ACT_BYTES_PER_H,
     GIB,
-    GPUS,
     RECOMPUTE_BYTES_PER_H,
     STAGE_BYTES_PER_H,
     Layout,
@@ -25,14 +25,14 @@ from vincie.ops.plan import (
 from vincie.training.parallel import init_distributed
 
 from conftest import error_line, run_main
-from helpers import MICRO_OVERRIDES
+from helpers import MICRO_OVERRIDES, plan_first_row
 
 
 def test_3b_on_256_h100_recommends_a_layout_the_config_accepts():
     cfg = load_config("3b")
-    report, status = plan(cfg, 256, GPUS["h100"], "h100", 8, 0.5)
+    report, status = plan(cfg, 256, CARDS["h100"], 8, 0.5)
     assert status == 0
-    assert "assumptions:" in report and "989 TFLOP/s" in report and "79.6 GiB" in report
+    assert "assumptions:" in report and "989.5 TFLOP/s dense bf16" in report and "79.6 GiB" in report
     recommended = next(line for line in report.splitlines() if line.startswith("recommended: "))
     overrides = recommended.removeprefix("recommended: ").split()
     chosen = load_config("3b", overrides)  # validates
@@ -59,10 +59,10 @@ def test_memory_terms_against_the_parameter_count_and_each_other():
     assert sum(params) == count_parameters(build_on_meta(cfg.model))
     sample, turns = sample_workload(cfg)
     assert sample.tokens <= cfg.data.max_tokens and turns >= 1
-    one = estimate(cfg, Layout(1, 1, 8, 1, 64), GPUS["h100"], sample, params, 8, 0.5)
+    one = estimate(cfg, Layout(1, 1, 8, 1, 64), CARDS["h100"], sample, params, 8, 0.5)
     assert one.weights_gib == pytest.approx(sum(params) * 12 / GIB)  # fp32 weights, gradients, EMA
     assert one.optimizer_gib == pytest.approx(sum(params) * 8 / 8 / GIB)  # Adam, sharded over 8 DP ranks
-    tp4 = estimate(cfg, Layout(4, 1, 2, 1, 256), GPUS["h100"], sample, params, 8, 0.5)
+    tp4 = estimate(cfg, Layout(4, 1, 2, 1, 256), CARDS["h100"], sample, params, 8, 0.5)
     assert tp4.activations_gib == pytest.approx(one.activations_gib / 4)
     assert one.activations_recompute_gib < one.activations_gib / 10
     assert one.step_recompute_s > one.step_s
@@ -81,6 +81,24 @@ def test_activation_constants_against_a_measured_forward():
     assert measured["per_layer_recompute"] == pytest.approx(RECOMPUTE_BYTES_PER_H, rel=1e-6)  # the fp32 input
     assert measured["per_stage_recompute"] == pytest.approx(STAGE_BYTES_PER_H, rel=0.05)
     assert 0 < measured["per_stage"] <= STAGE_BYTES_PER_H
+
+
+def test_compute_and_mfu_take_the_cards_peak_at_train_precision(capsys):
+    """The peak behind compute time and the MFU column is the card's dense peak at train.precision (vincie.gpus):
+    in fp32 the H100's 67 TFLOP/s, not its bf16 989.5; --peak-tflops replaces it."""
+    rows = {}
+    for name, args, overrides, card in (
+            ("bf16", [], [], CARDS["h100"]), ("fp32", [], ["train.precision=fp32"], CARDS["h100"]),
+            ("override", ["--peak-tflops", "500"], [], CARDS["h100"].with_peak("bf16", 500))):
+        report = run_main(capsys, "plan", "--preset", "3b", "--gpus", "256", *args, *overrides, check=True).stdout
+        cfg = load_config("3b", overrides)
+        precision = cfg.train.precision
+        assert f"({card.dense_tflops[precision]:g} TFLOP/s dense {precision}," in report
+        rows[name], flops_per_s = plan_first_row(report, cfg, card, 256)
+        assert rows[name][21] == f"{mfu(flops_per_s, card, precision):.0%}"
+    compute = {name: float(row[14]) for name, row in rows.items()}  # the same on every layout
+    assert compute["fp32"] == pytest.approx(compute["bf16"] * 989.5 / 67, rel=0.01)
+    assert compute["override"] == pytest.approx(compute["bf16"] * 989.5 / 500, rel=0.01)
 
 
 def test_bench_memory_command(capsys):
@@ -129,7 +147,7 @@ def test_layouts_follow_the_config_rules():
                and l.micro_batch * l.micro_batches * l.data == cfg.train.batch_size
                for l in layouts)
     with pytest.raises(ConfigError, match="--efficiency"):
-        plan(cfg, 256, GPUS["h100"], "h100", 8, 1.5)
+        plan(cfg, 256, CARDS["h100"], 8, 1.5)
 
 
 def test_packed_rows_make_micro_batches_of_several_sessions():
@@ -139,7 +157,7 @@ def test_packed_rows_make_micro_batches_of_several_sessions():
     layouts, _ = candidate_layouts(cfg, 8, 8, per_row=3)
     dp8 = next(l for l in layouts if l.data == 8)  # 8 sessions per rank: rows of 3, 3 and 2
     assert (dp8.micro_batch, dp8.micro_batches) == (3, 3)
-    report, status = plan(cfg, 8, GPUS["h100"], "h100", 8, 0.5)
+    report, status = plan(cfg, 8, CARDS["h100"], 8, 0.5)
     assert status == 0 and "packed (data.pack): 3 per row of 8192 tokens" in report
     assert "parallel.micro_batch_size=1" in report  # one row, not 3 sessions
 
@@ -149,6 +167,6 @@ def test_padding_to_a_multiple_counts_in_the_activation_memory():
     sample, _ = sample_workload(plain)
     assert sample.tokens == 2496  # padded to 4096 by the trainer
     layout = Layout(1, 1, 1, 1, 8)
-    a, b = (estimate(c, layout, GPUS["h100"], sample, parameter_split(c), 8, 0.5) for c in (plain, padded))
+    a, b = (estimate(c, layout, CARDS["h100"], sample, parameter_split(c), 8, 0.5) for c in (plain, padded))
     assert b.activations_gib == pytest.approx(a.activations_gib * 4096 / 2496)
     assert b.compute_s == a.compute_s  # model FLOPs: padding is not useful work

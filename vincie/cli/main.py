@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import sys
 
 from vincie.config import add_config_arguments, config_from_args, to_yaml
 from vincie.errors import VincieError
+from vincie.gpus import CARDS
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -179,10 +181,11 @@ def register_plan(sub) -> None:
     p.add_argument("--config", "--preset", dest="config", default="3b", metavar="PRESET|YAML",
                    help="config preset or YAML path (default: 3b)")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200"],
-                   help="GPU kind: sets the defaults below (printed with the plan)")
+    p.add_argument("--gpu", default="h100", choices=list(CARDS),
+                   help="GPU card (vincie/gpus.py): sets the defaults below (printed with the plan)")
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU (default: the GPU kind's)")
+    p.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s per GPU at train.precision, for compute "
+                                                      "time and MFU (default: the card's datasheet figure)")
     p.add_argument("--memory-gib", type=float, help="memory per GPU (default: the GPU kind's)")
     p.add_argument("--nvlink-gbs", type=float, help="NVLink GB/s per GPU and direction (default: the kind's)")
     p.add_argument("--network-gbs", type=float, help="inter-node GB/s per GPU (default: the kind's)")
@@ -194,13 +197,16 @@ def register_plan(sub) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from vincie.config import load_config
-    from vincie.ops.plan import GPU, GPUS, plan
+    from vincie.ops.plan import plan
 
     cfg = load_config(args.config, args.overrides)
-    base = GPUS[args.gpu]
-    gpu = GPU(args.peak_tflops or base.peak_tflops, args.memory_gib or base.memory_gib,
-              args.nvlink_gbs or base.nvlink_gbs, args.network_gbs or base.network_gbs)
-    report, status = plan(cfg, args.gpus, gpu, args.gpu, args.gpus_per_node, args.efficiency)
+    card = CARDS[args.gpu]
+    gpu = dataclasses.replace(card, memory_gib=args.memory_gib or card.memory_gib,
+                              nvlink_gbs=args.nvlink_gbs or card.nvlink_gbs,
+                              network_gbs=args.network_gbs or card.network_gbs)
+    if args.peak_tflops:
+        gpu = gpu.with_peak(cfg.train.precision, args.peak_tflops)
+    report, status = plan(cfg, args.gpus, gpu, args.gpus_per_node, args.efficiency)
     print(report)
     return status
 

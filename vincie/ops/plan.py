@@ -14,7 +14,8 @@ submitting a run. Everything here is an estimate from a stated model (printed wi
   parallel); with full recomputation (train.recompute=full) only each layer's fp32 input (4 B per unit) stays,
   plus one layer's activations while it is recomputed. A fixed reserve for the CUDA context, NCCL and
   fragmentation.
-- Step time: compute = the step's model FLOPs per GPU / (peak x efficiency), x 4/3 with recomputation; tensor
+- Step time: compute = the step's model FLOPs per GPU / (peak x efficiency), x 4/3 with recomputation (peak: the
+  card's datasheet dense peak at train.precision, vincie.gpus, which MFU is also stated against); tensor
   parallel: 8 collectives per layer per micro-batch (gather and reduce-scatter around attention and MLP, forward
   and backward) over NVLink inside a node; pipeline: the 1F1B bubble (PP-1)/micro-batches and the activations sent
   between stages; data parallel: the fp32 gradient all-reduce, not overlapped with the backward
@@ -27,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 from vincie.config import Config, ConfigError, bucket_shapes, ffn_hidden_size
+from vincie.gpus import Card, mfu
 from vincie.model.flops import Workload, layout_workload, training_flops
 from vincie.model.sequence import Role, build_blocks, layout
 
@@ -44,20 +46,6 @@ STAGE_BYTES_PER_H = 48
 COMM_EFFICIENCY = 0.8  # share of a link's peak bandwidth a collective reaches
 RESERVE_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
 GIB = 2 ** 30
-
-
-@dataclass(frozen=True)
-class GPU:
-    peak_tflops: float  # dense bf16 tensor-core peak
-    memory_gib: float
-    nvlink_gbs: float  # per GPU, per direction
-    network_gbs: float  # per GPU, between nodes
-
-
-# data-sheet figures (SXM parts): bf16 dense peak; memory as nvidia-smi reports it; NVLink 4 (H100/H200) 900 GB/s, NVLink 3 (A100) 600 GB/s
-# both directions together; one 400 Gb/s (H100/H200) or 200 Gb/s (A100) InfiniBand port per GPU
-GPUS = {"h100": GPU(989.0, 79.6, 450.0, 50.0), "h200": GPU(989.0, 140.4, 450.0, 50.0),
-        "a100": GPU(312.0, 80.0, 300.0, 25.0)}
 
 
 @dataclass(frozen=True)
@@ -142,7 +130,7 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int,
     return layouts, rejected
 
 
-def estimate(cfg: Config, lay: Layout, gpu: GPU, sample: Workload, params: tuple[int, int],
+def estimate(cfg: Config, lay: Layout, gpu: Card, sample: Workload, params: tuple[int, int],
              gpus_per_node: int, efficiency: float) -> Estimate:
     m = cfg.model
     h, layers = m.hidden_size, m.num_layers
@@ -171,7 +159,7 @@ def estimate(cfg: Config, lay: Layout, gpu: GPU, sample: Workload, params: tuple
 
     gpus = tp * pp * dp
     step_flops = cfg.train.batch_size * training_flops(m, sample)
-    compute = step_flops / gpus / (gpu.peak_tflops * 1e12 * efficiency)
+    compute = step_flops / gpus / (gpu.dense_tflops[cfg.train.precision] * 1e12 * efficiency)
     tokens_local = tokens_micro * lay.micro_batches  # per DP rank and step
     nvlink = gpu.nvlink_gbs * 1e9 * COMM_EFFICIENCY
     network = gpu.network_gbs * 1e9 * COMM_EFFICIENCY
@@ -205,7 +193,7 @@ def overrides(lay: Layout, cfg: Config, recompute: bool) -> list[str]:
     return out
 
 
-def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, efficiency: float,
+def plan(cfg: Config, gpus: int, gpu: Card, gpus_per_node: int, efficiency: float,
          top: int = 12) -> tuple[str, int]:
     """-> (the report, the exit status: 0 when some layout fits, 1 when none does)."""
     if gpus < 1:
@@ -235,10 +223,12 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
 
     ranked = sorted(rows, key=lambda r: (way(r), r.step_recompute_s))  # the recommendation is the first, if it fits
     step_flops = cfg.train.batch_size * training_flops(cfg.model, sample)
+    precision = cfg.train.precision
 
     lines = [
-        f"plan: {cfg.run.name}, {sum(params) / 1e9:.2f} B parameters, {gpus} x {gpu_name} "
-        f"({gpu.peak_tflops:g} TFLOP/s bf16, {gpu.memory_gib:g} GiB, NVLink {gpu.nvlink_gbs:g} GB/s, network "
+        f"plan: {cfg.run.name}, {sum(params) / 1e9:.2f} B parameters, {gpus} x {gpu.name} "
+        f"({gpu.dense_tflops[precision]:g} TFLOP/s dense {precision}, {gpu.memory_gib:g} GiB, NVLink "
+        f"{gpu.nvlink_gbs:g} GB/s, network "
         f"{gpu.network_gbs:g} GB/s per GPU; {gpus_per_node} per node)",
         f"work: {cfg.train.batch_size} sessions per step, each the longest sequence of the config: {turns} turns, "
         f"{sample.tokens} tokens ({sample.latent_tokens} latent, {sample.text_tokens} text), "
@@ -247,7 +237,7 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
         + (f"; packed (data.pack): {per_row} per row of {cfg.data.max_tokens} tokens"
            if cfg.data.pack else ""),
         "assumptions: " + "; ".join([
-            f"GEMMs at {efficiency:.0%} of peak (--efficiency)",
+            f"GEMMs at {efficiency:.0%} of peak (--efficiency); MFU: model FLOPs over that peak (vincie.gpus)",
             f"links at {COMM_EFFICIENCY:.0%} of peak, no overlap of communication with compute",
             "fp32 weights + gradients + EMA (12 B/param), Adam 8 B/param sharded over DP (distributed optimizer)",
             f"activations per token x hidden: {ACT_BYTES_PER_H} B per layer, {RECOMPUTE_BYTES_PER_H} B with "
@@ -267,14 +257,14 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
         lay = r.layout
         step, recompute = way(r)
         fits = math.isfinite(step)
-        mfu = step_flops / gpus / ((step if fits else r.step_recompute_s) * gpu.peak_tflops * 1e12)
+        utilisation = mfu(step_flops / gpus / (step if fits else r.step_recompute_s), gpu, precision)
         mark = "" if not recompute else "  needs recompute" if fits else "  does not fit"
         lines.append(
             f"{lay.tensor:>3} {lay.pipeline:>3} {lay.data:>4} {lay.micro_batch:>3} {lay.micro_batches:>4} | "
             f"{r.weights_gib:>8.1f} {r.optimizer_gib:>6.1f} {r.activations_gib:>7.1f} "
             f"{r.activations_recompute_gib:>7.1f} | {r.total_gib:>7.1f} {r.total_recompute_gib:>7.1f} | "
             f"{r.compute_s:>8.2f} {r.tensor_s:>8.2f} {r.pipeline_s:>7.2f} {r.data_s:>7.2f} | {r.step_s:>7.2f} "
-            f"{r.step_recompute_s:>7.2f} {mfu:>5.0%}{mark}")
+            f"{r.step_recompute_s:>7.2f} {utilisation:>5.0%}{mark}")
     lines.append(f"(memory in GiB per GPU; times in s per step; {len(rows)} layouts, best {len(shown)} shown"
                  + (f"; {len(rejected)} left out, e.g. {rejected[0]}" if rejected else "") + ")")
     lines.append("")
@@ -284,7 +274,8 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
         memory = best.total_recompute_gib if recompute else best.total_gib
         lines.append(f"recommended: {' '.join(overrides(best.layout, cfg, recompute))}")
         lines.append(f"  {memory:.1f} of {usable:g} GiB per GPU, about {step:.2f} s per step, "
-                     f"{step_flops / gpus / step / 1e12:.0f} TFLOP/s per GPU"
+                     f"{step_flops / gpus / step / 1e12:.0f} TFLOP/s per GPU "
+                     f"(MFU {mfu(step_flops / gpus / step, gpu, precision):.0%})"
                      + (" (with activation recomputation)" if recompute else ""))
         hours = cfg.train.steps * step / 3600
         lines.append(f"  train.steps {cfg.train.steps}: about {hours:.1f} h on {gpus} GPU{'s' if gpus > 1 else ''} "
@@ -293,6 +284,6 @@ def plan(cfg: Config, gpus: int, gpu: GPU, gpu_name: str, gpus_per_node: int, ef
     least = min(rows, key=lambda r: r.total_recompute_gib)
     lines.append(f"the model fits nowhere: the smallest need is {least.total_recompute_gib:.1f} GiB per GPU "
                  f"(TP{least.layout.tensor} PP{least.layout.pipeline} DP{least.layout.data} with recomputation), "
-                 f"more than the {usable:g} GiB of one {gpu_name}; use more GPUs, a larger GPU or shorter sequences "
+                 f"more than the {usable:g} GiB of one {gpu.name}; use more GPUs, a larger GPU or shorter sequences "
                  "(data.max_tokens)")
     return "\n".join(lines), 1
