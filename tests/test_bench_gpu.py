@@ -18,11 +18,13 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.strip().splitlines()
     assert table[-1].startswith("TE layer FP8 vs bf16") and "skipped" in table[-1]
-    assert any(line.startswith("3b layer shared_bf16 fwd+bwd") for line in table)
+    layer_line = next(line for line in table if line.startswith("3b layer shared_bf16 fwd+bwd"))
+    assert "MFU n/a, matmul-peak ratio " in layer_line
     details = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert details["device"] == "cpu (dry run)" and details["matmul_bf16_tflops"] > 0
-    for layer in details["layer"].values():
-        assert layer["seconds"] > 0 and layer["mfu"] == pytest.approx(layer["tflops"] / details["matmul_bf16_tflops"])
+    assert details["device"] == "cpu (dry run)" and details["matmul_bf16_tflops"] > 0 and details["card"] is None
+    for layer in details["layer"].values():  # the CPU is no card: model TFLOP/s and the matmul-peak ratio, no MFU
+        assert layer["seconds"] > 0 and layer["mfu"] is None
+        assert layer["matmul_peak_ratio"] == pytest.approx(layer["tflops"] / details["matmul_bf16_tflops"])
     assert len(details["attention"]) == 2
     for attention in details["attention"].values():
         assert attention["ratio"] == pytest.approx(attention["flex_s"] / attention["sdpa_s"])

@@ -1,9 +1,11 @@
 """GPU benchmark of the MM-DiT's building blocks (run by bench/gpu/run.sh; see docs/BENCHMARKS.md).
 
-1. bf16 matmul peak of this GPU (8192^3), the reference for MFU.
+1. The bf16 matmul rate this GPU reaches (8192^3), measured.
 2. One layer of the 3b preset (a shared layer and a dual-stream one), forward + backward on a block-causal
-   sequence, flex attention: model TFLOP/s (vincie.model.flops: allowed attention pairs only) and MFU against (1); bf16
-   weights, and fp32 weights under bf16 autocast (as vincie.training.trainer runs); activation memory per token.
+   sequence, flex attention: model TFLOP/s (vincie.model.flops: allowed attention pairs only), MFU as training and
+   `vincie plan` state it (vincie.gpus.mfu: over the card's datasheet bf16 dense peak; none on a card vincie.gpus
+   does not know, or the CPU) and, named apart, the matmul-peak ratio (over (1)); bf16 weights, and fp32 weights
+   under bf16 autocast (as vincie.training.trainer runs); activation memory per token.
 3. Block-causal attention, flex (BlockMask) against SDPA with the dense boolean mask, at about 4k and 16k tokens.
 4. FP8 GEMM ceiling: torch._scaled_mm (e4m3, per-tensor scales) against bf16 for the layer's GEMM shapes.
 5. With Transformer Engine (and megatron-core) importable: the layer under the TE spec, bf16 and FP8.
@@ -28,6 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from vincie.config import ModelConfig, load_config
+from vincie.gpus import Card, detect, mfu
 from vincie.model.attention import MaskSpec, attend, prepare_mask
 from vincie.model.batch import pack_rows
 from vincie.model.flops import attention_flops_per_pair, batch_workload, layer_flops_per_token, layout_workload
@@ -86,6 +89,19 @@ def layer_inputs(m: ModelConfig, rows: list, device, dtype):
 def bench_matmul(device, n: int, repeats: int) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     return 2 * n ** 3 / timed(lambda: a @ b, device, 3, repeats) / 1e12
+
+
+def utilisation(tflops: float, card: Card | None, matmul_tflops: float) -> dict:
+    """A layer's model TFLOP/s as MFU (vincie.gpus.mfu over `card`'s datasheet bf16 dense peak, the precision the
+    layers run in here, as training states a bf16 run's; None without a card) and as the matmul-peak ratio (over
+    the bf16 matmul rate measured on this GPU)."""
+    return {"mfu": mfu(tflops * 1e12, card, "bf16") if card else None, "matmul_peak_ratio": tflops / matmul_tflops}
+
+
+def figures(r: dict) -> str:
+    """A layer's two utilisation figures, each under its name."""
+    mfu_text = "n/a" if r["mfu"] is None else f"{r['mfu']:.0%}"
+    return f"MFU {mfu_text}, matmul-peak ratio {r['matmul_peak_ratio']:.2f}"
 
 
 def bench_layer(m: ModelConfig, rows: list, device, dual: bool, mode: str, backend: str, backward: bool,
@@ -202,12 +218,15 @@ def main(argv=None) -> int:
         text, grid, repeats, sizes = 4, (4, 4), 1, (128, 1024)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
+    card = None if dry else detect(torch.cuda.get_device_name())
     results: dict = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)",
+                     "card": card.name if card else None,
+                     "card_bf16_dense_tflops": card.dense_tflops["bf16"] if card else None,
                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "model": {"hidden": m.hidden_size, "heads": m.num_heads, "layers": m.num_layers}}
-    peak = bench_matmul(device, 256 if dry else 8192, repeats)
-    results["matmul_bf16_tflops"] = peak
-    print(f"bf16 matmul: {peak:.0f} TFLOP/s", flush=True)
+    matmul = bench_matmul(device, 256 if dry else 8192, repeats)
+    results["matmul_bf16_tflops"] = matmul
+    print(f"bf16 matmul: {matmul:.0f} TFLOP/s", flush=True)
 
     rows = {n: session_layout(cfg, n, grid, text) for n in sizes}
     layer_row = rows[sizes[0]]
@@ -216,11 +235,11 @@ def main(argv=None) -> int:
     for name, dual, mode in (("shared_bf16", False, "bf16"), ("dual_bf16", True, "bf16"),
                              ("shared_autocast", False, "autocast")):
         r = bench_layer(m, [layer_row], device, dual, mode, backend, True, repeats)
-        r["mfu"] = r["tflops"] / peak
+        r |= utilisation(r["tflops"], card, matmul)
         results["layer"][name] = r
-        print(f"layer {name}: {r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.0%}", flush=True)
+        print(f"layer {name}: {r['tflops']:.0f} TFLOP/s, {figures(r)}", flush=True)
     recomputed = bench_layer(m, [layer_row], device, False, "autocast", backend, True, repeats, recompute=True)
-    results["layer"]["shared_recompute"] = recomputed | {"mfu": recomputed["tflops"] / peak}
+    results["layer"]["shared_recompute"] = recomputed | utilisation(recomputed["tflops"], card, matmul)
     print(f"layer shared_autocast with recomputation: x{recomputed['seconds'] / r['seconds']:.2f} time", flush=True)
 
     # data.pack: sessions of 1-6 turns one per row (padded to the longest) against packed into rows of sizes[1]
@@ -257,9 +276,11 @@ def main(argv=None) -> int:
 
     lines = [f"{results['device']}, torch {results['torch']}, {results['date']}; details: {path}",
              f"{'what':<44} {'value':>12}",
-             f"{'bf16 matmul peak (TFLOP/s)':<44} {peak:>12.0f}"]
+             f"{'bf16 matmul, measured (TFLOP/s)':<44} {matmul:>12.0f}",
+             f"{'bf16 dense peak, datasheet (TFLOP/s)':<44} "
+             + (f"{card.dense_tflops['bf16']:>12g}  ({card.name})" if card else f"{'n/a':>12}  (no known card)")]
     for name, r in results["layer"].items():
-        lines.append(f"{'3b layer ' + name + ' fwd+bwd TFLOP/s (MFU)':<44} {r['tflops']:>6.0f} ({r['mfu']:.0%})")
+        lines.append(f"{'3b layer ' + name + ' fwd+bwd TFLOP/s':<44} {r['tflops']:>12.0f}  {figures(r)}")
     if "activation_bytes_per_token_h" in results["layer"]["shared_autocast"]:
         lines.append(f"{'activations B/token/hidden (plan: ' + str(ACT_BYTES_PER_H) + ')':<44} "
                      f"{results['layer']['shared_autocast']['activation_bytes_per_token_h']:>12.0f}")
