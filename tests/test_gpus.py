@@ -1,8 +1,19 @@
-"""vincie.gpus: the datasheet table, the one MFU definition, and which card a CUDA device name is."""
+"""vincie.gpus: the datasheet table, the one MFU definition (the same in training, `vincie plan` and bench/gpu),
+and which card a CUDA device name is."""
+
+import importlib.util
+import os
+from dataclasses import replace
 
 import pytest
 
+from vincie.config import load_config
 from vincie.gpus import CARDS, detect, mfu, resolve
+from vincie.ops.plan import plan
+from vincie.training.trainer import window_utilisation
+
+from conftest import REPO
+from helpers import plan_first_row
 
 
 def test_mfu_is_model_flops_over_the_datasheet_dense_peak():
@@ -34,3 +45,28 @@ def test_resolve_names_detects_or_overrides_the_card():
     capped = resolve("h100", 800.0, "bf16", None)
     assert capped.dense_tflops == {**CARDS["h100"].dense_tflops, "bf16": 800.0}
     assert CARDS["h100"].dense_tflops["bf16"] == 989.5  # the table is left as it was
+
+
+def gpu_bench():
+    """bench/gpu/bench.py as a module (it is a script, run by bench/gpu/run.sh)."""
+    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(REPO, "bench", "gpu", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_plan_and_bench_state_one_mfu():
+    """One model FLOP/s figure per GPU, that of `vincie plan`'s first 3b layout on 256 H100s, through plan's table,
+    training's log window (under that layout's TP x PP) and bench/gpu's layer figures: one MFU, over the H100's
+    datasheet bf16 dense peak; bench's matmul-peak ratio is over its measured matmul rate instead."""
+    card, cfg = CARDS["h100"], load_config("3b")  # bf16, as bench/gpu runs its layers
+    row, flops_per_s = plan_first_row(plan(cfg, 256, card, 8, 0.5)[0], cfg, card, 256)
+    expected = flops_per_s / 989.5e12
+    assert row[21] == f"{expected:.0%}"
+    tensor, pipeline = int(row[0]), int(row[1])
+    layout = replace(cfg, parallel=replace(cfg.parallel, tensor=tensor, pipeline=pipeline))
+    window = [{"flops": flops_per_s * tensor * pipeline * s, "step_s": s} for s in (0.5, 1.5)]  # a replica's FLOPs
+    training = window_utilisation(window, layout, card)
+    assert training == {"model_tflops": pytest.approx(flops_per_s / 1e12), "mfu": pytest.approx(expected)}
+    bench = gpu_bench().utilisation(flops_per_s / 1e12, card, matmul_tflops=flops_per_s / 1e12 / 0.8)
+    assert bench == {"mfu": pytest.approx(expected), "matmul_peak_ratio": pytest.approx(0.8)}
