@@ -6,10 +6,12 @@ import os
 from dataclasses import replace
 
 import pytest
+import torch
 
 from vincie.config import load_config
 from vincie.gpus import CARDS, detect, mfu, resolve
 from vincie.ops.plan import plan
+from vincie.training.metrics import mfu_card
 from vincie.training.trainer import window_utilisation
 
 from conftest import REPO
@@ -45,6 +47,16 @@ def test_resolve_names_detects_or_overrides_the_card():
     capped = resolve("h100", 800.0, "bf16", None)
     assert capped.dense_tflops == {**CARDS["h100"].dense_tflops, "bf16": 800.0}
     assert CARDS["h100"].dense_tflops["bf16"] == 989.5  # the table is left as it was
+
+
+@pytest.mark.parametrize("device_name, card, line", [
+    ("NVIDIA H200", "h200", "MFU against the h200's dense bf16 peak, 989.5 TFLOP/s"),
+    ("NVIDIA L40S", None, "model TFLOP/s without MFU: 'NVIDIA L40S' is not a known card (a100, h100, h200, b200); "
+                          "metrics.peak_tflops states its dense bf16 peak")])
+def test_training_on_a_gpu_detects_its_card_or_says_why_not(monkeypatch, device_name, card, line):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: device_name)
+    found, said = mfu_card(load_config("tiny", ["train.precision=bf16"]), torch.device("cuda"))
+    assert (found.name if found else None, said) == (card, line)
 
 
 def gpu_bench():

@@ -110,9 +110,11 @@ def mfu_card(cfg: Config, device: torch.device) -> tuple[Card | None, str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     precision = cfg.train.precision
     card = resolve(cfg.metrics.gpu, cfg.metrics.peak_tflops, precision, name)
+    if card is None and name is None:
+        return None, "model TFLOP/s without MFU (not on a GPU)"
     if card is None:
-        where = f"{name!r} is not a known card ({', '.join(CARDS)})" if name else "not on a GPU"
-        return None, f"model TFLOP/s without MFU ({where}; metrics.gpu or metrics.peak_tflops names a peak)"
+        return None, (f"model TFLOP/s without MFU: {name!r} is not a known card ({', '.join(CARDS)}); "
+                      f"metrics.peak_tflops states its dense {precision} peak")
     return card, f"MFU against the {card.name}'s dense {precision} peak, {card.dense_tflops[precision]:g} TFLOP/s"
 
 
