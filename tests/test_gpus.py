@@ -11,8 +11,8 @@ import torch
 from vincie.config import load_config
 from vincie.gpus import CARDS, detect, mfu, resolve
 from vincie.ops.plan import plan
+from vincie.training.logs import window_utilisation
 from vincie.training.metrics import mfu_card
-from vincie.training.trainer import window_utilisation
 
 from conftest import REPO
 from helpers import plan_first_row
