@@ -8,7 +8,8 @@ space-to-depth latent) stay outside it and are referenced by config.
 
 from __future__ import annotations
 
-# isort: skip_file  (megatron_layers must be imported before megatron-core: it sets warning filters first)
+# megatron_layers is imported before megatron-core (it sets warning filters first): keep the order below
+# isort: skip_file
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,8 @@ vincie.model.components.EditModel), inference on exported weights uses the plain
 
 from __future__ import annotations
 
-# isort: skip_file  (megatron_layers must be imported before megatron-core: it sets warning filters first)
+# megatron_layers is imported before megatron-core (it sets warning filters first): keep the order below
+# isort: skip_file
 
 import dataclasses
 import warnings

@@ -8,7 +8,8 @@ The parallel sizes come from the config's `parallel` section; data parallel is w
 
 from __future__ import annotations
 
-# isort: skip_file  (megatron_layers must be imported before megatron-core: it sets warning filters first)
+# megatron_layers is imported before megatron-core (it sets warning filters first): keep the order below
+# isort: skip_file
 
 import os
 import socket
