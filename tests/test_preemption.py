@@ -17,9 +17,10 @@ import time
 import psutil
 import pytest
 
-from helpers import REPO, make_data, write_config
 from vincie.sessions.index import read_index
 from vincie.training import checkpoint
+
+from helpers import REPO, make_data, write_config
 
 SESSIONS, BATCH, STEPS = 48, 4, 24  # two epochs of 12 steps
 
