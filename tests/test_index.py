@@ -1,5 +1,6 @@
 """The session index: build, verify against damage, atomic shards under a killed writer, resume, split, stats."""
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from vincie.config import StorageConfig, SynthConfig
 from vincie.sessions.index import INDEX_FILE, read_index, verify
 from vincie.sessions.shards import scan_shard
 
-from conftest import REPO, run_vincie
+from conftest import REPO, run_main, run_vincie
 
 
 def make_dataset(root, sessions=24, shard_size=8, **synth):
@@ -161,3 +162,15 @@ def test_verify_without_index_says_how_to_build(tmp_path):
     os.remove(tmp_path / INDEX_FILE)
     result = run_vincie("data", "index", "verify", str(tmp_path))
     assert result.returncode == 2 and "vincie data index build" in result.stderr
+
+
+def test_bench_synth_reports_every_pass(capsys):
+    """A smoke test of `vincie bench synth --videos` (no speed is asserted): rendering, end to end, and end to end
+    with video files each measured."""
+    result = run_main(capsys, "bench", "synth", "--sessions", "4", "--resolution", "32", "--workers", "1",
+                      "--videos", "--json", check=True)
+    report = json.loads(result.stdout)
+    assert report["sessions"] == 4 and report["resolution"] == 32
+    for key in ("render_sessions_per_s_1proc", "end_to_end_sessions_per_s_1proc",
+                "end_to_end_with_videos_sessions_per_s_1proc"):
+        assert report[key] > 0, key

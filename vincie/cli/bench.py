@@ -27,13 +27,16 @@ def bench_synth(args: argparse.Namespace) -> int:
     for i in range(args.sessions):
         generate_session(cfg.synth, "train", 0, i)
     results["render_sessions_per_s_1proc"] = args.sessions / (time.perf_counter() - start)
-    for workers in sorted({1, args.workers}):
+    runs = [(workers, False) for workers in sorted({1, args.workers})]
+    runs += [(args.workers, True)] if args.videos else []
+    for workers, videos in runs:
         with tempfile.TemporaryDirectory() as tmp:
             job = SynthJob(out=os.path.join(tmp, "data"), sessions=args.sessions, split="train", seed=0,
-                           synth=cfg.synth)
+                           synth=cfg.synth, videos=os.path.join(tmp, "videos") if videos else "")
             start = time.perf_counter()
-            run_synth(job, cfg.storage, workers=workers)
-            results[f"end_to_end_sessions_per_s_{workers}proc"] = args.sessions / (time.perf_counter() - start)
+            run_synth(job, cfg.storage, workers=workers, progress=False)
+            name = "end_to_end_with_videos" if videos else "end_to_end"
+            results[f"{name}_sessions_per_s_{workers}proc"] = args.sessions / (time.perf_counter() - start)
     print_results(results, args.json)
     return 0
 
@@ -462,10 +465,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{synth,ingest,loader,inference,memory}")
     p = sub.add_parser("synth", help="synthetic session generation speed",
                        description="Sessions/s of the synthetic world: rendering alone in one process, and end "
-                                   "to end (render, encode, shard, index) with 1 and --workers processes.")
+                                   "to end (render, encode, shard, index) with 1 and --workers processes; with "
+                                   "--videos also end to end writing every session as video files (VP9 and "
+                                   "H.264, with their ground truth) with --workers processes.")
     p.add_argument("--sessions", type=int, default=512)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--videos", action="store_true", help="also time writing video files (`vincie data synth --videos`)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config_arguments(p)
     p.set_defaults(func=bench_synth)
