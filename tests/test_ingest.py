@@ -177,3 +177,17 @@ def test_videos_from_s3_to_s3(videos, s3_bucket, capsys):
     (session,) = iter_sessions(out)
     assert session.meta["video"] == f"clips/{good.name}"
     assert "OK" in run_main(capsys, "data", "index", "verify", out, check=True).stdout
+
+
+def test_bench_ingest_reports_speed_and_agreement_with_the_truth(capsys):
+    """A smoke test of `vincie bench ingest` (no speed is asserted): two synthetic sessions as VP9 files, ingested
+    by one process; every video gives one session with one image per state, and each transition's two masks are
+    scored against the true ones."""
+    result = run_main(capsys, "bench", "ingest", "--sessions", "2", "--turns", "2", "--workers", "1", "--codecs",
+                      "vp9", "--json", check=True)
+    report = json.loads(result.stdout)
+    assert report["videos"] == 2 and report["sessions_made"] == 2 and report["aligned_videos"] == "2/2"
+    assert report["videos_per_s_1proc"] > 0 and report["worker_cpu_s_per_video_1proc"] > 0
+    kinds = [key.removeprefix("mask_iou_") for key in report if key.startswith("mask_iou_")]
+    assert kinds and sum(report[f"mask_pairs_{kind}"] for kind in kinds) == 2 * 2 * 2  # videos x turns x (cur, next)
+    assert all(0 <= report[f"mask_iou_{kind}"] <= 1 for kind in kinds)
