@@ -1,5 +1,7 @@
 """The sequence builder and the attention rule, as properties over random sessions, and flex == SDPA."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,8 @@ import torch
 from vincie.config import SequenceConfig
 from vincie.model.attention import MaskSpec, allowed, dense_mask, flex_attention, flex_block_mask
 from vincie.model.sequence import BlockType, Role, build_blocks, full_attention_blocks, layout, pack
+
+from conftest import run_main
 
 GRID = (2, 3)
 
@@ -178,6 +182,19 @@ def test_tile_built_block_mask_equals_create_block_mask(seed):
         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
                      "q_indices", "full_q_num_blocks", "full_q_indices"):
             assert torch.equal(getattr(built, name), getattr(reference, name)), (tile, name)
+
+
+def test_bench_blockmask_builds_the_same_mask_both_ways(capsys):
+    """A smoke test of `vincie bench blockmask` (no timing is asserted): rows of 1024 tokens packed with whole
+    sessions, both builders timed, and the two BlockMasks the same."""
+    result = run_main(capsys, "bench", "blockmask", "--json", "--repeats", "1", "data.max_tokens=1024", check=True)
+    report = json.loads(result.stdout)
+    assert report["rows"] == 2 and report["tokens_per_row"] == 1024
+    assert max(report["session_tokens"]) <= 1024 and sum(report["session_tokens"]) <= report["rows"] * 1024
+    assert report["identical"] and 0 < report["sparsity_percent"] < 100
+    for name in ("from_tiles", "every_pair"):
+        assert len(report["seconds"][name]) == 1 and report["median_s"][name] > 0
+    assert report["peak_memory_mib"]["every_pair"] is None or report["peak_memory_mib"]["every_pair"] > 0
 
 
 def test_flex_block_mask_skips_masked_tiles():

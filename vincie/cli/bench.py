@@ -459,10 +459,99 @@ def bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def packed_session_rows(cfg, rows: int) -> tuple[list, list[int]]:
+    """Rows of data.max_tokens tokens filled as training packs them (vincie.model.batch.pack_rows) with sessions of
+    the config's shape: the first bucket at data.resolution, instructions of text_encoder.max_tokens tokens,
+    masks, nothing dropped; data.max_turns turns, then one fewer, ... down to 1, again from the top, while the
+    total fits in `rows` rows, then the last ones left out until pack_rows fits them in `rows` rows (sessions
+    longer than a row are never taken). -> (the packed Layouts, tokens per session)."""
+    import itertools
+
+    from vincie.config import bucket_shapes
+    from vincie.model.batch import pack_rows
+    from vincie.model.sequence import build_blocks, layout, pack
+
+    h, w = bucket_shapes(cfg)[0]
+    cell = cfg.vae.factor * cfg.model.patch_size
+    capacity, text = cfg.data.max_tokens, cfg.text_encoder.max_tokens
+    by_turns = [layout(build_blocks(turns, True, cfg.sequence, None), [text] * turns, (h // cell, w // cell))
+                for turns in range(cfg.data.max_turns, 0, -1)]
+    fitting = [s for s in by_turns if s.num_tokens <= capacity]
+    if not fitting:
+        raise VincieError(f"data.max_tokens ({capacity}) is less than one turn of {cfg.data.resolution} px "
+                          f"({by_turns[-1].num_tokens} tokens)")
+    sessions = []
+    for session in itertools.cycle(fitting):
+        if sum(s.num_tokens for s in sessions) + session.num_tokens > rows * capacity:
+            break
+        sessions.append(session)
+    while len(grouped := pack_rows([s.num_tokens for s in sessions], capacity)) > rows:
+        sessions.pop()  # the total fits, the sessions do not: the last one out
+    return [pack([sessions[i] for i in row]) for row in grouped], [s.num_tokens for s in sessions]
+
+
+def bench_blockmask(args: argparse.Namespace) -> int:
+    import statistics
+
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from vincie.model.attention import MaskSpec, allowed, flex_block_mask
+
+    cfg = config_from_args(args)
+    rows, lengths = packed_session_rows(cfg, args.rows)
+    spec = MaskSpec.from_layouts(rows, num_tokens=cfg.data.max_tokens)
+    B, T = spec.batch, spec.num_tokens
+    builders = {
+        "from_tiles": lambda: flex_block_mask(spec, args.tile),
+        "every_pair": lambda: create_block_mask(lambda b, h, q, kv: allowed(spec, b, q, kv), B, None, T, T,
+                                                device="cpu", BLOCK_SIZE=args.tile),
+    }
+    masks = {name: build() for name, build in builders.items()}  # warm-up, and what is compared
+    fields = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+              "full_q_num_blocks", "full_q_indices")
+    identical = all(torch.equal(getattr(masks["from_tiles"], f), getattr(masks["every_pair"], f)) for f in fields)
+    memory = PeakMemory(torch.device("cpu"))
+    times: dict[str, list[float]] = {name: [] for name in builders}
+    peaks: dict[str, list] = {name: [] for name in builders}
+    for _ in tqdm(range(args.repeats), desc="BlockMask (from tiles, every pair)", unit="pair", disable=args.json):
+        for name, build in builders.items():  # alternating, so that load from other processes hits both alike
+            memory.start()
+            start = time.perf_counter()
+            build()
+            times[name].append(time.perf_counter() - start)
+            peaks[name].append(memory.peak())
+    results = {
+        "config": args.config, "rows": B, "tokens_per_row": T, "sessions": len(lengths), "session_tokens": lengths,
+        "padding_share": 1 - sum(lengths) / (B * T), "tile": args.tile, "repeats": args.repeats,
+        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "seconds": times, "median_s": {name: statistics.median(t) for name, t in times.items()},
+        "peak_memory_mib": {name: (max(p) / 2 ** 20 if None not in p else None) for name, p in peaks.items()},
+        "sparsity_percent": masks["from_tiles"].sparsity(),
+        "identical": identical,
+    }
+    results["speedup"] = results["median_s"]["every_pair"] / results["median_s"]["from_tiles"]
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print(f"flex BlockMask of {B} rows x {T} tokens ({len(lengths)} sessions of {min(lengths)}-{max(lengths)} "
+          f"tokens, {results['padding_share']:.1%} padding), tiles of {args.tile}, {results['threads']} threads")
+    for name in builders:
+        peak = results["peak_memory_mib"][name]
+        print(f"  {name:10s} median {results['median_s'][name]:8.3f} s  (all: "
+              f"{', '.join(f'{t:.3f}' for t in times[name])})  peak memory "
+              f"{'n/a' if peak is None else f'{peak:.1f} MiB'}")
+    print(f"  every pair / from tiles {results['speedup']:.1f}x; sparsity {results['sparsity_percent']:.1f}%; "
+          f"the same BlockMask: {'yes' if results['identical'] else 'NO'}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="performance benchmarks",
                                   description="Performance benchmarks; record results in docs/BENCHMARKS.md.")
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{synth,ingest,loader,inference,memory}")
+    sub = bench.add_subparsers(dest="bench_command", required=True,
+                               metavar="{synth,ingest,loader,inference,memory,blockmask}")
     p = sub.add_parser("synth", help="synthetic session generation speed",
                        description="Sessions/s of the synthetic world: rendering alone in one process, and end "
                                    "to end (render, encode, shard, index) with 1 and --workers processes; with "
@@ -545,3 +634,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config_arguments(p)
     p.set_defaults(func=bench_memory)
+
+    p = sub.add_parser("blockmask", help="flex attention's BlockMask: built from tiles against create_block_mask",
+                       description="Build flex attention's BlockMask for --rows rows of data.max_tokens tokens "
+                                   "packed with block-causal sessions of --config's shape (data.max_turns turns down "
+                                   "to 1, with masks) in two ways, alternating, --repeats times after a warm-up: "
+                                   "from tiles (vincie.model.attention.flex_block_mask, what training uses) and with "
+                                   "flex's create_block_mask, which evaluates the rule at every (query, key) pair. "
+                                   "Reports the median time, the peak resident set above the start of each build, "
+                                   "the sparsity and whether the two BlockMasks are the same. On the CPU; --config "
+                                   "3b gives 2 rows of 16384 tokens at 256 px.")
+    p.add_argument("--rows", type=int, default=2, help="rows of data.max_tokens tokens (default 2)")
+    p.add_argument("--tile", type=int, default=128, help="BlockMask tile size (default 128, flex's)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_config_arguments(p)
+    p.set_defaults(func=bench_blockmask)
