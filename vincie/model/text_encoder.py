@@ -28,7 +28,7 @@ class HashedWordEncoder(nn.Module):
         self.vocab_size, self.max_tokens = cfg.vocab_size, cfg.max_tokens
         self.embed = nn.Embedding(cfg.vocab_size + 1, dim)  # id 0: start token
         # PyTorch's N(0, 1) init, not GPT's 0.02: words start as distinct vectors as large as the image tokens; the tiny
-        # model's instruction-swap change was 26x larger at step 250, 1.6x at 1500 (docs/BENCHMARKS.md, "fifth round")
+        # model learned the instruction sooner (docs/BENCHMARKS.md, "What was tried for the tiny preset", row 19)
 
     def tokenize(self, text: str) -> list[int]:
         words = WORD.findall(text.lower())
