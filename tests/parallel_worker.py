@@ -91,7 +91,7 @@ def main() -> None:
     config, out, mode, *overrides = sys.argv[1:]
     cfg = load_config(config, overrides)
     if mode == "train":
-        train(cfg)
+        train(cfg, progress=False)
         shutdown()
         return
     info = init_distributed(cfg.parallel)

@@ -45,7 +45,7 @@ def write_dataset(root, shards):
                 for suffix, data in sample.items():
                     if suffix != "__key__":
                         writer.add_member(f"{sample['__key__']}.{suffix}", data)
-    build_index(str(root))
+    build_index(str(root), progress=False)
     return str(root)
 
 
@@ -401,7 +401,7 @@ def test_precomputed_text_features_of_a_frozen_encoder_give_the_same_training_ba
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", clean, train={"batch_size": 4},
                           data={"workers": 0}, text_encoder=frozen, model={"text_dim": 384})
     out = str(tmp_path / "pre")
-    counts = precompute(clean, out, load_config(config))
+    counts = precompute(clean, out, load_config(config), progress=False)
     assert counts == {"sessions": 40, "without_features": 0, "kept_shards": 0}
 
     def batch(root):

@@ -89,10 +89,10 @@ def bench_ingest(args: argparse.Namespace) -> int:
         videos = os.path.join(tmp, "videos")
         job = SynthJob(out=os.path.join(tmp, "synth"), sessions=args.sessions, split="test", seed=1, synth=cfg.synth,
                        videos=videos, video_codecs=args.codecs.split(","))
-        run_synth(job, cfg.storage, workers=args.workers)
+        run_synth(job, cfg.storage, workers=args.workers, progress=False)
         for workers in sorted({1, args.workers}):
             out = os.path.join(tmp, f"out{workers}")
-            summary = run_ingest(videos, out, cfg, workers=workers)
+            summary = run_ingest(videos, out, cfg, workers=workers, progress=False)
             results[f"videos_per_s_{workers}proc"] = summary["videos_per_s"]
             results[f"sessions_per_s_{workers}proc"] = summary["sessions_per_s"]
             results[f"worker_cpu_s_per_video_{workers}proc"] = summary["cpu_seconds"] / max(1, summary["processed"])
