@@ -23,10 +23,10 @@ from vincie.training.loss import flow_loss_sums
 from vincie.training.optim import EMA
 from vincie.training.parallel import init_distributed
 from vincie.training.train import train
-from vincie.training.trainer import Trainer
+from vincie.training.trainer import Trainer, zero_terms
 
 from conftest import REPO, run_vincie
-from helpers import make_data, write_config
+from helpers import MICRO_OVERRIDES, make_data, write_config
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +212,83 @@ def test_two_data_parallel_processes_equal_one(tmp_path, data):
     np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-4)
     wa = torch.load(tmp_path / "one/checkpoints/step-000003/state.pt", weights_only=False)["model"]
     wb = torch.load(tmp_path / "two/checkpoints/step-000003/state.pt", weights_only=False)["model"]
+    for name in wa:
+        if isinstance(wa[name], torch.Tensor):
+            torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [[], MICRO_OVERRIDES,
+                                       [*MICRO_OVERRIDES, "model.source=channels", "model.pooled_text=true",
+                                        "sequence.mode=full"],
+                                       [*MICRO_OVERRIDES, "sequence.drop_text=0"]],
+                         ids=["tiny", "micro-masks", "micro-channels-pooled-full", "micro-no-text-dropout"])
+def test_only_the_text_table_can_go_without_a_gradient_and_zero_terms_keep_it(overrides):
+    """Why the plain runtime adds zero_terms: a batch of two sessions with instructions gives every parameter a
+    gradient; a session whose every instruction the context dropout removed (searched for among 500 draws: with
+    sequence.drop_text > 0 a 2-turn session loses both with probability drop_text^2) leaves exactly the text
+    encoder's table without one, and the zero terms give it one (zero) without changing any other gradient."""
+    import dataclasses
+
+    from data_index.synthetic.world import generate_session
+    from vincie.model.batch import SessionEncoder, collate
+    from vincie.model.components import build_components
+    from vincie.model.sequence import BlockType
+    from vincie.sessions.loaded import from_session
+
+    init_distributed()
+    cfg = load_config("tiny", ["data.resolution=32", *overrides])
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model, vae, text_encoder = build_components(cfg, cpu)
+    encoder = SessionEncoder(cfg, vae, text_encoder, cpu)
+    synth = dataclasses.replace(cfg.synth, resolution=32, min_turns=2, max_turns=2)
+    sessions = [from_session(generate_session(synth, "train", 0, i).session) for i in range(2)]
+
+    def sample(session, seed):
+        return encoder.training_sample(session, np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+
+    def gradients(make_samples, zero: bool) -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        batch = collate(make_samples(), cpu, cfg.model.text_dim)  # samples anew: their text features hold a graph
+        loss, _ = flow_loss_sums(model(batch.inputs), batch, cfg.diffusion.loss_weights, cfg.diffusion.prediction)
+        (loss + (zero_terms(model.text_encoder) if zero else 0.0)).backward()
+        return {name: None if param.grad is None else param.grad.clone() for name, param in model.named_parameters()}
+
+    def without_gradient(make_samples) -> set[str]:
+        plain, zero = gradients(make_samples, False), gradients(make_samples, True)
+        assert all(g is not None for g in zero.values())
+        for name, grad in plain.items():
+            expected = torch.zeros_like(zero[name]) if grad is None else grad
+            assert torch.equal(zero[name], expected), name
+        return {name for name, grad in plain.items() if grad is None}
+
+    assert all(sample(session, seed=0).text for session in sessions)
+    assert without_gradient(lambda: [sample(session, seed=0) for session in sessions]) == set()
+    # the context dropout's draws alone (the sample's first draws from its generator), then that sample
+    dropped = [seed for seed in range(500) if all(block.type != BlockType.TEXT for block in encoder.fit_blocks(
+        sessions[0], np.random.default_rng(seed), text_lengths=[1, 1], tokens_per_element=1))]
+    if not dropped:
+        assert cfg.sequence.drop_text == 0
+    else:
+        assert not sample(sessions[0], dropped[0]).text
+        assert without_gradient(lambda: [sample(sessions[0], dropped[0])]) == {"text_encoder.embed.weight"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop_text", [0.0, 1.0])
+def test_ddp_trains_like_one_process_without_searching_for_unused_parameters(tmp_path, data, drop_text):
+    """Two plain-runtime processes (torch DDP, find_unused_parameters=False) train like one process, and DDP does
+    not warn. sequence.drop_text=1: no step uses the text table, which only the zero terms keep in the backward
+    (without them DDP stops at the second step); 0: every step uses it."""
+    configs = {n: write_config(tmp_path / f"{n}.yaml", tmp_path / n, data["train"], train={"steps": 2},
+                               sequence={"drop_text": drop_text}) for n in ("one", "two")}
+    train(load_config(configs["one"]), progress=False)
+    result = run_vincie("launch", "local", "--nproc", "2", "--config", configs["two"], "--no-progress", check=True)
+    assert "find_unused_parameters=True was specified" not in result.stderr
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-4)
+    wa = torch.load(tmp_path / "one/checkpoints/step-000002/state.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "two/checkpoints/step-000002/state.pt", weights_only=False)["model"]
     for name in wa:
         if isinstance(wa[name], torch.Tensor):
             torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)

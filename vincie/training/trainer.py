@@ -95,7 +95,8 @@ class Trainer:
         if self.megatron:
             self.wrapped, self.optimizer = self.megatron_setup()
         else:
-            self.wrapped = [torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+            # every parameter gets a gradient in every backward (zero_terms), so DDP needs no search of the graph
+            self.wrapped = [torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=False)
                             if dist_info.world_size > 1 else self.model]
             decay, no_decay = [], []
             for param in self.model.parameters():
@@ -302,7 +303,7 @@ class Trainer:
                                       enabled=self.cfg.train.precision == "bf16"):
                 weighted_sum, per_task = flow_loss_sums(model(batch.inputs), batch, self.cfg.diffusion.loss_weights,
                                                         self.cfg.diffusion.prediction, self.cfg.diffusion.loss_space)
-                (weighted_sum * self.info.dp_size / count.clamp(min=1)).backward()
+                (weighted_sum * self.info.dp_size / count.clamp(min=1) + zero_terms(self.model.text_encoder)).backward()
             total += weighted_sum.detach().double()
             task_table += per_task
         return total, task_table, True
@@ -370,6 +371,19 @@ class Trainer:
             if finite:
                 self.optimizer.step()
         return grad_norm, finite
+
+
+def zero_terms(module: torch.nn.Module | None) -> torch.Tensor | float:
+    """0 x one element of each of `module`'s parameters: added to a loss, it gives each a zero gradient in every
+    backward and changes no value. The plain runtime adds it for the trainable text encoder (hashed_words), the one
+    part of the model that a step can leave without a gradient: it is applied before the model's forward, and a
+    micro-batch whose every instruction was dropped (sequence.drop_text, for guidance) does not use it. Every MM-DiT
+    parameter takes part in every step whatever the model options and blocks. So torch DDP can run without its
+    search for unused parameters (whose extra graph traversal every step made it warn), and without that search a
+    parameter left without a gradient would stop the run."""
+    if module is None:
+        return 0.0
+    return sum(param.reshape(-1)[0] * 0.0 for param in module.parameters())
 
 
 def model_flops(cfg: Config, batches: list[Batch]) -> float:
