@@ -132,36 +132,69 @@ def test_filters_and_source_weights():
 # Exactly once
 
 
-def test_two_ranks_two_workers_interrupted_then_resumed_with_one_worker_read_every_session_once(tmp_path):
+def random_seed() -> tuple[int, np.random.Generator]:
+    """A seed drawn at random for each run, or VINCIE_TEST_SEED to repeat one; tests name it in their messages."""
+    seed = int(os.environ.get("VINCIE_TEST_SEED") or np.random.default_rng().integers(2 ** 31))
+    return seed, np.random.default_rng(seed)
+
+
+def read_steps(loaders: list[Loader], steps: int, batch_size: int) -> list:
+    """`steps` steps of a global batch read by data-parallel ranks (one loader each), as the global batch: rank r's
+    j-th item is item r + j * ranks of the step's batch."""
+    ranks = len(loaders)
+    out = []
+    for _ in range(steps):
+        batch = [None] * batch_size
+        for r, loader in enumerate(loaders):
+            batch[r::ranks] = loader.next(batch_size // ranks)
+        out += batch
+    return out
+
+
+def test_a_resume_with_other_rank_and_worker_counts_reads_the_epoch_once_in_order(tmp_path):
+    """Three interruptions a run: each at a random step of a 40-session epoch (global batch 4), between layouts
+    (data-parallel ranks, loader workers, sessions read together) drawn at random, the two differing in ranks or
+    workers. What the ranks consumed, laid out as global batches, is the epoch's order with every session once (a
+    damaged one as one Skipped) and the position is one epoch on. The seed is in every message (VINCIE_TEST_SEED)."""
     samples = synth_samples(40)
     damaged = dict(samples[5])
     del damaged["000.next.png"]  # a bad session counts as read (skipped), once, like the others
     root = write_dataset(tmp_path / "data", [samples[:5] + [damaged] + samples[6:20], samples[20:]])
-    steps = len(samples) // 4  # global batch 4 = 2 ranks x 2 sessions: one epoch
-    stop = int(np.random.default_rng().integers(1, steps))  # interrupt at a random step
-    uninterrupted = [Loader(loader_config(root, "data.workers=0"), r, 2) for r in (0, 1)]
-    expected = [sum((keys(loader.next(2)) for _ in range(steps)), []) for loader in uninterrupted]
+    batch_size, steps = 4, 10
+    expected = [Loader(loader_config(root)).order.at(p).id for p in range(40)]
+    assert sorted(expected) == sorted(index_ids(root))
+    seed, rng = random_seed()
 
-    first = [Loader(loader_config(root, "data.workers=2"), r, 2) for r in (0, 1)]
-    got = [[], []]
-    for _ in range(stop):
-        for r, loader in enumerate(first):
-            got[r] += loader.next(2)
-    state = first[0].state
-    assert first[1].state == state == SamplerState(0, 4 * stop)
-    for loader in first:
-        loader.close()  # what the workers read ahead is dropped
-    resumed = [Loader(loader_config(root, "data.workers=1"), r, 2) for r in (0, 1)]
-    for r, loader in enumerate(resumed):
-        loader.seek(state)
-        for _ in range(stop, steps):
-            got[r] += loader.next(2)
-    assert [keys(g) for g in got] == expected, f"interrupted at step {stop}"
-    everything = keys(got[0] + got[1])
-    assert len(everything) == len(set(everything)) and sorted(everything) == sorted(index_ids(root))
-    skipped = [item for item in got[0] + got[1] if isinstance(item, Skipped)]
-    assert [(s.key, s.reason) for s in skipped] == [(damaged["__key__"], "missing_member")]
-    assert resumed[0].state == SamplerState(1, 0)
+    def layout():
+        return int(rng.choice([1, 2, 4])), int(rng.choice([0, 1, 2])), int(rng.choice([1, 2]))
+
+    def loaders(ranks, workers, read_batch):
+        config = loader_config(root, f"data.workers={workers}", f"data.read_batch={read_batch}",
+                               f"train.batch_size={batch_size}")
+        return [Loader(config, r, ranks) for r in range(ranks)]
+
+    for _ in range(3):
+        before = layout()
+        while (after := layout())[:2] == before[:2]:
+            pass
+        stop = int(rng.integers(1, steps))
+        where = f"seed {seed}: (ranks, workers, read_batch) {before} -> {after}, interrupted at step {stop}"
+        first = loaders(*before)
+        got = read_steps(first, stop, batch_size)
+        state = first[0].state
+        assert all(loader.state == state for loader in first) and state == SamplerState(0, 4 * stop), where
+        for loader in first:
+            loader.close()  # what the workers read ahead is dropped
+        resumed = loaders(*after)
+        for loader in resumed:
+            loader.seek(state)
+        got += read_steps(resumed, steps - stop, batch_size)
+        assert keys(got) == expected, where
+        assert [(s.key, s.reason) for s in got if isinstance(s, Skipped)] == \
+            [(damaged["__key__"], "missing_member")], where
+        assert all(loader.state == SamplerState(1, 0) for loader in resumed), where
+        for loader in resumed:
+            loader.close()
 
 
 def test_training_resumed_from_a_checkpoint_with_another_worker_count_reads_every_session_once(tmp_path, clean):
@@ -178,18 +211,21 @@ def test_training_resumed_from_a_checkpoint_with_another_worker_count_reads_ever
         return t
 
     seen = []
-    stop = int(np.random.default_rng().integers(1, steps))
-    first = trainer(workers=2)
+    seed, rng = random_seed()
+    before, after = (int(w) for w in rng.choice([0, 1, 2], 2, replace=False))
+    stop = int(rng.integers(1, steps))
+    where = f"seed {seed}: workers {before} -> {after}, interrupted at step {stop}"
+    first = trainer(workers=before)
     for _ in range(stop):
         first.train_step()
     first.save()
     first.loader.close()
-    second = trainer(workers=1)
-    assert second.resume() is not None and second.step == stop
+    second = trainer(workers=after)
+    assert second.resume() is not None and second.step == stop, where
     while second.step < steps:
         second.train_step()
     ids = keys(seen)
-    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(index_ids(clean)), f"interrupted at step {stop}"
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(index_ids(clean)), where
     assert second.loader.state == SamplerState(1, 0) and second.data_totals["sessions"] == 40
     with pytest.raises(VincieError, match=r"counts 40 sessions per epoch, \S+ now gives \d+ "):
         trainer(0, "data.min_turns=3").resume()  # another epoch: the position would mean other sessions
