@@ -6,8 +6,9 @@ MODE grads: load the initial weights of CONFIG's run (checkpoint step 0), run on
 MODE train: resume CONFIG's run (train.steps, checkpoint_every from CONFIG), write the step losses to OUT.
 MODE init: random weights (no zero-initialised layers) saved as the run's checkpoint step 0, from one process.
 MODE reference: random weights (TP slices drawn per rank, so no two slices are alike), one training step (EMA and
-    raw weights then differ), a checkpoint in this layout; then the model's forward on a fixed batch: rank 0 writes
-    the batch's model inputs and the predicted velocity of its target tokens to OUT (safetensors, no pickle).
+    raw weights then differ), a checkpoint in this layout; then the model's forward on a fixed batch through every
+    pipeline stage: the batch's model inputs and the predicted velocity of its target tokens to OUT (safetensors, no
+    pickle).
 """
 
 import os
@@ -64,17 +65,42 @@ def random_weights(trainer: Trainer, seed: int) -> None:
     trainer.ema.shadow = [{n: p.detach().clone() for n, p in trainer.model.named_parameters()}]
 
 
+def training_forward(trainer: Trainer, batch) -> torch.Tensor | None:
+    """The model's output on `batch` as training computes it in this layout (megatron-core's schedule, forward only:
+    through every pipeline stage), on the last stage; None on the others."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        return model(next(data_iterator).inputs), None  # no loss function: the schedule keeps the output
+
+    for chunk in trainer.wrapped:
+        chunk.eval()
+    rows, length = batch.inputs.mask.token_block.shape
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=[iter([batch]) for _ in trainer.wrapped],
+            model=trainer.wrapped if len(trainer.wrapped) > 1 else trainer.wrapped[0], num_microbatches=1,
+            seq_length=length, micro_batch_size=rows, forward_only=True)
+    return outputs[0] if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+
+
 def write_reference(trainer: Trainer, out: str) -> None:
-    """The forward of the model as trained on a fixed batch: its inputs and the target tokens' velocity."""
+    """The forward of the model as trained on a fixed batch: its inputs and the target tokens' velocity, written by
+    the last pipeline stage's first TP rank."""
     from safetensors.torch import save_file
 
     from vincie.model.diffusion import output_to_velocity
 
     trainer.step = 0
     batch = trainer.make_batch()
-    trainer.model.eval()
-    with torch.no_grad():
-        output = trainer.model(batch.inputs)
+    output = training_forward(trainer, batch)
+    # the text features the forward used: the first stage's (it embeds them; later stages' text encoders are
+    # copies that never train)
+    text = [None] * dist.get_world_size()
+    dist.all_gather_object(text, batch.inputs.text_tokens.detach() if ps.is_pipeline_first_stage() else None)
+    if output is None or ps.get_tensor_model_parallel_rank() != 0:
+        return
+    batch.inputs.text_tokens = text[ps.get_pipeline_model_parallel_first_rank()]
     velocity = output_to_velocity(output[batch.target_select], batch.target_inputs, batch.target_t,
                                   trainer.cfg.diffusion.prediction)
     inputs, spec = batch.inputs, batch.inputs.mask
@@ -82,9 +108,8 @@ def write_reference(trainer: Trainer, out: str) -> None:
                                                          "positions", "block_t", "block_type", "block_turn")}
     tensors |= {"mask." + name: getattr(spec, name) for name in ("token_block", "token_sample", "block_noisy")}
     tensors |= {"target_select": batch.target_select, "target_t": batch.target_t, "velocity": velocity}
-    if dist.get_rank() == 0:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out,
-                  metadata={"full_attention": str(spec.full_attention)})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out,
+              metadata={"full_attention": str(spec.full_attention)})
 
 
 def main() -> None:

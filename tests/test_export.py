@@ -1,5 +1,6 @@
-"""`vincie export`: a tensor-parallel training checkpoint -> model.safetensors + config.json that plain PyTorch runs
-with the training model's predictions, in a process where megatron-core cannot be imported and nothing is unpickled.
+"""`vincie export`: a tensor- or pipeline-parallel training checkpoint -> model.safetensors + config.json that plain
+PyTorch runs with the training forward's predictions, in a process where megatron-core cannot be imported and nothing
+is unpickled.
 """
 
 import json
@@ -18,15 +19,30 @@ from conftest import REPO, error_line, run_main, run_vincie
 from helpers import make_data, make_plain_run, torchrun, write_config
 
 
+LAYOUTS = {"tp2": "parallel.tensor=2", "pp2": "parallel.pipeline=2"}
+
+
 @pytest.fixture(scope="module")
-def tp2_run(tmp_path_factory):
-    """A run trained one step at TP=2 on two processes (megatron runtime under the CPU shim) from random weights,
-    its sharded checkpoint, and the training model's velocity prediction on a fixed batch (reference.safetensors)."""
-    root = tmp_path_factory.mktemp("tp2")
-    data = make_data(root / "train", sessions=8)
-    config = write_config(root / "c.yaml", root / "run", data)
-    torchrun(2, config, str(root / "reference.safetensors"), "reference", "parallel.tensor=2")
-    return root
+def two_process_runs(tmp_path_factory):
+    """-> run(layout): a run trained one step in a two-process layout (megatron runtime under the CPU shim) from
+    random weights, its sharded checkpoint, and the training forward's velocity prediction on a fixed batch
+    (reference.safetensors); made once per layout and module."""
+    made = {}
+
+    def run(layout: str):
+        if layout not in made:
+            root = tmp_path_factory.mktemp(layout)
+            data = make_data(root / "train", sessions=8)
+            config = write_config(root / "c.yaml", root / "run", data)
+            torchrun(2, config, str(root / "reference.safetensors"), "reference", LAYOUTS[layout])
+            made[layout] = root
+        return made[layout]
+    return run
+
+
+@pytest.fixture
+def tp2_run(two_process_runs):
+    return two_process_runs("tp2")
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
@@ -34,20 +50,23 @@ def export(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_export_of_a_tp2_checkpoint_predicts_like_the_training_model_without_megatron(tmp_path, tp2_run):
-    step = checkpoint.latest(str(tp2_run / "run"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_export_of_a_parallel_checkpoint_predicts_like_the_training_forward_without_megatron(tmp_path,
+                                                                                            two_process_runs, layout):
+    run = two_process_runs(layout)
+    step = checkpoint.latest(str(run / "run"))
     assert not os.path.exists(os.path.join(step, checkpoint.STATE))  # a sharded (dist_checkpointing) checkpoint
     result = export("--checkpoint", step, "--out", str(tmp_path / "model"), "--weights", "raw")
     assert "raw weights" in result.stdout
     assert sorted(os.listdir(tmp_path / "model")) == ["README.md", "config.json", "model.safetensors"]
     check = subprocess.run([sys.executable, os.path.join(REPO, "tests", "pure_torch_forward.py"),
-                            str(tmp_path / "model"), str(tp2_run / "reference.safetensors"), str(tmp_path / "v.st")],
+                            str(tmp_path / "model"), str(run / "reference.safetensors"), str(tmp_path / "v.st")],
                            capture_output=True, text=True, cwd=REPO, timeout=300)
     assert check.returncode == 0, check.stderr[-3000:]
     report = json.loads(check.stdout.strip().splitlines()[-1])
     assert report["megatron_error"] and report["megatron_error"].startswith("ModuleNotFoundError")
     assert report["megatron_modules"] == [] and report["unpickled"] == []
-    expected = load_file(tp2_run / "reference.safetensors")["velocity"]
+    expected = load_file(run / "reference.safetensors")["velocity"]
     got = load_file(tmp_path / "v.st")["velocity"]
     assert got.shape == expected.shape and expected.abs().mean() > 0.05  # a real prediction, not adaLN-Zero's zero
     assert float((got - expected).abs().max()) <= 1e-5
