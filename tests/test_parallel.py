@@ -112,26 +112,52 @@ def test_data_parallel_with_distributed_optimizer_trains_like_one_process(tmp_pa
         assert float((wb[name] - tensor).norm()) <= RTOL * float(tensor.norm()), name
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("saved, loaded", [("parallel.tensor=2", "parallel.tensor=1"),
-                                           ("parallel.pipeline=2", "parallel.pipeline=1")], ids=["tp2-tp1", "pp2-pp1"])
-def test_checkpoint_saved_in_one_layout_continues_in_another(tmp_path, two_layers, saved, loaded):
-    """From random weights (step 0 of the reference run), train 5 steps with a checkpoint at step 2; resume a
-    copy of the run from step 2 in the other layout: steps 3-5 give the same losses (weights, EMA, Adam moments
-    and data position carried over). Random weights, not the adaLN-Zero init: from zero-initialised layers,
-    Adam's first updates are lr x sign(gradient) on gradients that are zero up to rounding, so any two
-    summation orders (two layouts) part at the first step, checkpoint or not."""
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tensor=2"]), "pp2": (2, ["parallel.pipeline=2"])}  # processes, keys
+
+
+def train_in(layout: str, out_dir, two_layers) -> None:
+    """Trains (or resumes) the run in `out_dir` to step 5 in `layout`, checkpoints every 2 steps, all kept."""
     config, overrides, _ = two_layers
-    reference_run = os.path.join(os.path.dirname(config), "run")
-    shutil.copytree(reference_run, tmp_path / "a")
-    train = ["train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=5", *overrides]
-    torchrun(2, config, "-", "train", *train, f"run.out_dir={tmp_path / 'a'}", saved)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    processes, keys = LAYOUTS[layout]
+    torchrun(processes, config, "-", "train", "train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=5",
+             *overrides, f"run.out_dir={out_dir}", *keys)
+
+
+@pytest.fixture(scope="module")
+def trained_in(tmp_path_factory, two_layers):
+    """-> run(layout): the reference run's random weights (its step 0) trained 5 steps in `layout`, checkpoints at
+    steps 2 and 4; made once per layout and module."""
+    made = {}
+
+    def run(layout: str):
+        if layout not in made:
+            made[layout] = tmp_path_factory.mktemp(f"trained-{layout}") / "run"
+            shutil.copytree(os.path.join(os.path.dirname(two_layers[0]), "run"), made[layout])
+            train_in(layout, made[layout], two_layers)
+        return made[layout]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved, loaded", [("tp1", "tp2"), ("tp2", "tp1"), ("tp1", "pp2"), ("pp2", "tp1"),
+                                           ("tp2", "pp2")],
+                         ids=["tp1-tp2", "tp2-tp1", "pp1-pp2", "pp2-pp1", "tp2pp1-tp1pp2"])
+def test_checkpoint_saved_in_one_layout_continues_in_another(tmp_path, two_layers, trained_in, saved, loaded):
+    """From random weights (step 0 of the reference run), train 5 steps with a checkpoint at step 2; resume a
+    copy of the run from step 2 in the other layout: steps 3-5 give the losses of the run continued in the saved
+    layout (weights, EMA, Adam moments and data position carried over). Random weights, not the adaLN-Zero init:
+    from zero-initialised layers, Adam's first updates are lr x sign(gradient) on gradients that are zero up to
+    rounding, so any two summation orders (two layouts) part at the first step, checkpoint or not. Otherwise the
+    layouts differ only in fp32 summation order (TP splits the GEMMs' reductions and sums the parts, PP sums the
+    micro-batches' gradients per stage): relative differences of ~1e-7 per step, well inside RTOL (1e-5) after
+    three steps, while a weight, moment or data position not carried over moves the loss by far more."""
+    original = trained_in(saved)
+    shutil.copytree(original, tmp_path / "b")
     for name in ("step-000004", "step-000005"):
         shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step-000002")
-    torchrun(1, config, "-", "train", *train, f"run.out_dir={tmp_path / 'b'}", loaded)
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    train_in(loaded, tmp_path / "b", two_layers)
+    a, b = metrics(original), metrics(tmp_path / "b")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([m["loss"] for m in b[2:]], [m["loss"] for m in a[2:]], rtol=RTOL)
 
