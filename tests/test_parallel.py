@@ -115,12 +115,15 @@ def test_data_parallel_with_distributed_optimizer_trains_like_one_process(tmp_pa
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tensor=2"]), "pp2": (2, ["parallel.pipeline=2"])}  # processes, keys
 
 
+FIVE_STEPS = ["train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
+
+
 def train_in(layout: str, out_dir, two_layers) -> None:
-    """Trains (or resumes) the run in `out_dir` to step 5 in `layout`, checkpoints every 2 steps, all kept."""
+    """Trains (or resumes) the run in `out_dir` to step 5 in `layout` (megatron runtime), checkpoints every 2 steps,
+    all kept."""
     config, overrides, _ = two_layers
     processes, keys = LAYOUTS[layout]
-    torchrun(processes, config, "-", "train", "train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=5",
-             *overrides, f"run.out_dir={out_dir}", *keys)
+    torchrun(processes, config, "-", "train", *FIVE_STEPS, *overrides, f"run.out_dir={out_dir}", *keys)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +163,44 @@ def test_checkpoint_saved_in_one_layout_continues_in_another(tmp_path, two_layer
     a, b = metrics(original), metrics(tmp_path / "b")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([m["loss"] for m in b[2:]], [m["loss"] for m in a[2:]], rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_the_plain_runtime_trains_like_the_megatron_runtime(tmp_path, two_layers, trained_in):
+    """`make demo`'s runtime (torch DDP over two processes, torch AdamW, state.pt checkpoints; no shim, so
+    megatron_runtime() is false) against megatron-core's (its DDP, optimizer and schedule; one process under the
+    shim) from the same random weights (the reference run's step 0, copied into a plain checkpoint) on the same data,
+    two micro-batches of one session per rank: the same losses for 5 steps and the same weights after them. They
+    differ in fp32 summation order only (per-rank sums averaged by DDP against one process's accumulation; the two
+    optimizers' clipping and Adam arithmetic): measured, losses within 1e-7 and weights within 1e-6 relative;
+    checked against 1e-5 (RTOL), which weight decay on the biases alone exceeds."""
+    from vincie.training.parallel import init_distributed
+    from vincie.training.trainer import Trainer
+
+    config, overrides, _ = two_layers
+    megatron = trained_in("tp1")
+    step0 = checkpoint.latest(os.path.join(os.path.dirname(config), "run"))
+    assert step0.endswith("step-000000") and not os.path.exists(os.path.join(step0, checkpoint.STATE))
+    plain_dir = tmp_path / "plain"
+    trainer = Trainer(load_config(config, [*overrides, f"run.out_dir={plain_dir}"]), init_distributed(), progress=False)
+    assert not trainer.megatron
+    raw, ema = (checkpoint.load_weights(step0, use_ema=use_ema) for use_ema in (False, True))
+    assert raw.keys() == dict(trainer.model.named_parameters()).keys()
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            param.copy_(raw[name])
+    trainer.ema.shadow = [ema]
+    trainer.save()
+    run_vincie("launch", "local", "--nproc", "2", "--config", config, "--no-progress", *FIVE_STEPS, *overrides,
+               f"run.out_dir={plain_dir}", check=True)
+    assert [m["step"] for m in metrics(plain_dir)] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([m["loss"] for m in metrics(plain_dir)], [m["loss"] for m in metrics(megatron)],
+                               rtol=RTOL)
+    plain_weights = checkpoint.load(checkpoint.latest(str(plain_dir)))["model"]
+    megatron_weights = checkpoint.load_weights(checkpoint.latest(str(megatron)), use_ema=False)
+    assert checkpoint.latest(str(plain_dir)).endswith("step-000005") and len(megatron_weights) > 40
+    for name, tensor in megatron_weights.items():
+        assert float((plain_weights[name] - tensor).norm()) <= RTOL * float(tensor.norm()), name
 
 
 @pytest.mark.slow
