@@ -18,7 +18,6 @@ from vincie.training import checkpoint
 from conftest import REPO, error_line, run_main, run_vincie
 from helpers import make_data, make_plain_run, torchrun, write_config
 
-
 LAYOUTS = {"tp2": "parallel.tensor=2", "pp2": "parallel.pipeline=2"}
 
 

@@ -182,7 +182,7 @@ def test_the_plain_runtime_trains_like_the_megatron_runtime(tmp_path, two_layers
     step0 = checkpoint.latest(os.path.join(os.path.dirname(config), "run"))
     assert step0.endswith("step-000000") and not os.path.exists(os.path.join(step0, checkpoint.STATE))
     plain_dir = tmp_path / "plain"
-    trainer = Trainer(load_config(config, [*overrides, f"run.out_dir={plain_dir}"]), init_distributed(), progress=False)
+    trainer = Trainer(load_config(config, [*overrides, f"run.out_dir={plain_dir}"]), init_distributed())
     assert not trainer.megatron
     raw, ema = (checkpoint.load_weights(step0, use_ema=use_ema) for use_ema in (False, True))
     assert raw.keys() == dict(trainer.model.named_parameters()).keys()

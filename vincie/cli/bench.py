@@ -514,7 +514,7 @@ def bench_blockmask(args: argparse.Namespace) -> int:
     memory = PeakMemory(torch.device("cpu"))
     times: dict[str, list[float]] = {name: [] for name in builders}
     peaks: dict[str, list] = {name: [] for name in builders}
-    for _ in tqdm(range(args.repeats), desc="BlockMask (from tiles, every pair)", unit="pair", disable=args.json):
+    for _ in track(range(args.repeats), desc="BlockMask (from tiles, every pair)", unit="pair", enabled=not args.json):
         for name, build in builders.items():  # alternating, so that load from other processes hits both alike
             memory.start()
             start = time.perf_counter()
