@@ -125,8 +125,14 @@ def read_index(root: str, cfg: StorageConfig | None = None) -> pa.Table:
     url = index_url(root)
     if not storage.exists(url, cfg):
         raise SessionIndexError(f"{root}: no {INDEX_FILE} (run: vincie data index build {root})")
+    # Arrow reads from a copy in its own memory, not from a Python object (BytesIO, bytes): its scan threads drop
+    # their last reference to the input after read_table has returned, and freeing a Python object takes the GIL,
+    # which, once the interpreter is exiting, ends the thread inside a C++ destructor: std::terminate, SIGABRT
+    # ("terminate called without an active exception") after a command's correct output
+    data = pa.BufferOutputStream()
+    data.write(storage.read_bytes(url, cfg))
     try:
-        return pq.read_table(io.BytesIO(storage.read_bytes(url, cfg)))
+        return pq.read_table(pa.BufferReader(data.getvalue()))
     except pa.ArrowInvalid as exc:
         raise SessionIndexError(f"{url}: not a readable parquet file ({exc})") from None
 
