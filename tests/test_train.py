@@ -371,8 +371,8 @@ def trained_run(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("trained")
     config = write_config(root / "c.yaml", root / "run", data["train"], data["eval"], train={"steps": 2})
     result = run_vincie("train", "--config", config, check=True)
-    # stdout is a pipe: a plain progress line per train.log_every (1) steps with the bar's figures, no redrawn bar
-    lines = [line for line in result.stdout.splitlines() if line.startswith("train test: ")]
+    # stderr is a pipe: a plain progress line per train.log_every (1) steps with the bar's figures, no redrawn bar
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train test: ")]
     assert [line.split(",")[0] for line in lines] == ["train test: 1/2 steps (50%)", "train test: 2/2 steps (100%)"]
     assert all(" | loss " in line and " grad_norm " in line for line in lines)
     assert "\r" not in result.stdout + result.stderr

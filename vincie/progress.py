@@ -1,9 +1,10 @@
-"""Progress of long commands: a bar redrawn in place on a terminal, plain lines anywhere else.
+"""Progress of long commands on stderr: a bar redrawn in place on a terminal, plain lines anywhere else.
 
-When stdout is a terminal, a tqdm bar redraws on stderr. When it is not (`make demo > log`, a pipe, `kubectl
-logs`), a redrawn bar would fill the log with carriage-return lines, so the same progress comes as plain lines on
-stdout instead: one per `log(figures)` call (the trainer calls it every train.log_every steps, with the figures
-the bar shows), one at most every `interval_s` seconds between them, and one at the end.
+When stderr is a terminal, a tqdm bar redraws there. When it is not (`make demo > log 2>&1`, a pipe, `kubectl
+logs`), a redrawn bar would fill the log with carriage-return lines, so the same progress comes as plain lines
+instead: one per `log(figures)` call (the trainer calls it every train.log_every steps, with the figures the bar
+shows), one at most every `interval_s` seconds between them, and one at the end. Progress never goes to stdout,
+which holds a command's results (tables, --json).
 
     line:  "train tiny: 200/3200 steps (6%), 4.1 steps/s, eta 12m10s | loss 0.0123 step_s 0.243 ..."
 """
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 
 def interactive() -> bool:
-    return sys.stdout.isatty()
+    return sys.stderr.isatty()
 
 
 def duration(seconds: float) -> str:
@@ -70,7 +71,7 @@ class Progress:
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"eta {duration((self.total - self.n) / rate)}")
         figures = " ".join(f"{k} {v}" for k, v in self.figures.items())
-        print(", ".join(parts) + (f" | {figures}" if figures else ""), flush=True)
+        print(", ".join(parts) + (f" | {figures}" if figures else ""), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the MM-DiT (single process, or one rank under torchrun)",
                            description="Train on the shards of data.train_url. Writes run.out_dir/config.yaml, "
                                        "metrics.jsonl and checkpoints/, and resumes from the latest checkpoint "
-                                       "there automatically. Progress: a bar when stdout is a terminal, else one "
+                                       "there automatically. Progress (on stderr): a bar on a terminal, else one "
                                        "line per train.log_every steps. SIGTERM (e.g. Kubernetes preempting the "
                                        "pod) stops the run after the step in progress with a checkpoint, exit "
                                        "status 0; rerunning the same command resumes it. Ctrl-C stops at once.")
