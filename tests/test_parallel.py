@@ -224,6 +224,7 @@ def test_parallel_sizes_are_checked_with_one_line_errors():
              (["parallel.virtual_pipeline=2"], "needs parallel.pipeline > 1"),
              (["parallel.sequence_parallel=true"], "needs parallel.tensor > 1"),
              (["parallel.context=2"], "context parallel is not supported"),
+             (["model.pooled_text=true", "parallel.pipeline=2"], "'model.pooled_text' is not supported with"),
              (["data.pack=true", "parallel.pipeline=2", "parallel.micro_batch_size=2"],
               "must be 0 or 1 with data.pack and parallel.pipeline > 1")]
     for overrides, message in cases:

@@ -103,6 +103,11 @@ def validate_parallel(cfg: Config) -> None:
             f"needs parallel.pipeline > 1, got {p.virtual_pipeline} with parallel.pipeline 1")
     require(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel",
             "needs parallel.tensor > 1")
+    # every stage pools the instruction from its own copy of the text encoder, and only the first stage's copy is
+    # trained and checkpointed: the later stages' conditioning would drift from the single-process model's
+    require(not m.pooled_text or p.pipeline == 1, "model.pooled_text",
+            f"is not supported with parallel.pipeline > 1 (got {p.pipeline}): the later stages would pool the "
+            "instruction from an untrained copy of the text encoder")
     require(p.micro_batch_size >= 0, "parallel.micro_batch_size", f"must be >= 0, got {p.micro_batch_size}")
     require(not cfg.data.pack or p.pipeline == 1 or p.micro_batch_size <= 1, "parallel.micro_batch_size",
             f"must be 0 or 1 with data.pack and parallel.pipeline > 1 (the pipeline sends micro-batches of one "
