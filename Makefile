@@ -17,11 +17,13 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 # Tools the tests run that pip does not install: Prometheus and promtool (the alert rules, the metrics integration
-# test; Debian package) and kubectl (`vincie k8s render` builds k8s/ with `kubectl kustomize`; the static release
-# binary). Installed only when missing (needs root, as on this project's machines).
+# test; Debian package), gcc (tests/test_clean_exit.py builds a preloaded library) and kubectl (`vincie k8s
+# render` builds k8s/ with `kubectl kustomize`; the static release binary). Installed only when missing (needs
+# root, as on this project's machines).
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		(apt-get update -qq && apt-get install -y --no-install-recommends prometheus)
+	@command -v gcc >/dev/null || (apt-get update -qq && apt-get install -y --no-install-recommends gcc libc6-dev)
 	@command -v kubectl >/dev/null || \
 		(curl -fsSLo /usr/local/bin/kubectl https://dl.k8s.io/release/v1.32.4/bin/linux/amd64/kubectl && \
 		 chmod +x /usr/local/bin/kubectl)
