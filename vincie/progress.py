@@ -21,6 +21,10 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds >= 3600:
@@ -64,10 +68,10 @@ class Progress:
     def print_line(self) -> None:
         now = time.monotonic()
         self.last_line, self.line_n = now, self.n
-        done = f"{self.n}/{self.total} {self.unit}s ({self.n / self.total:.0%})" if self.total \
-            else f"{self.n} {self.unit}s"
+        units = plural(self.unit)
+        done = f"{self.n}/{self.total} {units} ({self.n / self.total:.0%})" if self.total else f"{self.n} {units}"
         rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
-        parts = [f"{self.desc}: {done}", f"{rate:.3g} {self.unit}s/s"]
+        parts = [f"{self.desc}: {done}", f"{rate:.3g} {units}/s"]
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"eta {duration((self.total - self.n) / rate)}")
         figures = " ".join(f"{k} {v}" for k, v in self.figures.items())
