@@ -202,19 +202,25 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, data):
     assert state_a["common"]["sampler"] == state_b["common"]["sampler"]
 
 
-def test_two_data_parallel_processes_equal_one(tmp_path, data):
-    one = write_config(tmp_path / "one.yaml", tmp_path / "one", data["train"], train={"steps": 3})
-    two = write_config(tmp_path / "two.yaml", tmp_path / "two", data["train"], train={"steps": 3})
-    run_vincie("train", "--config", one, "--no-progress", check=True)
-    result = run_vincie("launch", "local", "--nproc", "2", "--config", two, "--no-progress", check=True)
-    assert "nproc_per_node=2" in result.stdout
+def one_and_two_processes_train_alike(tmp_path, data, steps: int, **sections) -> None:
+    """`vincie train` (one process) and `vincie launch local --nproc 2` (torch DDP) on one config: the same losses
+    and weights after `steps` steps, and no DDP warning (it runs without its unused-parameter search)."""
+    configs = {n: write_config(tmp_path / f"{n}.yaml", tmp_path / n, data["train"], train={"steps": steps},
+                               **sections) for n in ("one", "two")}
+    run_vincie("train", "--config", configs["one"], "--no-progress", check=True)
+    result = run_vincie("launch", "local", "--nproc", "2", "--config", configs["two"], "--no-progress", check=True)
+    assert "nproc_per_node=2" in result.stdout and "find_unused_parameters" not in result.stderr
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-4)
-    wa = torch.load(tmp_path / "one/checkpoints/step-000003/state.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "two/checkpoints/step-000003/state.pt", weights_only=False)["model"]
+    wa = torch.load(tmp_path / f"one/checkpoints/step-{steps:06d}/state.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / f"two/checkpoints/step-{steps:06d}/state.pt", weights_only=False)["model"]
     for name in wa:
         if isinstance(wa[name], torch.Tensor):
             torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+
+
+def test_two_data_parallel_processes_equal_one(tmp_path, data):
+    one_and_two_processes_train_alike(tmp_path, data, steps=3)
 
 
 @pytest.mark.parametrize("overrides", [[], MICRO_OVERRIDES,
@@ -280,18 +286,7 @@ def test_ddp_trains_like_one_process_without_searching_for_unused_parameters(tmp
     """Two plain-runtime processes (torch DDP, find_unused_parameters=False) train like one process, and DDP does
     not warn. sequence.drop_text=1: no step uses the text table, which only the zero terms keep in the backward
     (without them DDP stops at the second step); 0: every step uses it."""
-    configs = {n: write_config(tmp_path / f"{n}.yaml", tmp_path / n, data["train"], train={"steps": 2},
-                               sequence={"drop_text": drop_text}) for n in ("one", "two")}
-    train(load_config(configs["one"]), progress=False)
-    result = run_vincie("launch", "local", "--nproc", "2", "--config", configs["two"], "--no-progress", check=True)
-    assert "find_unused_parameters=True was specified" not in result.stderr
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-4)
-    wa = torch.load(tmp_path / "one/checkpoints/step-000002/state.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "two/checkpoints/step-000002/state.pt", weights_only=False)["model"]
-    for name in wa:
-        if isinstance(wa[name], torch.Tensor):
-            torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+    one_and_two_processes_train_alike(tmp_path, data, steps=2, sequence={"drop_text": drop_text})
 
 
 def test_packed_rows_train_like_one_session_per_row(tmp_path, data):
