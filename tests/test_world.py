@@ -151,7 +151,6 @@ def test_realism_never_touches_labels():
                 assert np.array_equal(mask_real, shifted)
 
 
-
 def background_values(frame: np.ndarray) -> int:
     """How many distinct values the pixels that show no object colour have."""
     objects = np.zeros(frame.shape[:2], dtype=bool)

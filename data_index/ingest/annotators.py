@@ -2,10 +2,10 @@
 `ingest.masks`).
 
 Text: `offline` (default, no model) turns the frame difference into a templated sentence (what kind of change,
-where, the colour), recorded with quality 0.2; `vlm` asks an OpenAI-compatible endpoint (data_index/ingest/vlm.py).
-Masks: `offline` (default) are the frame-difference masks (data_index/ingest/regions.py); `grounded` runs GroundingDINO +
-SAM2 from a local weights directory when those packages are installed; `module.path:ClassName` loads any class with
-the MaskAnnotator shape below.
+where, the colour), recorded with quality 0.2; `vlm` asks an OpenAI-compatible endpoint
+(data_index/ingest/vlm.py). Masks: `offline` (default) are the frame-difference masks (data_index/ingest/regions.py);
+`grounded` runs GroundingDINO + SAM2 from a local weights directory when those packages are installed;
+`module.path:ClassName` loads any class with the MaskAnnotator shape below.
 """
 
 from __future__ import annotations

@@ -375,4 +375,3 @@ def generate_session(cfg: SynthConfig, split: str, seed: int, index: int) -> Syn
     session = Session(key=key, images=images, instructions=instructions, cur_masks=cur_masks,
                       next_masks=next_masks, meta=meta)
     return SynthSession(session=session, clean_frames=clean, offsets=offsets)
-

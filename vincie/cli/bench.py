@@ -369,7 +369,7 @@ def bench_inference(args: argparse.Namespace) -> int:
 
     import numpy as np
     import torch
-    
+
     from vincie.inference.editor import Editor
 
     editor = Editor.load(args.model) if args.model else random_editor(config_from_args(args), args.seed)
@@ -587,9 +587,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Sessions/s and images/s (images and masks decoded) of reading sessions (ranged "
                                    "read, parse, decode to the bucket) with DALI and with the PIL reference at the "
                                    "same thread count, from local disk and from an S3 server (moto, started in its "
-                                   "own process on 127.0.0.1); best of --repeats interleaved passes. Then the share of step time "
-                                   "`tiny` training waits for data (--steps steps, one process, --workers loader "
-                                   "processes, 32x32 PNG sessions as in `make demo`).")
+                                   "own process on 127.0.0.1); best of --repeats interleaved passes. Then the "
+                                   "share of step time `tiny` training waits for data (--steps steps, one "
+                                   "process, --workers loader processes, 32x32 PNG sessions as in `make demo`).")
     p.add_argument("--sessions", type=int, default=64, help="sessions to read per pass (default 64)")
     p.add_argument("--resolution", type=int, default=256, help="source frame size (default 256)")
     p.add_argument("--bucket", type=int, default=128, help="decoded size, data.resolution (default 128)")

@@ -174,10 +174,10 @@ def register_plan(sub) -> None:
     p = sub.add_parser("plan", help="memory and step time of TP/PP/DP layouts on N GPUs, and the best one",
                        description="Estimate per-GPU memory (weights, optimizer, activations with and without "
                                    "recomputation) and step time of every tensor x pipeline x data-parallel layout "
-                                   "of a config on --gpus GPUs, from the model FLOPs (vincie.model.flops), the GPU's peak "
-                                   "rate and link bandwidths; print a ranked table, the assumptions, and the "
-                                   "recommended layout as config overrides for `vincie train` / `vincie k8s "
-                                   "render`. Exits 1 when no layout fits.")
+                                   "of a config on --gpus GPUs, from the model FLOPs (vincie.model.flops), the "
+                                   "GPU's peak rate and link bandwidths; print a ranked table, the assumptions, "
+                                   "and the recommended layout as config overrides for `vincie train` / "
+                                   "`vincie k8s render`. Exits 1 when no layout fits.")
     p.add_argument("--config", "--preset", dest="config", default="3b", metavar="PRESET|YAML",
                    help="config preset or YAML path (default: 3b)")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
@@ -271,12 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="multi-turn editing benchmarks",
                               description="Edit benchmark sessions turn by turn (each output is the next turn's "
                                           "input) and score them. synth: held-out synthetic sessions and an exact "
-                                          "judge (vincie/evaluation/evaluate.py). mse-bench (5 turns) and magicbrush (up to 3): "
-                                          "local copies in their published formats (vincie/evaluation/eval_sets.py); L1 against "
-                                          "ground truth where there is one, CLIP-I / DINO / CLIP-T with local "
-                                          "transformers model directories, and MSE-Bench's rule with a VLM judge "
-                                          "behind any OpenAI-compatible chat endpoint (vincie/evaluation/judge.py). Prints a "
-                                          "per-turn table; writes report.json and grid.png.")
+                                          "judge (vincie/evaluation/evaluate.py). mse-bench (5 turns) and magicbrush "
+                                          "(up to 3): local copies in their published formats "
+                                          "(vincie/evaluation/eval_sets.py); L1 against ground truth where there is "
+                                          "one, CLIP-I / DINO / CLIP-T with local transformers model directories, and "
+                                          "MSE-Bench's rule with a VLM judge behind any OpenAI-compatible chat "
+                                          "endpoint (vincie/evaluation/judge.py). Prints a per-turn table; writes "
+                                          "report.json and grid.png.")
     evaluate.add_argument("--model", required=True, metavar="DIR", help="an exported model or a training run directory")
     evaluate.add_argument("--bench", default="synth", choices=["synth", "mse-bench", "magicbrush"],
                           help="benchmark (default synth)")

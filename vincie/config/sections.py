@@ -217,9 +217,10 @@ class DataConfig:
     # 2 turns until step 500 (short sequences, cheap steps), then on up to 6; empty: data.max_turns throughout
     turn_curriculum: dict[int, int] = field(default_factory=dict)
     max_tokens: int = 4096  # sequence cap per sample; whole trailing turns are dropped to fit
-    # pack sessions into rows of up to max_tokens tokens (rows of even length: vincie.model.batch.pack_rows; no attention
-    # between sessions), as the paper's authors do: far less padding between sessions of different lengths, which
-    # pays where attention skips masked tiles (flex, on GPUs); parallel.micro_batch_size then counts rows
+    # pack sessions into rows of up to max_tokens tokens (rows of even length: vincie.model.batch.pack_rows; no
+    # attention between sessions), as the paper's authors do: far less padding between sessions of different
+    # lengths, which pays where attention skips masked tiles (flex, on GPUs); parallel.micro_batch_size then counts
+    # rows
     pack: bool = False
     # pad every micro-batch's token count up to a multiple of this. Compiled flex attention (GPUs) builds one kernel
     # per sequence length and, after torch._dynamo.config.recompile_limit (8) of them, runs uncompiled (unfused,

@@ -13,9 +13,9 @@ what it consumed. Items read ahead but not consumed are dropped when the loader 
 resume, by any number of workers. On a GPU the workers read and parse, and the training process decodes with
 DALI's `mixed` pipeline (CUDA cannot be used in forked workers).
 
-Bad data: a session that cannot be read becomes a `Skipped` item with a reason (vincie.data.order.SKIP_REASONS). It counts
-as consumed (not read again this epoch); the training process logs it once, naming shard and key, and counts it in
-vincie_data_skipped_total{reason}.
+Bad data: a session that cannot be read becomes a `Skipped` item with a reason (vincie.data.order.SKIP_REASONS).
+It counts as consumed (not read again this epoch); the training process logs it once, naming shard and key, and
+counts it in vincie_data_skipped_total{reason}.
 """
 
 from __future__ import annotations

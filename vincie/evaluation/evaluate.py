@@ -1,7 +1,7 @@
 """`vincie eval`: multi-turn editing benchmarks. `--bench synth` (below): held-out synthetic sessions, scored by an
 exact judge. `--bench mse-bench|magicbrush` (`evaluate_benchmark`, at the end): local copies of the public
-benchmarks (vincie.evaluation.eval_sets), with L1 / CLIP-I / DINO / CLIP-T (vincie.evaluation.similarity) and a VLM judge applying
-MSE-Bench's rule (vincie.evaluation.judge).
+benchmarks (vincie.evaluation.eval_sets), with L1 / CLIP-I / DINO / CLIP-T (vincie.evaluation.similarity) and a
+VLM judge applying MSE-Bench's rule (vincie.evaluation.judge).
 
 The synth judge mirrors MSE-Bench's two criteria with ground truth in place of a GPT judge. For turn k it compares
 the edited image with the true image I_{k+1} pixel by pixel (a pixel *matches* when its mean absolute error over
@@ -247,8 +247,8 @@ def format_table(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Public benchmarks: MSE-Bench and MagicBrush (vincie.evaluation.eval_sets), with vincie.evaluation.similarity's metrics and
-# vincie.evaluation.judge's VLM judge
+# Public benchmarks: MSE-Bench and MagicBrush (vincie.evaluation.eval_sets), with vincie.evaluation.similarity's
+# metrics and vincie.evaluation.judge's VLM judge
 
 
 def edit_sessions(editor, sessions: list, steps: int | None, cfg_scale: float | None, seed: int, batch: int,

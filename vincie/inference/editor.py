@@ -12,8 +12,8 @@ Two ways to run the network, one result (tests: within 1e-4 per pixel over 5-tur
 - recompute: every step runs the whole sequence. Full-attention models (`sequence.mode: full`) always do,
   since there the context attends to the target; `kv_cache=False` forces it (the benchmark's baseline).
 
-The model is plain PyTorch (vincie.model.mmdit, no megatron-core), loaded from an export (vincie.inference.export) or from a
-training run's latest checkpoint.
+The model is plain PyTorch (vincie.model.mmdit, no megatron-core), loaded from an export (vincie.inference.export)
+or from a training run's latest checkpoint.
 """
 
 from __future__ import annotations

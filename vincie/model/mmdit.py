@@ -24,9 +24,9 @@ checkpoints reshard by plain slicing, and the full (gathered) weights run unchan
 
 Parallelism enters from outside the math: `layers` (global indices) and `pre_process` / `post_process` make a
 pipeline stage; under sequence parallel, the `Linears` object's gather / scatter keep the residual stream as
-this rank's 1/TP of the tokens between the attention and MLP blocks. Inference with a KV cache (vincie.inference.kv_cache)
-runs one new block's tokens against the keys and values of the context, which the cache hands each layer's
-attention.
+this rank's 1/TP of the tokens between the attention and MLP blocks. Inference with a KV cache
+(vincie.inference.kv_cache) runs one new block's tokens against the keys and values of the context, which the
+cache hands each layer's attention.
 """
 
 from __future__ import annotations
@@ -220,8 +220,8 @@ class MMDiTLayer(nn.Module):
     def forward(self, h: torch.Tensor, shared_mod: torch.Tensor, token_is_text: torch.Tensor, rope: tuple,
                 mask, backend: str, streams: Streams, cache=None) -> torch.Tensor:
         """h, shared_mod, token_is_text: [T', B, ...] with T' = T / tp under sequence parallel, else T.
-        `cache` (vincie.inference.kv_cache.LayerCache): this layer's context keys and values, placed before the tokens' own;
-        `mask` then covers [context, own tokens]."""
+        `cache` (vincie.inference.kv_cache.LayerCache): this layer's context keys and values, placed before the
+        tokens' own; `mask` then covers [context, own tokens]."""
         H = h.shape[-1]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(shared_mod, token_is_text)
         x = self.linears.gather(modulate(F.rms_norm(h, (H,), eps=self.eps), shift_a, scale_a))  # [T, B, H]
@@ -395,9 +395,9 @@ class MMDiT(nn.Module):
         """-> the last stage: predicted velocity for every latent token [N_lat, C*p*p] (the loss uses the NOISY
         ones); other stages: hidden states [T', B, H] for the next stage (T' = T/tp under sequence parallel).
 
-        `cache` (vincie.inference.kv_cache.KVCache, one process): `inputs` hold only new tokens (one block per row), which
-        attend to the cached context's keys and values and to each other (the block-causal rule within the
-        block); RoPE positions, block timestep, type and turn come from `inputs` as in the whole sequence."""
+        `cache` (vincie.inference.kv_cache.KVCache, one process): `inputs` hold only new tokens (one block per
+        row), which attend to the cached context's keys and values and to each other (the block-causal rule within
+        the block); RoPE positions, block timestep, type and turn come from `inputs` as in the whole sequence."""
         spec = inputs.mask
         B, T = spec.token_block.shape
         H = self.cfg.hidden_size

@@ -5,11 +5,11 @@ submitting a run. Everything here is an estimate from a stated model (printed wi
   trailing turns dropped to fit data.max_tokens, text.max_tokens per instruction), counted by vincie.model.flops.
   With data.pack a row holds as many of them as fit in data.max_tokens, and a micro-batch is rows; for memory a
   row counts as full (shorter sessions can fill it), rounded up to data.pad_multiple as the trainer pads it.
-- Memory per GPU, as vincie.training.trainer runs megatron-core: fp32 weights (4 B/param) and fp32 gradient buffers (4 B),
-  Adam moments (8 B, sharded over data-parallel ranks with parallel.distributed_optimizer), the EMA copy (4 B);
-  layer parameters split over TP x PP, the embedders and adaLN on every stage. Activations: ACT_BYTES_PER_H bytes
-  per token, layer and hidden unit (measured, see below), for the layers of one stage, plus STAGE_BYTES_PER_H per
-  token for the stage's embeddings and conditioning, times the micro-batches in flight (1F1B keeps PP of them on
+- Memory per GPU, as vincie.training.trainer runs megatron-core: fp32 weights (4 B/param) and fp32 gradient
+  buffers (4 B), Adam moments (8 B, sharded over data-parallel ranks with parallel.distributed_optimizer), the EMA
+  copy (4 B); layer parameters split over TP x PP, the embedders and adaLN on every stage. Activations:
+  ACT_BYTES_PER_H bytes per token, layer and hidden unit (measured, see below), for the layers of one stage, plus
+  STAGE_BYTES_PER_H per token for the stage's embeddings and conditioning, times the micro-batches in flight (1F1B keeps PP of them on
   the first stage, so the first stage holds all layers' worth of one micro-batch), divided by TP (sequence
   parallel); with full recomputation (train.recompute=full) only each layer's fp32 input (4 B per unit) stays,
   plus one layer's activations while it is recomputed. A fixed reserve for the CUDA context, NCCL and

@@ -42,14 +42,12 @@ def reduce_logs(logs: list[dict], info: DistInfo) -> dict:
     return out
 
 
-
 def window_utilisation(window: list[dict], cfg: Config, card: Card | None) -> dict:
     """Model TFLOP/s of this GPU over a log window (its share of the replica's FLOPs: 1 / (TP x PP)) and, with a
     card (training.metrics.mfu_card), MFU as vincie.gpus.mfu defines it."""
     p = cfg.parallel
     tflops = sum(l["flops"] for l in window) / (p.tensor * p.pipeline) / sum(l["step_s"] for l in window) / 1e12
     return {"model_tflops": tflops} | ({"mfu": mfu(tflops * 1e12, card, cfg.train.precision)} if card else {})
-
 
 
 def progress_figures(record: dict) -> dict:
@@ -63,7 +61,6 @@ def progress_figures(record: dict) -> dict:
     if "mfu" in record:
         figures["MFU"] = f"{record['mfu']:.1%}"
     return figures
-
 
 
 def cut_log(path: str, step: int) -> None:
@@ -81,8 +78,6 @@ def cut_log(path: str, step: int) -> None:
     storage.write_bytes_atomic(path, "".join(kept).encode())
 
 
-
 def append_line(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-

@@ -32,9 +32,7 @@ def flow_loss_sums(output: torch.Tensor, batch: Batch, weights: dict[str, float]
     return weighted_sum, per_task
 
 
-
 @functools.lru_cache(maxsize=8)
 def task_weight_table(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """diffusion.loss_weights in TASKS order on `device`, made once (a host-to-device copy waits for the GPU)."""
     return torch.tensor(weights, device=device)
-

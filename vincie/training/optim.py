@@ -18,7 +18,6 @@ def lr_factor(step: int, cfg: Config) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-
 class EMA:
     """Exponential moving average of the weights, with a warmup: the decay at update n is
     min(decay, (1 + n) / (warmup + n)), so short runs do not average in their random initialisation (warmup 10 is
@@ -37,4 +36,3 @@ class EMA:
         for shadow, chunk in zip(self.shadow, chunks):
             names, params = zip(*chunk.named_parameters())
             torch._foreach_lerp_([shadow[n] for n in names], [p.detach() for p in params], 1 - decay)
-
