@@ -9,11 +9,11 @@ submitting a run. Everything here is an estimate from a stated model (printed wi
   buffers (4 B), Adam moments (8 B, sharded over data-parallel ranks with parallel.distributed_optimizer), the EMA
   copy (4 B); layer parameters split over TP x PP, the embedders and adaLN on every stage. Activations:
   ACT_BYTES_PER_H bytes per token, layer and hidden unit (measured, see below), for the layers of one stage, plus
-  STAGE_BYTES_PER_H per token for the stage's embeddings and conditioning, times the micro-batches in flight (1F1B keeps PP of them on
-  the first stage, so the first stage holds all layers' worth of one micro-batch), divided by TP (sequence
-  parallel); with full recomputation (train.recompute=full) only each layer's fp32 input (4 B per unit) stays,
-  plus one layer's activations while it is recomputed. A fixed reserve for the CUDA context, NCCL and
-  fragmentation.
+  STAGE_BYTES_PER_H per token for the stage's embeddings and conditioning, times the micro-batches in flight
+  (1F1B keeps PP of them on the first stage, so the first stage holds all layers' worth of one micro-batch),
+  divided by TP (sequence parallel); with full recomputation (train.recompute=full) only each layer's fp32 input
+  (4 B per unit) stays, plus one layer's activations while it is recomputed. A fixed reserve for the CUDA
+  context, NCCL and fragmentation.
 - Step time: compute = the step's model FLOPs per GPU / (peak x efficiency), x 4/3 with recomputation (peak: the
   card's datasheet dense peak at train.precision, vincie.gpus, which MFU is also stated against); tensor
   parallel: 8 collectives per layer per micro-batch (gather and reduce-scatter around attention and MLP, forward
