@@ -91,12 +91,11 @@ class Progress:
         self.close()
 
 
-def track(iterable, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
-          initial: int = 0):
+def track(iterable, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True):
     """Iterates `iterable`, showing its progress (a bar or plain lines, see the module docstring)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    with Progress(total, desc, unit, initial=initial, enabled=enabled) as progress:
+    with Progress(total, desc, unit, enabled=enabled) as progress:
         for item in iterable:
             yield item
             progress.update()

@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 
 from vincie import storage
-from vincie.config import Config, to_yaml
+from vincie.config import Config, to_dict, to_yaml
+from vincie.errors import VincieError
 from vincie.gpus import Card
 from vincie.progress import Progress
 from vincie.training.logs import append_line, cut_log, progress_figures, reduce_logs, window_utilisation
 from vincie.training.metrics import mfu_card, serve
 from vincie.training.parallel import DistInfo, init_distributed
-from vincie.training.trainer import Trainer, check_run_dir
+from vincie.training.trainer import Trainer
 
 EXIT_PEER_STOPPED = 75  # EX_TEMPFAIL: stopped, with a checkpoint, because another rank was asked to stop
 
@@ -60,6 +61,18 @@ class StopRequest:
         flag = torch.tensor([float(self.received)], device=info.device)  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def check_run_dir(cfg: Config) -> None:
+    """A run directory holds one model: resuming it with another model shape is refused."""
+    path = os.path.join(cfg.run.out_dir, "config.yaml")
+    if os.path.exists(path):
+        import yaml
+
+        previous = yaml.safe_load(open(path)) or {}
+        if previous.get("model") != to_dict(cfg)["model"]:
+            raise VincieError(f"{cfg.run.out_dir} holds a run with another model config; choose a new "
+                              "run.out_dir to start a new run")
 
 
 def train(cfg: Config, progress: bool = True) -> dict:

@@ -51,18 +51,6 @@ def sample_generators(seed: int, step: int, index: int) -> tuple[np.random.Gener
     return np.random.default_rng(sequence), torch.Generator().manual_seed(torch_seed)
 
 
-def check_run_dir(cfg: Config) -> None:
-    """A run directory holds one model: resuming it with another model shape is refused."""
-    path = os.path.join(cfg.run.out_dir, "config.yaml")
-    if os.path.exists(path):
-        import yaml
-
-        previous = yaml.safe_load(open(path)) or {}
-        if previous.get("model") != to_dict(cfg)["model"]:
-            raise VincieError(f"{cfg.run.out_dir} holds a run with another model config; choose a new "
-                              "run.out_dir to start a new run")
-
-
 def needs_megatron(cfg: Config) -> bool:
     p = cfg.parallel
     return p.tensor > 1 or p.pipeline > 1 or p.distributed_optimizer
