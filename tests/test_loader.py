@@ -3,6 +3,7 @@ ranks, workers and resumes (also through a training checkpoint), bad data skippe
 bad-share stop, and precomputed features giving the same batches."""
 
 import collections
+import gc
 import os
 import tarfile
 import threading
@@ -16,6 +17,7 @@ import torch
 from data_index.synthetic.world import generate_session
 from vincie import storage
 from vincie.config import SynthConfig, load_config
+from vincie.data.decode import DaliDecoder
 from vincie.data.loader import Loader, Skipped
 from vincie.data.order import SKIP_REASONS, SamplerState, SessionOrder
 from vincie.errors import VincieError
@@ -284,6 +286,31 @@ def test_a_bad_session_is_skipped_logged_once_and_counted(tmp_path, capsys, reas
         assert len(lines) == 1  # once per shard
     else:
         assert len(lines) == len(bad) and all(any(k in line for line in lines) for k in bad)  # once per session
+
+
+COLLECT_AFTER_FORK = []  # set while a test wants every forked child to run the cyclic collector at once
+os.register_at_fork(after_in_child=lambda: COLLECT_AFTER_FORK and gc.collect())
+
+
+def test_loader_processes_never_free_the_parents_decoders(tmp_path):
+    """A DALI pipeline freed in a forked loader process crashes it (SIGSEGV: its destructor joins threads that
+    exist only in the parent). The parent's reader holds a live one (GPU training decodes in the parent), and a
+    dropped one waits in a reference cycle for the parent's collector, which a child must not run on it."""
+    root = write_dataset(tmp_path / "data", [synth_samples(6, image_format="png")])
+    loader = Loader(loader_config(root, "data.workers=1"))
+    assert not isinstance(loader.reader.read(loader.order.at(0)), Skipped)  # the parent's reader decodes
+    images = sorted((name, data) for name, data in synth_samples(1, image_format="png")[0].items() if ".img." in name)
+    dropped = DaliDecoder([(32, 32)], threads=1, max_batch=4)
+    assert dropped.decode("s", images, [], 32, 32).images.shape == (len(images), 3, 32, 32)
+    dropped.cycle = dropped
+    del dropped
+    COLLECT_AFTER_FORK.append(True)
+    try:
+        for _ in range(2):  # two epochs: the workers fork twice
+            assert not any(isinstance(item, Skipped) for item in loader.next(6))
+    finally:
+        COLLECT_AFTER_FORK.clear()
+        loader.close()
 
 
 def test_bad_features_are_skipped_and_counted(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import io
 import itertools
 import os
@@ -44,6 +45,9 @@ from vincie.sessions.loaded import LoadedSession
 from vincie.sessions.session import SessionFormatError, find_member, parse_header
 
 PICTURES_PER_RUN = 64  # the most images (or masks) one DALI run decodes; more take several runs
+# Objects a forked loader process inherits and must not free: a DALI pipeline's destructor joins its worker
+# threads, which exist only in the parent (freeing one in a child crashes it with SIGSEGV).
+INHERITED: list = []
 
 
 @dataclass
@@ -81,6 +85,8 @@ class SessionReader:
 
     def ensure_process(self) -> None:
         if self.pid != os.getpid():
+            if self.pid is not None:  # a forked loader process: the parent's decoder must never be freed here
+                INHERITED.append(self.decoder)
             self.pid = os.getpid()
             self.fs = storage.filesystem(self.root, self.cfg.storage)[0]
             # one request per attempt: s3fs would retry timeouts and SlowDown up to 5 x 5 times inside one call
@@ -307,9 +313,15 @@ class Loader:
         ahead = d.prefetch_steps * self.cfg.train.batch_size // self.dp_size  # sessions, all workers together
         # batch_size = the stream's chunk: a worker yields a chunk's items in a row, so each batch is one chunk
         chunks_ahead = -(-ahead // (d.workers * d.read_batch)) if d.workers else None  # per worker
-        self.iterator = iter(DataLoader(stream, batch_size=d.read_batch, num_workers=d.workers, collate_fn=identity,
-                                        prefetch_factor=chunks_ahead,
-                                        multiprocessing_context="fork" if d.workers else None))
+        loader = DataLoader(stream, batch_size=d.read_batch, num_workers=d.workers, collate_fn=identity,
+                            prefetch_factor=chunks_ahead, multiprocessing_context="fork" if d.workers else None)
+        # The workers fork here. What the parent left for its cyclic garbage collector (a dropped decoder, say)
+        # is frozen first, so that no worker ever collects it (see INHERITED); the parent collects it as before.
+        gc.freeze()
+        try:
+            self.iterator = iter(loader)
+        finally:
+            gc.unfreeze()
         self.buffer.clear()
         self.consumed = 0
 
