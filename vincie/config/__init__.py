@@ -43,6 +43,7 @@ from vincie.config.sections import (
                                 fp8_alignment,
                                 fp8_gemm_shapes,
                                 have_transformer_engine,
+                                head_dim,
 )
 from vincie.errors import ConfigError
 
@@ -51,6 +52,6 @@ __all__ = [
     "to_yaml", "BACKGROUNDS", "TE_INSTALL", "TRANSITIONS", "Config", "DataConfig", "DiffusionConfig", "IngestConfig",
     "K8sConfig", "MetricsConfig", "ModelConfig", "ParallelConfig", "RunConfig", "SequenceConfig", "StorageConfig",
     "SynthConfig", "TextEncoderConfig", "TrainConfig", "VAEConfig", "VLMConfig", "bucket_shapes", "ffn_hidden_size",
-    "fp8_alignment", "fp8_gemm_shapes", "have_transformer_engine", "check_model_parallel", "check_world", "validate",
-    "validate_synth", "ConfigError",
+    "fp8_alignment", "fp8_gemm_shapes", "have_transformer_engine", "head_dim", "check_model_parallel", "check_world",
+    "validate", "validate_synth", "ConfigError",
 ]

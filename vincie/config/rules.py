@@ -145,10 +145,15 @@ def validate(cfg: Config) -> None:
     require(cfg.run.name != "", "run.name", "must not be empty")
     require(cfg.run.out_dir != "", "run.out_dir", "must not be empty")
     m = cfg.model
-    require(m.hidden_size % m.num_heads == 0, "model.num_heads",
-            f"must divide model.hidden_size ({m.hidden_size}), got {m.num_heads}")
-    require((m.hidden_size // m.num_heads) % 8 == 0, "model.num_heads",
-            f"must leave a head dimension divisible by 8 (3D RoPE), got {m.hidden_size // m.num_heads}")
+    if m.head_dim:
+        require(m.head_dim % 2 == 0 and m.head_dim >= 6, "model.head_dim",
+                f"must be even and >= 6 (3D RoPE), or 0 for hidden_size / num_heads, got {m.head_dim}")
+    else:
+        require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+                f"must divide model.hidden_size ({m.hidden_size}) unless model.head_dim is set, got {m.num_heads}")
+        require((m.hidden_size // m.num_heads) % 8 == 0, "model.num_heads",
+                f"must leave a head dimension divisible by 8 (3D RoPE), got {m.hidden_size // m.num_heads}")
+    require(m.ffn_multiple >= 1, "model.ffn_multiple", f"must be >= 1, got {m.ffn_multiple}")
     require(0 <= m.dual_stream_layers <= m.num_layers, "model.dual_stream_layers",
             f"must be between 0 and model.num_layers ({m.num_layers}), got {m.dual_stream_layers}")
     require(set(cfg.diffusion.loss_weights) == {"nip", "csp", "nsp"}, "diffusion.loss_weights",

@@ -164,6 +164,26 @@ class ModelConfig:
     # scaling: delayed (amax history), tensorwise (current scaling), blockwise (Hopper), mxfp8 (Blackwell)
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
     attention_backend: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex on GPU, sdpa on CPU
+    # Options that reproduce the released VINCIE DiTs exactly (docs/release.md); the defaults are vincie's own.
+    head_dim: int = 0  # attention width per head; 0: hidden_size / num_heads (the 7B: 32 x 128 on 3584)
+    ffn_multiple: int = 64  # the SwiGLU width is rounded up to a multiple of this (the release: 256)
+    qkv_bias: bool = True  # a bias in the attention's qkv projection (the release: none; its output has one)
+    mlp_bias: bool = True  # biases in the SwiGLU projections (the release: none)
+    # head dimensions per RoPE axis (time, row, col): "time_first": rows and columns a third each (even), time the
+    # rest; "thirds": each axis a third (even), the remainder not rotated (the release)
+    rope_axes: Literal["time_first", "thirds"] = "time_first"
+    # what drives adaLN: "block": timestep + block type + turn embeddings per block; "timestep": the timestep
+    # alone (the release, whose inputs give every token of a session the session's one timestep)
+    conditioning: Literal["block", "timestep"] = "block"
+    # a learned vector per turn, in the text encoder's feature space, as the first token of each instruction
+    # (the release's prompt-id embedding); the sequence gives that token's slot
+    turn_token: bool = False
+    # what a latent token carries: "latent": its latent (noisy or clean by block); "release": [noisy latent,
+    # clean latent or 0, context flag] on the channel axis, (2C + 1) x p x p values (the release's 33 for 3B)
+    input_layout: Literal["latent", "release"] = "latent"
+    # the final layer's shift and scale: "own" (DiT: a projection of the conditioning), "shared": the shared adaLN
+    # projection's attention shift / scale plus learned offsets, after an RMSNorm with a weight (the release)
+    final_modulation: Literal["own", "shared"] = "own"
 
 
 @dataclass
@@ -357,8 +377,13 @@ def bucket_shapes(cfg: Config) -> list[tuple[int, int]]:
 
 def ffn_hidden_size(m: ModelConfig) -> int:
     """SwiGLU hidden width: 2/3 of mlp_ratio x hidden (the LLaMA convention, same FLOPs as a plain x4 MLP),
-    rounded up to a multiple of 64."""
-    return -(-int(2 * m.mlp_ratio * m.hidden_size / 3) // 64) * 64
+    rounded up to a multiple of model.ffn_multiple."""
+    return -(-int(2 * m.mlp_ratio * m.hidden_size / 3) // m.ffn_multiple) * m.ffn_multiple
+
+
+def head_dim(m: ModelConfig) -> int:
+    """Attention width per head: model.head_dim, or hidden_size / num_heads."""
+    return m.head_dim or m.hidden_size // m.num_heads
 
 
 TE_INSTALL = "pip install --no-build-isolation 'transformer_engine[pytorch]' (on a CUDA machine)"

@@ -30,7 +30,7 @@ from megatron.core.tensor_parallel.mappings import (  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: E402
 
-from vincie.config import TE_INSTALL, ConfigError, ModelConfig, ffn_hidden_size, fp8_alignment  # noqa: E402
+from vincie.config import TE_INSTALL, ConfigError, ModelConfig, ffn_hidden_size, fp8_alignment, head_dim  # noqa: E402
 from vincie.model.mmdit import Linears  # noqa: E402
 
 
@@ -52,6 +52,7 @@ def megatron_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, init: 
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_heads,
+        kv_channels=head_dim(cfg),
         ffn_hidden_size=ffn_hidden_size(cfg),
         use_cpu_initialization=True,
         perform_initialization=init,
@@ -163,10 +164,10 @@ class MegatronLinears(Linears):
         self.tensor_parallel = tp_world_size()
         self.sequence_parallel = sequence_parallel
 
-    def make(self, name: str, in_features: int, out_features: int) -> nn.Module:
+    def make(self, name: str, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         split = {"gather_output": False} if name in COLUMN_PARALLEL else {"input_is_parallel": True}
         return build_module(getattr(self.spec, name), in_features, out_features, config=self.linear_config,
-                            init_method=nn.init.xavier_uniform_, bias=True, skip_bias_add=False, is_expert=False,
+                            init_method=nn.init.xavier_uniform_, bias=bias, skip_bias_add=False, is_expert=False,
                             **split)
 
     def layer_context(self, layer: int):

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vincie.config import ModelConfig, ffn_hidden_size
+from vincie.config import ModelConfig, ffn_hidden_size, head_dim
 from vincie.model.attention import MaskSpec, attend, dense_mask, prepare_mask
 from vincie.model.sequence import BlockType
 
@@ -55,10 +55,11 @@ class Linear(nn.Linear):
     """nn.Linear with the calling convention of megatron-core's parallel linears: forward -> (output, bias), the
     bias already added (None)."""
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
         nn.init.xavier_uniform_(self.weight)
-        nn.init.zeros_(self.bias)
+        if bias:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return super().forward(x), None
@@ -69,10 +70,10 @@ class Linears:
     one process with plain linears; vincie.model.megatron_layers.MegatronLinears is the tensor-parallel one."""
     tensor_parallel = 1  # heads and MLP units are split over this many ranks
 
-    def make(self, name: str, in_features: int, out_features: int) -> nn.Module:
+    def make(self, name: str, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         """`name`: linear_qkv, linear_proj, linear_fc1 or linear_fc2 (per stream and layer); the module's forward
         returns (output, None)."""
-        return Linear(in_features, out_features)
+        return Linear(in_features, out_features, bias)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Sequence parallel: this rank's tokens [T/tp, B, H] -> all tokens [T, B, H]."""
@@ -109,29 +110,38 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_frequencies(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
-def rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """Split of the head dimension over (time, row, col) for 3D RoPE; each part even."""
+def rope_axes(head_dim: int, split: str = "time_first") -> list[tuple[int, int]]:
+    """3D RoPE over (time, row, col): per axis (rotated pairs, the frequency exponent's denominator).
+    "time_first": rows and columns a third of the head dimension each (even), time the rest (all rotated);
+    "thirds" (the release): each axis d = head_dim // 3 dimensions, floor(d / 2) pairs with frequencies
+    theta^(-2i / d), the remaining dimensions not rotated."""
+    if split == "thirds":
+        third = head_dim // 3
+        return [(third // 2, third)] * 3
     spatial = (head_dim // 3) // 2 * 2
-    return head_dim - 2 * spatial, spatial, spatial
+    time = head_dim - 2 * spatial
+    return [(time // 2, time), (spatial // 2, spatial), (spatial // 2, spatial)]
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """positions (..., 3) int -> angles (..., head_dim // 2). Text tokens carry (p, p, p): 1D RoPE."""
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, split: str = "time_first") -> torch.Tensor:
+    """positions (..., 3) int -> angles (..., R) with R <= head_dim // 2 rotated pairs, axis after axis. Text
+    tokens carry (p, p, p): 1D RoPE."""
     parts = []
-    for axis, dim in enumerate(rope_axes(head_dim)):
-        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
-        parts.append(positions[..., axis:axis + 1].float() * freqs)
+    for axis, (pairs, denominator) in enumerate(rope_axes(head_dim, split)):
+        exponent = torch.arange(0, 2 * pairs, 2, dtype=torch.float32, device=positions.device) / denominator
+        parts.append(positions[..., axis:axis + 1].float() * (1.0 / theta ** exponent))
     return torch.cat(parts, dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x (T, B, heads, D), rope = (cos, sin) of the angles, each (T, B, 1, D/2): rotate pairs (x[2i], x[2i+1]),
-    in at least fp32."""
+    """x (T, B, heads, D), rope = (cos, sin) of the angles, each (T, B, 1, R): rotate pairs (x[2i], x[2i+1]) for
+    i < R, in at least fp32; dimensions from 2R on pass unrotated."""
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    x1, x2 = wide[..., 0::2], wide[..., 1::2]
     cos, sin = rope
+    rotated = 2 * cos.shape[-1]
+    x1, x2 = wide[..., 0:rotated:2], wide[..., 1:rotated:2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    return torch.cat([out, wide[..., rotated:]], dim=-1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,16 +153,16 @@ class StreamWeights(nn.Module):
 
     def __init__(self, cfg: ModelConfig, linears: Linears):
         super().__init__()
-        h, f = cfg.hidden_size, ffn_hidden_size(cfg)
-        head_dim = h // cfg.num_heads
-        self.linear_qkv = linears.make("linear_qkv", h, 3 * h)  # column-parallel: rows split by heads
-        self.linear_proj = linears.make("linear_proj", h, h)  # row-parallel
-        self.linear_fc1 = linears.make("linear_fc1", h, 2 * f)  # column-parallel: rows split by units
-        self.linear_fc2 = linears.make("linear_fc2", f, h)  # row-parallel
+        h, f, d = cfg.hidden_size, ffn_hidden_size(cfg), head_dim(cfg)
+        inner = cfg.num_heads * d  # attention width (the hidden size unless model.head_dim says otherwise)
+        self.linear_qkv = linears.make("linear_qkv", h, 3 * inner, cfg.qkv_bias)  # column-parallel: split by heads
+        self.linear_proj = linears.make("linear_proj", inner, h)  # row-parallel
+        self.linear_fc1 = linears.make("linear_fc1", h, 2 * f, cfg.mlp_bias)  # column-parallel: split by units
+        self.linear_fc2 = linears.make("linear_fc2", f, h, cfg.mlp_bias)  # row-parallel
         # shared by all heads, and each TP rank sees only its own heads: finalize_model_grads sums their
         # gradients over the TP group (it finds them by these names, with config.qk_layernorm)
-        self.q_layernorm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
-        self.k_layernorm = nn.RMSNorm(head_dim, eps=cfg.norm_eps)
+        self.q_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.k_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
         # this layer's offsets to the shared adaLN modulation (shift, scale, gate for attention and MLP); under
         # sequence parallel each TP rank applies them to its own tokens: gradients summed over the TP group
         self.modulation = nn.Parameter(torch.zeros(6, h))
@@ -195,7 +205,7 @@ class MMDiTLayer(nn.Module):
         self.linears = linears  # also gathers / scatters the sequence under sequence parallel
         self.hidden = cfg.hidden_size
         self.heads_local = cfg.num_heads // linears.tensor_parallel
-        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.head_dim = head_dim(cfg)
         self.eps = cfg.norm_eps
         self.latent = StreamWeights(cfg, linears)
         self.text = StreamWeights(cfg, linears) if dual else None
@@ -251,18 +261,34 @@ class MMDiTLayer(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden: int, out_dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.adaln = nn.Linear(hidden, 2 * hidden)
-        self.linear = nn.Linear(hidden, out_dim)
-        for layer in (self.adaln, self.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+    """RMSNorm, shift and scale, linear (zero-initialised). model.final_modulation: "own": shift and scale are a
+    projection of the conditioning (DiT); "shared": the shared adaLN projection's attention shift and scale plus
+    learned offsets, and the norm has a weight (the release)."""
 
-    def forward(self, h: torch.Tensor, cond_token: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaln(F.silu(cond_token)).chunk(2, dim=-1)
-        return self.linear(modulate(F.rms_norm(h, (h.shape[-1],), eps=self.eps), shift, scale))
+    def __init__(self, hidden: int, out_dim: int, eps: float, modulation: str = "own"):
+        super().__init__()
+        self.eps, self.shared = eps, modulation == "shared"
+        if self.shared:
+            self.norm_weight = nn.Parameter(torch.ones(hidden))
+            self.modulation = nn.Parameter(torch.zeros(2, hidden))  # shift, scale offsets
+        else:
+            self.adaln = nn.Linear(hidden, 2 * hidden)
+            nn.init.zeros_(self.adaln.weight)
+            nn.init.zeros_(self.adaln.bias)
+        self.linear = nn.Linear(hidden, out_dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor, cond_token: torch.Tensor, shared_mod: torch.Tensor) -> torch.Tensor:
+        """h, cond_token [T, B, H]; shared_mod [T, B, 6H] (the layers' adaLN projection, before their offsets)."""
+        H = h.shape[-1]
+        if self.shared:
+            shift, scale = (shared_mod[..., :2 * H] + self.modulation.flatten()).chunk(2, dim=-1)
+            normed = F.rms_norm(h, (H,), self.norm_weight, eps=self.eps)
+        else:
+            shift, scale = self.adaln(F.silu(cond_token)).chunk(2, dim=-1)
+            normed = F.rms_norm(h, (H,), eps=self.eps)
+        return self.linear(modulate(normed, shift, scale))
 
 
 class PointwiseHead(nn.Module):
@@ -304,6 +330,8 @@ class ModelInputs:
     block_type: torch.Tensor  # (B, NB) int
     block_turn: torch.Tensor  # (B, NB) int
     mask: MaskSpec  # token_block (B, T) and the attention rule's other inputs
+    # [N_txt] int with model.turn_token: the turn whose learned token takes this text slot, -1 for a word's features
+    text_turn: torch.Tensor | None = None
     # [N_lat, C*p*p] with model.source: per NOISY token, the same position of the image its turn edits
     # (zeros for clean blocks and where that image is not in the context)
     latent_source: torch.Tensor | None = None
@@ -334,15 +362,23 @@ class MMDiT(nn.Module):
         self.input_tensor = None
         self.recompute = False  # set by the trainer (train.recompute): checkpoint every layer, rerun it in backward
         h = cfg.hidden_size
-        self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2
+        self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2  # a latent token's values (the output's)
+        # the release's input layout adds the clean latent and the context flag per latent cell
+        input_dim = (2 * cfg.latent_channels + 1) * cfg.patch_size ** 2 if cfg.input_layout == "release" \
+            else self.patch_dim
         if pre_process:
-            self.patch_embed = nn.Linear(self.patch_dim, h)
+            self.patch_embed = nn.Linear(input_dim, h)
             if cfg.source != "none":
                 self.source_embed = nn.Linear(self.patch_dim, h)
             self.text_proj = nn.Linear(cfg.text_dim, h)
+            if cfg.turn_token:
+                self.turn_tokens = nn.Embedding(cfg.max_turns, cfg.text_dim)
+                nn.init.normal_(self.turn_tokens.weight, std=0.02)
         self.t_embedder = TimestepEmbedder(h)
-        self.type_embed = nn.Embedding(NUM_BLOCK_TYPES, h)
-        self.turn_embed = nn.Embedding(cfg.max_turns, h)
+        block_embeddings = cfg.conditioning == "block"
+        if block_embeddings:
+            self.type_embed = nn.Embedding(NUM_BLOCK_TYPES, h)
+            self.turn_embed = nn.Embedding(cfg.max_turns, h)
         # adaLN-single (as PixArt-alpha): one projection of the block conditioning serves every layer, each layer
         # adds its own learned offsets; zero-initialised, so every layer starts as the identity
         if cfg.pooled_text:
@@ -350,7 +386,7 @@ class MMDiT(nn.Module):
         self.adaln = nn.Linear(h, 6 * h)
         nn.init.zeros_(self.adaln.weight)
         nn.init.zeros_(self.adaln.bias)
-        for module in (self.t_embedder, self.type_embed, self.turn_embed, self.adaln,
+        for module in (self.t_embedder, self.adaln, *([self.type_embed, self.turn_embed] if block_embeddings else []),
                        *([self.text_pool] if cfg.pooled_text else [])):
             for p in module.parameters():
                 p.pipeline_parallel = True
@@ -361,11 +397,13 @@ class MMDiT(nn.Module):
         if post_process:
             pointwise = cfg.output_head == "pointwise"
             points = self.patch_dim // cfg.head_channels
-            self.final = FinalLayer(h, points * cfg.head_features if pointwise else self.patch_dim, cfg.norm_eps)
+            self.final = FinalLayer(h, points * cfg.head_features if pointwise else self.patch_dim, cfg.norm_eps,
+                                    cfg.final_modulation)
             if pointwise:
                 self.head = PointwiseHead(cfg.head_channels, cfg.head_features, cfg.head_hidden)
-        nn.init.normal_(self.type_embed.weight, std=0.02)
-        nn.init.normal_(self.turn_embed.weight, std=0.02)
+        if block_embeddings:
+            nn.init.normal_(self.type_embed.weight, std=0.02)
+            nn.init.normal_(self.turn_embed.weight, std=0.02)
         for m in self.t_embedder.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
@@ -382,7 +420,13 @@ class MMDiT(nn.Module):
     def embed(self, inputs: ModelInputs, T: int, B: int) -> torch.Tensor:
         """-> h [T, B, H]: text and latent tokens projected and placed in sequence order."""
         h = self.patch_embed.weight.new_zeros(T * B, self.cfg.hidden_size)
-        h[inputs.text_index] = self.text_proj(inputs.text_tokens).to(h.dtype)
+        text = inputs.text_tokens
+        if self.cfg.turn_token:
+            if inputs.text_turn is None:
+                raise ValueError("model.turn_token is on but the batch has no text_turn")
+            turn = self.turn_tokens(inputs.text_turn.clamp(min=0)).to(text.dtype)
+            text = torch.where((inputs.text_turn >= 0)[:, None], turn, text)
+        h[inputs.text_index] = self.text_proj(text).to(h.dtype)
         latent = self.patch_embed(inputs.latent_tokens)  # [N_lat, H]
         if self.cfg.source != "none":
             if inputs.latent_source is None:
@@ -404,18 +448,20 @@ class MMDiT(nn.Module):
         streams = Streams(inputs.text_index, inputs.latent_index, T * B)
         split = self.linears.scatter
         h = split(self.embed(inputs, T, B)) if self.pre_process else self.input_tensor
-        cond_block = self.t_embedder(inputs.block_t) + self.type_embed(inputs.block_type) \
-            + self.turn_embed(inputs.block_turn)  # (B, NB, H)
+        cond_block = self.t_embedder(inputs.block_t)  # (B, NB, H)
+        if self.cfg.conditioning == "block":
+            cond_block = cond_block + self.type_embed(inputs.block_type) + self.turn_embed(inputs.block_turn)
         if self.cfg.pooled_text:
             if inputs.block_text is None:
                 raise ValueError("model.pooled_text is on but the batch has no block_text")
             cond_block = cond_block + self.text_pool(inputs.block_text)
         cond_token = torch.gather(cond_block, 1, spec.token_block[..., None].expand(-1, -1, H)).transpose(0, 1)
-        shared_mod = split(self.adaln(F.silu(cond_token)))  # [T', B, 6H]
+        shared_full = self.adaln(F.silu(cond_token))  # [T, B, 6H]
+        shared_mod = split(shared_full)  # [T', B, 6H]
         token_is_text = torch.gather(inputs.block_type == int(BlockType.TEXT), 1, spec.token_block).transpose(0, 1)
         token_is_text = split(token_is_text)  # [T', B]
-        head_dim = H // self.cfg.num_heads
-        angles = rope_angles(inputs.positions, head_dim, self.cfg.rope_theta)[:, :, None, :]  # [T, B, 1, D/2]
+        angles = rope_angles(inputs.positions, head_dim(self.cfg), self.cfg.rope_theta,
+                             self.cfg.rope_axes)[:, :, None, :]  # [T, B, 1, R]
         rope = (torch.cos(angles), torch.sin(angles))
         if cache is None:
             backend = self.attention_backend(h.device)
@@ -438,7 +484,7 @@ class MMDiT(nn.Module):
         if not self.post_process:
             return h
         # the final layer and the loss run on all tokens, the same on every TP rank
-        out = self.final(self.linears.gather(h), cond_token)  # [T, B, C*p*p] (pointwise: [T, B, P*F])
+        out = self.final(self.linears.gather(h), cond_token, shared_full)  # [T, B, C*p*p] (pointwise: [T, B, P*F])
         out = out.reshape(T * B, -1)[inputs.latent_index]  # [N_lat, C*p*p] (pointwise: [N_lat, P*F])
         if self.cfg.output_head == "pointwise":
             out = self.head(out, inputs.latent_source.to(out.dtype), inputs.latent_tokens.to(out.dtype))

@@ -1,0 +1,272 @@
+"""Golden fixtures from the VINCIE release's own code, for vincie's parity tests (docs/release.md, "Fixtures").
+
+Run it in a scratch environment, never inside vincie: it imports the release (ByteDance-Seed/VINCIE, a checkout at
+--release-src) and runs its model code on the CPU with tiny random weights, then writes what vincie must
+reproduce into --out:
+
+    python tools/release_fixtures.py --release-src /scratch/VINCIE --out tests/data/release/3b-tiny
+
+Besides vincie's own requirements it needs `einops omegaconf beartype tabulate` (the release's imports). What it
+changes in the release, all here and nowhere else:
+- `flash_attn.flash_attn_varlen_func` -> plain PyTorch (scaled_dot_product_attention per packed sequence);
+- `apex.normalization.FusedRMSNorm` / `FusedLayerNorm` -> torch.nn.RMSNorm / LayerNorm (same arguments);
+- the attention's bf16 cast (`.bfloat16()` on q, k, v in NaMMAttention) is a no-op while the model runs, so that
+  the fixtures are fp32 throughout;
+- `generate.get_device` gives the CPU (it gives CUDA);
+- modules the DiT never uses but its files import (`mediapy`, `torchvision.transforms`) are empty stand-ins.
+The release's session-text assembly (VINCIEGenerator.get_session_text_embedding) and its Euler sampler with
+classifier-free guidance run unchanged; the text encoder is replaced by random per-prompt features.
+
+Fixture format (one directory): `config.yaml` (the release's generate.yaml layout: dit.model,
+prompt_id_embedding.model, diffusion), `dit.pth` (the release-format state dict, as the release saves it) and
+`cases.safetensors`, tensors named `<case>.<field>`:
+
+    <case>.vid          (L, 2C+1) float  the DiT's input per latent cell: [noisy, clean or 0, context flag]
+    <case>.vid_shape    (B, 3) int64     per session: frames, latent rows, latent columns (before patching)
+    <case>.text         (N, D) float     per-prompt text-encoder features, prompts one after another
+    <case>.text_lengths (P,) int64       tokens per prompt
+    <case>.prompts      (B,) int64       prompts per session (a session's prompts have turn ids 0, 1, ...)
+    <case>.timestep     (B,) float       in [0, T] (T = 1000)
+    <case>.out          (L, C) float     the DiT's output (velocity) per latent cell
+A sampling case has no `out`, `timestep` or `vid`'s noisy part; instead `<case>.noise` (L, C), `<case>.cond`
+(L, C+1), the negative prompt as `<case>.neg_text` / `<case>.neg_text_lengths` (one prompt per session),
+`<case>.settings` = [steps, shift, cfg_scale] and `<case>.latents` (L, C): the sampler's final latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.machinery
+import os
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import save_file
+
+# A tiny model on the 3B code path: dual-stream first layer, shared weights after, SwiGLU rounded to 256,
+# adaLN-single, mmrope3d over a head width (32) that is not hidden / heads (48 / 2) and leaves 2 dims unrotated.
+TINY_3B = {
+    "vid_in_channels": 9, "vid_out_channels": 4, "vid_dim": 48, "vid_out_norm": "fusedrms", "txt_in_dim": 40,
+    "txt_in_norm": "fusedln", "txt_dim": "${.vid_dim}", "emb_dim": "${eval:'6 * ${.vid_dim}'}", "heads": 2,
+    "head_dim": 32, "expand_ratio": 4, "norm": "fusedrms", "norm_eps": 1e-5, "ada": "single", "qk_bias": False,
+    "qk_rope": True, "qk_norm": "fusedrms", "patch_size": [1, 2, 2], "num_layers": 3, "mm_layers": 1,
+    "mlp_type": "swiglu", "block_type": "mmdit", "msa_type": "mm_full", "rope_type": "mmrope3d", "rope_dim": 32,
+}
+MAX_PROMPTS = 8
+SAMPLING = {"steps": 4, "shift": 3.0, "cfg_scale": 3.0}
+
+
+def module(name: str, **attrs) -> types.ModuleType:
+    m = types.ModuleType(name)
+    m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    m.__dict__.update(attrs)
+    sys.modules[name] = m
+    return m
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                           deterministic=False, **kwargs):
+    """flash-attn's packed attention in plain PyTorch: q, k, v (L, heads, D); each packed sequence attends to
+    itself only, softmax scale 1/sqrt(D)."""
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # (heads, l, D)
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1)
+    return out
+
+
+class Unused:
+    """Whatever a stand-in module is asked for: imported by the release's files, never used by the DiT."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
+def install_stand_ins() -> None:
+    module("flash_attn", flash_attn_varlen_func=flash_attn_varlen_func)
+    module("apex")
+    module("apex.normalization",
+           FusedRMSNorm=lambda normalized_shape, elementwise_affine=True, eps=1e-5:
+           torch.nn.RMSNorm(normalized_shape, eps=eps, elementwise_affine=elementwise_affine),
+           FusedLayerNorm=lambda normalized_shape, elementwise_affine=True, eps=1e-5:
+           torch.nn.LayerNorm(normalized_shape, eps=eps, elementwise_affine=elementwise_affine))
+    module("mediapy")
+    import transformers.modeling_utils  # noqa: F401  (first: it must see that torchvision is not installed)
+    module("torchvision")
+    transforms = module("torchvision.transforms", functional=module("torchvision.transforms.functional"))
+    transforms.__getattr__ = lambda name: Unused()
+    sys.modules["torchvision.transforms.functional"].__getattr__ = lambda name: Unused()
+
+
+@contextlib.contextmanager
+def fp32_attention():
+    """The release casts q, k, v to bf16 for flash-attn; here the cast keeps fp32."""
+    cast = torch.Tensor.bfloat16
+    torch.Tensor.bfloat16 = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.bfloat16 = cast
+
+
+def resolve(model: dict) -> dict:
+    """The two interpolations the release's configs use: ${.key} and ${eval:'6 * ${.key}'}."""
+    out = dict(model)
+    out["txt_dim"] = model["vid_dim"]
+    out["emb_dim"] = 6 * model["vid_dim"]
+    return out
+
+
+class Release:
+    """The release's DiT and its generator's text assembly and sampler, imported from `src`."""
+
+    def __init__(self, src: str, model: dict, seed: int):
+        install_stand_ins()
+        sys.path.insert(0, os.path.abspath(src))
+        from omegaconf import OmegaConf
+
+        from common.diffusion import (classifier_free_guidance_dispatcher, create_sampler_from_config,
+                                      create_sampling_timesteps_from_config, create_schedule_from_config)
+        import generate
+        from generate import VINCIEGenerator
+        from models.dit.nadit import NaDiT
+        from models.embedding.prompt_emb import PromptEmbedding
+
+        generate.get_device = lambda: torch.device("cpu")
+        self.OmegaConf, self.generator = OmegaConf, VINCIEGenerator
+        self.cfg_dispatch = classifier_free_guidance_dispatcher
+        self.create = (create_schedule_from_config, create_sampling_timesteps_from_config, create_sampler_from_config)
+        torch.manual_seed(seed)
+        args = {k: v for k, v in resolve(model).items() if k != "qk_rope"}
+        self.dit = NaDiT(**args).eval()
+        self.dit.prompt_id_embedding = PromptEmbedding(MAX_PROMPTS, model["txt_in_dim"])
+        with torch.no_grad():  # the release initialises gates and a few projections small: make every path count
+            for p in self.dit.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+
+    def session_text(self, text: torch.Tensor, lengths: list[int], prompts: list[int] | None):
+        """The generator's own assembly of session text (turn-id token + prompt, prompts of a session in a row);
+        `prompts` None: one prompt per session, all with id 0 (how the release embeds the negative prompt)."""
+        outer = types.SimpleNamespace(dit=self.dit, config=self.OmegaConf.create(
+            {"prompt_id_embedding": {"fusion_strategy": "seq_concat"}}))
+        outer.fuse_prompt_id_emb = lambda *a: self.generator.fuse_prompt_id_emb(outer, *a)
+        outer.text_encode = lambda texts: (text, torch.tensor(lengths)[:, None])
+        names = [f"p{i}" for i in range(len(lengths))]
+        if prompts is None:
+            return self.generator.get_session_text_embedding(outer, names)
+        sessions, start = [], 0
+        for count in prompts:
+            sessions.append(names[start:start + count])
+            start += count
+        return self.generator.get_session_text_embedding(outer, sessions)
+
+    @torch.no_grad()
+    def forward(self, vid, vid_shape, txt, txt_shape, timestep):
+        with fp32_attention():
+            return self.dit(vid=vid, txt=txt, vid_shape=vid_shape, txt_shape=txt_shape, timestep=timestep).vid_sample
+
+    @torch.no_grad()
+    def sample(self, noise, cond, vid_shape, pos, neg, steps: int, shift: float, scale: float):
+        """The generator's sampling loop (VINCIEGenerator.inference without the VAE)."""
+        OmegaConf = self.OmegaConf
+        schedule = self.create[0](OmegaConf.create({"type": "lerp", "T": 1000.0}), device="cpu")
+        timesteps = self.create[1](OmegaConf.create({"type": "uniform_trailing", "steps": steps, "shift": shift}),
+                                   schedule=schedule, device="cpu")
+        sampler = self.create[2](OmegaConf.create({"type": "euler", "prediction_type": "v_lerp"}),
+                                 schedule=schedule, timesteps=timesteps)
+        batch = vid_shape.shape[0]
+        with fp32_attention():
+            return sampler.sample(x=noise, f=lambda args: self.cfg_dispatch(
+                pos=lambda: self.dit(vid=torch.cat([args.x_t, cond], dim=-1), txt=pos[0], vid_shape=vid_shape,
+                                     txt_shape=pos[1], timestep=args.t.repeat(batch)).vid_sample,
+                neg=lambda: self.dit(vid=torch.cat([args.x_t, cond], dim=-1), txt=neg[0], vid_shape=vid_shape,
+                                     txt_shape=neg[1], timestep=args.t.repeat(batch)).vid_sample,
+                scale=scale))
+
+
+def condition(latents: torch.Tensor, frames: int) -> torch.Tensor:
+    """The release's get_condition for one session, flattened: (F*h*w, C) clean latents -> (F*h*w, C+1): every
+    frame but the last keeps its latent and flag 1; the last (the output) is zeros."""
+    cond = torch.zeros(latents.shape[0], latents.shape[1] + 1)
+    context = latents.shape[0] // frames * (frames - 1)
+    cond[:context, :-1] = latents[:context]
+    cond[:context, -1] = 1.0
+    return cond
+
+
+def make_cases(release: Release, channels: int, text_dim: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sessions = {"single": [((3, 4, 6), [5, 7])],
+                "batch": [((3, 4, 6), [5, 7]), ((2, 6, 4), [4])]}
+    timesteps = {"single": [731.5], "batch": [250.0, 900.0]}
+    out: dict[str, torch.Tensor] = {}
+
+    def inputs(name: str, negative: bool):
+        shapes = torch.tensor([s for s, _ in sessions[name]])
+        lengths = [9] * len(shapes) if negative else [n for _, prompts in sessions[name] for n in prompts]
+        prompts = [1] * len(shapes) if negative else [len(p) for _, p in sessions[name]]
+        text = torch.randn(sum(lengths), text_dim, generator=g)
+        clean = [torch.randn(int(s.prod()), channels, generator=g) for s in shapes]
+        cond = torch.cat([condition(c, int(s[0])) for c, s in zip(clean, shapes)])
+        return shapes, text, lengths, prompts, cond
+
+    for case, base, negative in (("single", "single", False), ("batch", "batch", False),
+                                 ("negative", "batch", True)):
+        shapes, text, lengths, prompts, cond = inputs(base, negative)
+        noisy = torch.randn(cond.shape[0], channels, generator=g)
+        vid = torch.cat([noisy, cond], dim=-1)
+        t = torch.tensor(timesteps[base])
+        txt, txt_shape = release.session_text(text, lengths, None if negative else prompts)
+        out |= {f"{case}.vid": vid, f"{case}.vid_shape": shapes, f"{case}.text": text,
+                f"{case}.text_lengths": torch.tensor(lengths), f"{case}.prompts": torch.tensor(prompts),
+                f"{case}.timestep": t, f"{case}.out": release.forward(vid, shapes, txt, txt_shape, t)}
+
+    shapes, text, lengths, prompts, cond = inputs("batch", False)
+    _, neg_text, neg_lengths, _, _ = inputs("batch", True)
+    noise = torch.randn(cond.shape[0], channels, generator=g)
+    pos = release.session_text(text, lengths, prompts)
+    neg = release.session_text(neg_text, neg_lengths, None)
+    latents = release.sample(noise, cond, shapes, pos, neg, SAMPLING["steps"], SAMPLING["shift"],
+                             SAMPLING["cfg_scale"])
+    out |= {"sampling.noise": noise, "sampling.cond": cond, "sampling.vid_shape": shapes, "sampling.text": text,
+            "sampling.text_lengths": torch.tensor(lengths), "sampling.prompts": torch.tensor(prompts),
+            "sampling.neg_text": neg_text, "sampling.neg_text_lengths": torch.tensor(neg_lengths),
+            "sampling.settings": torch.tensor([SAMPLING["steps"], SAMPLING["shift"], SAMPLING["cfg_scale"]]),
+            "sampling.latents": latents}
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--release-src", required=True, help="a checkout of ByteDance-Seed/VINCIE")
+    parser.add_argument("--out", required=True, help="the fixture directory to write")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_default_dtype(torch.float32)
+    model = TINY_3B
+    release = Release(args.release_src, model, args.seed)
+    cases = make_cases(release, model["vid_out_channels"], model["txt_in_dim"], args.seed + 1)
+    os.makedirs(args.out, exist_ok=True)
+    config = {"dit": {"model": model},
+              "prompt_id_embedding": {"model": {"max_num_prompts": MAX_PROMPTS, "embedding_dim": model["txt_in_dim"]},
+                                      "fusion_strategy": "seq_concat"},
+              "diffusion": {"schedule": {"type": "lerp", "T": 1000.0},
+                            "timesteps": {"sampling": {"type": "uniform_trailing", **SAMPLING}}}}
+    with open(os.path.join(args.out, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    torch.save(release.dit.state_dict(), os.path.join(args.out, "dit.pth"))
+    save_file(cases, os.path.join(args.out, "cases.safetensors"))
+    print(f"wrote {args.out}: {len(cases)} tensors, "
+          f"{sum(p.numel() for p in release.dit.parameters()):,} DiT parameters")
+
+
+if __name__ == "__main__":
+    main()

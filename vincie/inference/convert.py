@@ -1,0 +1,249 @@
+"""`vincie convert release`: the released VINCIE DiT (its `.pth` and YAML config) -> vincie's MM-DiT with the release
+options (docs/release.md).
+
+Every release tensor has one place in vincie's model; where the layouts differ the converter permutes:
+
+    release                                         vincie (MMDiT parameter names)
+    vid_in.proj            (dim, (ph pw c))         patch_embed              columns (c ph pw)
+    txt_in                                          text_proj
+    emb_in.proj_in / proj_hid                       t_embedder.mlp.0 / .2    proj_in's columns: [sin, cos] -> [cos, sin]
+    emb_in.proj_out        rows (d, layer, g)       adaln                    rows (layer, g, d); g = shift, scale, gate
+    blocks.i.attn.proj_qkv.{vid,txt,all} (o h d)    layers.i.{latent,text}.linear_qkv   rows (h o d), per head
+    blocks.i.attn.proj_out / norm_q / norm_k        linear_proj / q_layernorm / k_layernorm
+    blocks.i.mlp.*.proj_in_gate, proj_in            linear_fc1               rows interleaved (gate, up) per unit
+    blocks.i.mlp.*.proj_out                         linear_fc2
+    blocks.i.ada.*.{attn,mlp}_{shift,scale,gate}    modulation (6, H)        scale - 1 (vincie scales by 1 + s)
+    vid_out_norm.weight, vid_out_ada.out_*          final.norm_weight, final.modulation (2, H)
+    vid_out.proj           rows (ph pw c)           final.linear             rows (c ph pw)
+    prompt_id_embedding.embedding                   turn_tokens
+    blocks.i.attn.rope.rope.freqs (a buffer)        checked against vincie's RoPE frequencies, not stored
+
+`.pth` files are read with `torch.load(weights_only=True)` (tensors and containers only, no code), wrapper prefixes
+(`module.`, `_orig_mod.`) are stripped, and every key must be used: a key left over or missing is an error naming it.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import re
+
+import torch
+import yaml
+
+from vincie.config import ModelConfig
+from vincie.errors import VincieError
+from vincie.model.mmdit import rope_axes
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+NORMS = {"fusedrms", "rms"}
+
+
+class ConversionError(VincieError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The release's config
+
+
+def evaluate(expression: str) -> float:
+    """Arithmetic on numbers only (the release's ${eval:'6 * 2560'} after substitution)."""
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv}
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](walk(node.left), walk(node.right))
+        raise ConversionError(f"cannot evaluate {expression!r}: only arithmetic on numbers is understood")
+
+    return walk(ast.parse(expression, mode="eval").body)
+
+
+def resolve(section: dict) -> dict:
+    """The interpolations the release's configs use inside a section: ${.key} and ${eval:'...'}."""
+    out = dict(section)
+    for _ in range(len(out)):
+        for key, value in out.items():
+            if not isinstance(value, str) or "${" not in value:
+                continue
+            text = re.sub(r"\$\{\.(\w+)\}", lambda m: str(out[m.group(1)]), value)
+            match = re.fullmatch(r"\$\{eval:'(.*)'\}", text)
+            if match and "${" not in match.group(1):
+                result = evaluate(match.group(1))
+                out[key] = int(result) if float(result).is_integer() else result
+            elif "${" not in text:
+                out[key] = int(text) if text.isdigit() else text
+    return out
+
+
+def read_release_config(path: str) -> dict:
+    """The release's YAML (configs/generate.yaml's layout) -> its sections, dit.model resolved."""
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConversionError(f"{path}: cannot read the release config: {exc}") from None
+    if not isinstance(config, dict) or "model" not in config.get("dit", {}):
+        raise ConversionError(f"{path}: not a VINCIE release config (expected a dit.model section)")
+    config["dit"]["model"] = resolve(config["dit"]["model"])
+    return config
+
+
+def model_config(release: dict) -> ModelConfig:
+    """The release's dit.model (+ prompt_id_embedding.model) -> vincie's ModelConfig with the release options.
+    Anything vincie cannot reproduce exactly is an error naming the key."""
+    m = release["dit"]["model"]
+
+    def need(key: str, ok: bool, expected: str):
+        if not ok:
+            raise ConversionError(f"dit.model.{key}: {m.get(key)!r} is not supported; expected {expected}")
+
+    need("block_type", m.get("block_type") == "mmdit", "mmdit")
+    need("msa_type", m.get("msa_type") in ("mm_full", None), "mm_full (full attention in the session)")
+    need("rope_type", m.get("rope_type") == "mmrope3d", "mmrope3d")
+    need("mlp_type", m.get("mlp_type") == "swiglu", "swiglu")
+    need("ada", m.get("ada") == "single", "single")
+    need("norm", m.get("norm") in NORMS, "an RMSNorm (fusedrms or rms)")
+    need("qk_norm", m.get("qk_norm") in NORMS, "an RMSNorm (fusedrms or rms)")
+    need("vid_out_norm", m.get("vid_out_norm") in NORMS, "an RMSNorm (fusedrms or rms)")
+    need("txt_in_dim", isinstance(m.get("txt_in_dim"), int), "one integer width (the 3B's linear projector)")
+    need("txt_dim", m.get("txt_dim") == m.get("vid_dim"), "equal to vid_dim")
+    need("emb_dim", m.get("emb_dim") == 6 * m["vid_dim"], "6 x vid_dim")
+    patch = m.get("patch_size")
+    patch = [patch] * 3 if isinstance(patch, int) else list(patch)
+    need("patch_size", patch[0] == 1 and patch[1] == patch[2], "[1, p, p]")
+    need("vid_in_channels", m.get("vid_in_channels") == 2 * m["vid_out_channels"] + 1,
+         "2 x vid_out_channels + 1 ([noisy, clean or 0, context flag])")
+    need("rope_dim", m.get("rope_dim", m["head_dim"] // 2) == m["head_dim"], "head_dim (each axis a third)")
+    need("mm_layers", isinstance(m.get("mm_layers"), int) and 0 <= m["mm_layers"] < m["num_layers"],
+         "an integer below num_layers (the last layer shares its weights)")
+    prompts = release.get("prompt_id_embedding", {})
+    if prompts.get("fusion_strategy", "seq_concat") != "seq_concat":
+        raise ConversionError(f"prompt_id_embedding.fusion_strategy: {prompts.get('fusion_strategy')!r} is not "
+                              "supported; expected seq_concat")
+    return ModelConfig(
+        hidden_size=m["vid_dim"], num_layers=m["num_layers"], dual_stream_layers=m["mm_layers"],
+        num_heads=m["heads"], head_dim=m["head_dim"], mlp_ratio=float(m["expand_ratio"]), ffn_multiple=256,
+        patch_size=patch[1], latent_channels=m["vid_out_channels"], text_dim=m["txt_in_dim"],
+        max_turns=prompts.get("model", {}).get("max_num_prompts", 64), rope_theta=10000.0,
+        norm_eps=float(m["norm_eps"]), qkv_bias=bool(m.get("qk_bias", False)), mlp_bias=False, rope_axes="thirds",
+        conditioning="timestep", turn_token=True, input_layout="release", final_modulation="shared")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The release's weights
+
+
+def load_release_weights(path: str) -> dict[str, torch.Tensor]:
+    """A release `.pth` -> its state dict: no code unpickled, one container level unwrapped, wrapper prefixes off."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad or unsafe file
+        raise ConversionError(f"{path}: cannot read it as a weights-only torch file: {exc}") from None
+    for container in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(container), dict) and len(state) == 1:
+            state = state[container]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path}: expected a state dict of tensors")
+    out = {}
+    for key, value in state.items():
+        name = key
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        out[name] = value
+    return out
+
+
+def sin_cos_to_cos_sin(weight: torch.Tensor) -> torch.Tensor:
+    """A layer reading sinusoidal features [sin | cos] -> the same layer reading [cos | sin]."""
+    half = weight.shape[1] // 2
+    return torch.cat([weight[:, half:], weight[:, :half]], dim=1)
+
+
+def convert_dit(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Release DiT state dict -> vincie MMDiT state dict (fp32). Every key is used once; every vincie parameter is
+    given once."""
+    H, p, C, D = cfg.hidden_size, cfg.patch_size, cfg.latent_channels, cfg.head_dim or cfg.hidden_size // cfg.num_heads
+    heads, C_in = cfg.num_heads, 2 * cfg.latent_channels + 1
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in state:
+            raise ConversionError(f"the release weights have no {key}")
+        if key in used:
+            raise ConversionError(f"{key} used twice (a bug)")
+        used.add(key)
+        return state[key].float()
+
+    out: dict[str, torch.Tensor] = {}
+    # patch in / out: the release's token values are (ph, pw, c), vincie's (c, ph, pw)
+    w = take("vid_in.proj.weight")
+    out["patch_embed.weight"] = w.reshape(H, p, p, C_in).permute(0, 3, 1, 2).reshape(H, -1)
+    out["patch_embed.bias"] = take("vid_in.proj.bias")
+    out["text_proj.weight"], out["text_proj.bias"] = take("txt_in.weight"), take("txt_in.bias")
+    out["turn_tokens.weight"] = take("prompt_id_embedding.embedding.weight")
+    if out["turn_tokens.weight"].shape[0] != cfg.max_turns:
+        raise ConversionError(f"prompt_id_embedding has {out['turn_tokens.weight'].shape[0]} prompts, the config "
+                              f"says {cfg.max_turns}")
+    out["t_embedder.mlp.0.weight"] = sin_cos_to_cos_sin(take("emb_in.proj_in.weight"))
+    out["t_embedder.mlp.0.bias"] = take("emb_in.proj_in.bias")
+    out["t_embedder.mlp.2.weight"], out["t_embedder.mlp.2.bias"] = take("emb_in.proj_hid.weight"), \
+        take("emb_in.proj_hid.bias")
+    # the shared modulation: the release's rows are (d, layer in {attn, mlp}, g in {shift, scale, gate})
+    out["adaln.weight"] = take("emb_in.proj_out.weight").reshape(H, 6, H).transpose(0, 1).reshape(6 * H, H)
+    out["adaln.bias"] = take("emb_in.proj_out.bias").reshape(H, 6).t().reshape(6 * H)
+    expected_freqs = None
+    for i in range(cfg.num_layers):
+        dual = i < cfg.dual_stream_layers
+        for stream, name in ((("vid", "latent"), ("txt", "text")) if dual else (("all", "latent"),)):
+            src, dst = f"blocks.{i}", f"layers.{i}.{name}"
+            qkv = take(f"{src}.attn.proj_qkv.{stream}.weight")  # rows (o, head, d)
+            out[f"{dst}.linear_qkv.weight"] = qkv.reshape(3, heads, D, H).transpose(0, 1).reshape(3 * heads * D, H)
+            if cfg.qkv_bias:
+                b = take(f"{src}.attn.proj_qkv.{stream}.bias")
+                out[f"{dst}.linear_qkv.bias"] = b.reshape(3, heads, D).transpose(0, 1).reshape(-1)
+            out[f"{dst}.linear_proj.weight"] = take(f"{src}.attn.proj_out.{stream}.weight")
+            out[f"{dst}.linear_proj.bias"] = take(f"{src}.attn.proj_out.{stream}.bias")
+            out[f"{dst}.q_layernorm.weight"] = take(f"{src}.attn.norm_q.{stream}.weight")
+            out[f"{dst}.k_layernorm.weight"] = take(f"{src}.attn.norm_k.{stream}.weight")
+            gate, up = take(f"{src}.mlp.{stream}.proj_in_gate.weight"), take(f"{src}.mlp.{stream}.proj_in.weight")
+            out[f"{dst}.linear_fc1.weight"] = torch.stack([gate, up], dim=1).reshape(-1, H)
+            out[f"{dst}.linear_fc2.weight"] = take(f"{src}.mlp.{stream}.proj_out.weight")
+            ada = [take(f"{src}.ada.{stream}.{layer}_{g}") for layer in ("attn", "mlp")
+                   for g in ("shift", "scale", "gate")]
+            ada[1], ada[4] = ada[1] - 1, ada[4] - 1
+            out[f"{dst}.modulation"] = torch.stack(ada)
+        freqs = take(f"blocks.{i}.attn.rope.rope.freqs")
+        if expected_freqs is None:
+            pairs, denominator = rope_axes(D, "thirds")[0]
+            expected_freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, 2 * pairs, 2).float() / denominator)
+        if freqs.shape != expected_freqs.shape or not torch.allclose(freqs, expected_freqs, rtol=1e-2):
+            raise ConversionError(f"blocks.{i}.attn.rope.rope.freqs: not the RoPE frequencies of head width {D} "
+                                  f"split in thirds (theta {cfg.rope_theta:g})")
+    out["final.norm_weight"] = take("vid_out_norm.weight")
+    out["final.modulation"] = torch.stack([take("vid_out_ada.out_shift"), take("vid_out_ada.out_scale") - 1])
+    w = take("vid_out.proj.weight")  # rows (ph, pw, c)
+    out["final.linear.weight"] = w.reshape(p, p, C, H).permute(2, 0, 1, 3).reshape(-1, H)
+    out["final.linear.bias"] = take("vid_out.proj.bias").reshape(p, p, C).permute(2, 0, 1).reshape(-1)
+    left = sorted(set(state) - used)
+    if left:
+        raise ConversionError(f"{len(left)} release key(s) have no place in vincie's model, first: {left[0]}")
+    return out
+
+
+def release_parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the release DiT with these shapes (its prompt-id table included, RoPE buffers not)."""
+    from vincie.model.mmdit import build_on_meta, count_parameters
+
+    return count_parameters(build_on_meta(cfg))
+
+
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> tuple[float, float, bool]:
+    """-> (max absolute error, relative error = max abs error / max |want|, within tolerance)."""
+    error = (got.float() - want.float()).abs().max().item()
+    relative = error / max(want.float().abs().max().item(), math.ulp(1.0))
+    return error, relative, relative <= tolerance
