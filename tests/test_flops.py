@@ -39,9 +39,16 @@ def counted(model, batch, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("mode", ["block_causal", "full"])
-def test_forward_and_training_flops_match_the_flop_counter_on_the_tiny_model(mode):
-    cfg, samples = tiny_samples(1, 0, f"sequence.mode={mode}")
+RELEASE = ["sequence.mode=release", "model.input_layout=release", "model.conditioning=timestep", "model.head_dim=24",
+           "model.turn_token=true", "model.final_modulation=shared", "model.qkv_bias=false", "model.mlp_bias=false",
+           "model.ffn_multiple=256", "model.rope_axes=thirds", "model.rope_time=after_text", "model.source=none",
+           "model.output_head=linear"]
+
+
+@pytest.mark.parametrize("overrides", [["sequence.mode=block_causal"], ["sequence.mode=full"], RELEASE],
+                         ids=["block_causal", "full", "release"])
+def test_forward_and_training_flops_match_the_flop_counter_on_the_tiny_model(overrides):
+    cfg, samples = tiny_samples(1, 0, *overrides)
     torch.manual_seed(0)
     model = MMDiT(cfg.model)
     batch = collate(samples, torch.device("cpu"), cfg.model.text_dim)

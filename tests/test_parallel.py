@@ -38,10 +38,10 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data") / "train", sessions=16)
 
 
-def reference(root, data, layers: int) -> tuple[str, list[str], dict]:
+def reference(root, data, layers: int, model: tuple[str, ...] = ()) -> tuple[str, list[str], dict]:
     """A run directory whose step-0 checkpoint holds random weights, and its single-process loss and gradients."""
     config = write_config(root / "c.yaml", root / "run", data)
-    overrides = [f"model.num_layers={layers}", "parallel.micro_batch_size=1"]
+    overrides = [f"model.num_layers={layers}", "parallel.micro_batch_size=1", *model]
     torchrun(1, config, "-", "init", *overrides)
     torchrun(1, config, str(root / "one.pt"), "grads", *overrides)
     return config, overrides, torch.load(root / "one.pt")
@@ -55,6 +55,16 @@ def two_layers(tmp_path_factory, data):
 @pytest.fixture(scope="module")
 def four_layers(tmp_path_factory, data):
     return reference(tmp_path_factory.mktemp("four_layers"), data, layers=4)
+
+
+# the options that make vincie's model the released VINCIE DiT (docs/release.md) and need no other batch layout
+RELEASE_OPTIONS = ("model.head_dim=24", "model.ffn_multiple=256", "model.qkv_bias=false", "model.mlp_bias=false",
+                   "model.rope_axes=thirds", "model.conditioning=timestep", "model.final_modulation=shared")
+
+
+@pytest.fixture(scope="module")
+def release_options(tmp_path_factory, data):
+    return reference(tmp_path_factory.mktemp("release_options"), data, layers=2, model=RELEASE_OPTIONS)
 
 
 def assert_same_loss_and_gradients(one: dict, split: dict) -> None:
@@ -74,6 +84,14 @@ def assert_same_loss_and_gradients(one: dict, split: dict) -> None:
                          ids=["tp2", "tp2-sp", "tp2-sp-recompute", "tp2-sp-packed"])
 def test_tensor_parallel_gives_the_single_process_loss_and_gradients(tmp_path, two_layers, layout):
     config, overrides, one = two_layers
+    torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
+    assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
+
+
+@pytest.mark.parametrize("layout", [pytest.param(["parallel.tensor=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
+                                    pytest.param(["parallel.pipeline=2"], id="pp2", marks=pytest.mark.slow)])
+def test_the_release_options_split_like_the_rest(tmp_path, release_options, layout):
+    config, overrides, one = release_options
     torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
     assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
 

@@ -154,6 +154,15 @@ def validate(cfg: Config) -> None:
         require((m.hidden_size // m.num_heads) % 8 == 0, "model.num_heads",
                 f"must leave a head dimension divisible by 8 (3D RoPE), got {m.hidden_size // m.num_heads}")
     require(m.ffn_multiple >= 1, "model.ffn_multiple", f"must be >= 1, got {m.ffn_multiple}")
+    release_sequence = cfg.sequence.mode == "release"
+    require((m.input_layout == "release") == release_sequence, "model.input_layout",
+            f"must be release exactly when sequence.mode is release (the release's input channels), got "
+            f"{m.input_layout} with sequence.mode {cfg.sequence.mode}")
+    require(not release_sequence or m.conditioning == "timestep", "model.conditioning",
+            f"must be timestep with sequence.mode release (one timestep per session), got {m.conditioning}")
+    require(not release_sequence or m.source == "none", "model.source",
+            f"must be none with sequence.mode release (the context's clean latents are input channels), got "
+            f"{m.source}")
     require(0 <= m.dual_stream_layers <= m.num_layers, "model.dual_stream_layers",
             f"must be between 0 and model.num_layers ({m.num_layers}), got {m.dual_stream_layers}")
     require(set(cfg.diffusion.loss_weights) == {"nip", "csp", "nsp"}, "diffusion.loss_weights",

@@ -112,9 +112,11 @@ class IngestConfig:
 
 @dataclass
 class SequenceConfig:
-    # block_causal: teacher forcing, every turn trained in one pass; full: one target, all-to-all attention
-    # (the attention of the released VINCIE checkpoints)
-    mode: Literal["block_causal", "full"] = "block_causal"
+    # block_causal: teacher forcing, every turn trained in one pass; full: one target, all-to-all attention;
+    # release: the released VINCIE's training sequence (docs/release.md): the session's images, all noised at one
+    # timestep and all with a velocity target, clean context in the input channels (model.input_layout=release),
+    # then its instructions; all-to-all attention; no masks
+    mode: Literal["block_causal", "full", "release"] = "block_causal"
     # context composition (per turn), the paper's probabilities; a dropped block is removed from the sequence
     drop_current_image: float = 0.2
     drop_current_mask: float = 0.7
@@ -172,6 +174,9 @@ class ModelConfig:
     # head dimensions per RoPE axis (time, row, col): "time_first": rows and columns a third each (even), time the
     # rest; "thirds": each axis a third (even), the remainder not rotated (the release)
     rope_axes: Literal["time_first", "thirds"] = "time_first"
+    # a latent token's RoPE time: "offset": 4096 + the index of its image (vincie); "after_text": the image index +
+    # the session's text length (the release's 3B); "image_index": the image index (the release's 7B)
+    rope_time: Literal["offset", "after_text", "image_index"] = "offset"
     # what drives adaLN: "block": timestep + block type + turn embeddings per block; "timestep": the timestep
     # alone (the release, whose inputs give every token of a session the session's one timestep)
     conditioning: Literal["block", "timestep"] = "block"

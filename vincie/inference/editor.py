@@ -26,7 +26,7 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from vincie.config import Config, from_dict, validate
+from vincie.config import Config, from_dict, head_dim, validate
 from vincie.errors import VincieError
 from vincie.inference.kv_cache import BlockKV, KVCache
 from vincie.model.batch import (
@@ -189,7 +189,7 @@ class Editor:
             batch.inputs.positions[:n, b] = sample_layout(s).positions[-n:].to(self.device)
         m = self.cfg.model
         cache = KVCache.build([c.kv for c in contexts], [int(i) for i in self.model.layers], m.num_heads,
-                              m.hidden_size // m.num_heads, batch.inputs.mask.num_tokens, self.device, self.dtype,
+                              head_dim(m), batch.inputs.mask.num_tokens, self.device, self.dtype,
                               record)
         return batch, cache, [0] * len(contexts)
 

@@ -27,6 +27,7 @@ from vincie.model.sequence import (
     full_attention_blocks,
     layout,
     pack,
+    release_blocks,
 )
 from vincie.sessions.loaded import LoadedSession
 
@@ -74,6 +75,8 @@ class SampleTokens:
     weights: list[torch.Tensor | None] | None = None  # per latent block: (n,) loss weight per target token
     sources: list[torch.Tensor | None] | None = None  # per latent block, with model.source: see source_tokens
     block_text: torch.Tensor | None = None  # (NB, D_text) with model.pooled_text: see pooled_text
+    turn_slots: bool = False  # model.turn_token: each TEXT block's first token is its turn's learned token's slot
+    rope_time: str = "offset"  # model.rope_time
 
 
 @dataclass
@@ -184,11 +187,25 @@ class SessionEncoder:
         touched = region.reshape(gh, region.shape[0] // gh, gw, region.shape[1] // gw).any(dim=3).any(dim=1)
         return 1.0 + (weight - 1.0) * touched.reshape(-1).float()
 
-    def training_sample(self, session: LoadedSession, rng: np.random.Generator,
-                        generator: torch.Generator) -> SampleTokens:
-        elements = self.encode_elements(session)
+    def instruction_features(self, session: LoadedSession) -> list[torch.Tensor]:
+        """Per instruction (L, D_text): precomputed or encoded now; with model.turn_token a zero row first, the
+        slot of the turn's learned token."""
         texts = [t.to(self.device) for t in session.text] if session.text is not None else \
             self.text_encoder.encode(session.instructions)
+        return with_turn_slots(texts, self.cfg.model.turn_token)
+
+    def sample_tokens(self, blocks, text, latents, targets, block_t, grid, weights=None, sources=None,
+                      block_text=None) -> SampleTokens:
+        m = self.cfg.model
+        return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode != "block_causal",
+                            weights, sources, block_text, m.turn_token, m.rope_time)
+
+    def training_sample(self, session: LoadedSession, rng: np.random.Generator,
+                        generator: torch.Generator) -> SampleTokens:
+        if self.cfg.sequence.mode == "release":
+            return self.release_sample(session, rng, generator)
+        elements = self.encode_elements(session)
+        texts = self.instruction_features(session)
         grid = self.grid(*session.size)
         blocks = self.fit_blocks(session, rng, [len(t) for t in texts], grid[0] * grid[1])
         d = self.cfg.diffusion
@@ -211,8 +228,40 @@ class SessionEncoder:
                 targets.append(None)
                 weights.append(None)
         sources, block_text = edit_conditioning(self.cfg.model, blocks, latents, text)
-        return SampleTokens(blocks, text, latents, targets, block_t, grid, self.cfg.sequence.mode == "full",
-                            weights, sources, block_text)
+        return self.sample_tokens(blocks, text, latents, targets, block_t, grid, weights, sources, block_text)
+
+    def release_sample(self, session: LoadedSession, rng: np.random.Generator,
+                       generator: torch.Generator) -> SampleTokens:
+        """sequence.mode release: the session's images (as many whole turns as data.max_tokens holds) all noised at
+        one timestep, each with its velocity target; each image token's input is [noisy, clean or 0, context
+        flag] (model.input_layout release: every image but the last is context); then the instructions; every
+        block conditioned on that timestep (model.conditioning timestep)."""
+        elements = self.encode_elements(session)
+        texts = self.instruction_features(session)
+        grid = self.grid(*session.size)
+        n = grid[0] * grid[1]
+        turns = next((k for k in range(session.turns, 0, -1)
+                      if (k + 1) * n + sum(len(t) for t in texts[:k]) <= self.cfg.data.max_tokens), None)
+        if turns is None:
+            raise ValueError(f"session {session.key}: even one turn needs more than data.max_tokens="
+                             f"{self.cfg.data.max_tokens} tokens")
+        blocks = release_blocks(turns, self.cfg.sequence, rng)
+        d = self.cfg.diffusion
+        t = sample_timesteps(1, d.logit_normal_loc, d.logit_normal_scale, generator)[0]
+        text, latents, targets, weights = [], [], [], []
+        for block in blocks:
+            if block.type == BlockType.TEXT:
+                text.append(texts[block.source])
+                continue
+            x0 = elements[("image", block.source)]
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+            context = block.source < turns
+            flag = torch.full((x0.shape[0], self.p * self.p), float(context), device=x0.device)
+            latents.append(torch.cat([noisy(x0, noise, t), x0 if context else torch.zeros_like(x0), flag], dim=1))
+            targets.append(velocity_target(x0, noise))
+            weights.append(self.region_weights(session, block.source - 1, grid) if block.source > 0 else None)
+        return self.sample_tokens(blocks, text, latents, targets, torch.full((len(blocks),), float(t)), grid,
+                                  weights)
 
     def null_sample(self) -> SampleTokens:
         """A sample that carries no loss (no target tokens): what a data-parallel rank trains on when every session
@@ -222,6 +271,11 @@ class SessionEncoder:
                               images=torch.zeros(2, 3, h, w), cur_masks=None, next_masks=None)
         sample = self.training_sample(blank, np.random.default_rng(0), torch.Generator().manual_seed(0))
         return dataclasses.replace(sample, targets=[None] * len(sample.targets))
+
+
+def with_turn_slots(texts: list[torch.Tensor], turn_token: bool) -> list[torch.Tensor]:
+    """Per instruction (L, D) -> (1 + L, D) with a zero row first (the turn token's slot) when `turn_token`."""
+    return [torch.cat([t.new_zeros(1, t.shape[1]), t]) for t in texts] if turn_token else list(texts)
 
 
 def num_tokens(sample: SampleTokens) -> int:
@@ -254,7 +308,7 @@ def sample_layout(s: SampleTokens) -> Layout:
     # layout() indexes text lengths by block.source; map each TEXT block's source to its own length
     by_source = {b.source: len(t) for b, t in zip([b for b in s.blocks if b.type == BlockType.TEXT], s.text)}
     lengths = [by_source.get(i, 0) for i in range(max(by_source, default=-1) + 1)]
-    return layout(s.blocks, lengths, s.grid, full_attention=s.full_attention)
+    return layout(s.blocks, lengths, s.grid, full_attention=s.full_attention, rope_time=s.rope_time)
 
 
 def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, length: int | None = None,
@@ -268,7 +322,8 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
     B, T = spec.token_block.shape
     NB = spec.block_noisy.shape[1]
     work = batch_workload(layouts, T)
-    text_index, latent_index, text_tokens, latent_tokens = [], [], [], []
+    text_index, latent_index, text_tokens, latent_tokens, text_turn = [], [], [], [], []
+    turn_slots = any(s.turn_slots for s in samples)
     targets, select, tasks, target_t, target_weight = [], [], [], [], []
     with_sources = any(s.sources is not None for s in samples)
     block_text = torch.zeros(B, NB, text_dim) if any(s.block_text is not None for s in samples) else None
@@ -297,6 +352,8 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
             if block.type == BlockType.TEXT:
                 text_index.append(flat)
                 text_tokens.append(next(texts))
+                if turn_slots:
+                    text_turn.append(torch.tensor([block.turn] + [-1] * (n - 1)))
             else:
                 x, target, weight, source = next(latents)
                 latent_index.append(flat)
@@ -317,6 +374,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
         positions=positions, block_t=block_t, block_type=block_type, block_turn=block_turn, mask=spec,
         latent_source=(torch.cat(sources) if sources else torch.zeros(0, latent_dim)) if with_sources else None,
         block_text=block_text,
+        text_turn=(torch.cat(text_turn) if text_turn else torch.zeros(0, dtype=torch.int64)) if turn_slots else None,
     ).to(device)
     select = torch.cat(select) if select else torch.zeros(0, dtype=torch.bool)
     return Batch(inputs=inputs,

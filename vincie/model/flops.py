@@ -6,7 +6,9 @@ batch (padding is no useful work), with attention counted over the (query, key) 
 softmax, SwiGLU, modulation) is left out, as torch.utils.flop_counter and the usual MFU definitions (PaLM,
 Megatron) leave it out. Per layer and token, with hidden H and SwiGLU width F (both streams alike):
 
-    qkv 2*H*3H + out 2*H*H + fc1 2*H*2F + fc2 2*F*H = 2H(4H + 3F)     attention: 4H per allowed (q, k) pair
+    qkv 2*H*3A + out 2*A*H + fc1 2*H*2F + fc2 2*F*H = 2H(4A + 3F)     attention: 4A per allowed (q, k) pair
+
+(A = heads x head width, H unless model.head_dim differs)
 
 plus, once per token, the adaLN-single projection (2*H*6H) and the final layer (2*H*2H adaLN + 2*H*P), and the
 embedders: text 2*D_text*H per text token, patches 2*P*H per latent token, the timestep MLP 2*(256*H + H*H) per
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vincie.config import ModelConfig, ffn_hidden_size
+from vincie.config import ModelConfig, ffn_hidden_size, head_dim
 from vincie.model.sequence import BlockType, Layout
 
 TIMESTEP_FREQUENCIES = 256  # vincie.model.mmdit.TimestepEmbedder's sinusoidal features
@@ -94,22 +96,33 @@ def batch_workload(layouts: list[Layout], num_tokens: int | None = None) -> Work
     return sum(layout_workload(l, T) for l in layouts)
 
 
+def attention_width(cfg: ModelConfig) -> int:
+    """A = heads x head width (the hidden size H unless model.head_dim says otherwise)."""
+    return cfg.num_heads * head_dim(cfg)
+
+
 def layer_flops_per_token(cfg: ModelConfig) -> int:
-    """Forward FLOPs of one layer's projections per token (attention products not included)."""
-    h, f = cfg.hidden_size, ffn_hidden_size(cfg)
-    return 2 * h * (4 * h + 3 * f)
+    """Forward FLOPs of one layer's projections per token (attention products not included): qkv 2*H*3A,
+    out 2*A*H, SwiGLU 2*H*2F + 2*F*H."""
+    h, f, a = cfg.hidden_size, ffn_hidden_size(cfg), attention_width(cfg)
+    return 2 * h * (4 * a + 3 * f)
 
 
 def attention_flops_per_pair(cfg: ModelConfig) -> int:
     """Forward FLOPs of one layer's attention per (query, key) pair: q.k over all heads, then p * v."""
-    return 4 * cfg.hidden_size
+    return 4 * attention_width(cfg)
 
 
 def embedder_flops(cfg: ModelConfig, work: Workload) -> int:
     """Forward FLOPs of the embedders that read data (no input gradient in the backward)."""
     h, patch = cfg.hidden_size, cfg.latent_channels * cfg.patch_size ** 2
-    latent_inputs = 2 if cfg.source != "none" else 1  # the noisy tokens, and the source image's (model.source)
-    return 2 * h * (work.text_tokens * cfg.text_dim + work.latent_tokens * patch * latent_inputs
+    # a latent token's input values: the noisy tokens, and the source image's (model.source); the release's layout:
+    # noisy, clean and a context flag per cell
+    if cfg.input_layout == "release":
+        latent_inputs = (2 * cfg.latent_channels + 1) * cfg.patch_size ** 2
+    else:
+        latent_inputs = patch * (2 if cfg.source != "none" else 1)
+    return 2 * h * (work.text_tokens * cfg.text_dim + work.latent_tokens * latent_inputs
                     + work.blocks * TIMESTEP_FREQUENCIES)
 
 

@@ -90,6 +90,15 @@ def build_blocks(turns: int, has_masks: bool, cfg: SequenceConfig, rng: np.rando
     return blocks
 
 
+def release_blocks(turns: int, cfg: SequenceConfig, rng: np.random.Generator | None) -> list[Block]:
+    """sequence.mode release: a session cut to `turns` turns as the released VINCIE trains it: its images I_0 ..
+    I_turns, all NOISY (each carries the loss; the model sees the context's clean latents in its input channels),
+    then its instructions T_0 .. T_{turns-1}, each dropped with sequence.drop_text (for guidance)."""
+    images = [Block(BlockType.IMAGE, Role.NOISY, max(i - 1, 0), i) for i in range(turns + 1)]
+    return images + [Block(BlockType.TEXT, Role.CLEAN, i, i) for i in range(turns)
+                     if rng is None or rng.random() >= cfg.drop_text]
+
+
 def full_attention_blocks(blocks: list[Block], rng: np.random.Generator) -> list[Block]:
     """Full mode: one NOISY target chosen uniformly, preceded by the context (CLEAN/TEXT) blocks before it."""
     targets = [j for j, b in enumerate(blocks) if b.role == Role.NOISY]
@@ -115,16 +124,19 @@ class Layout:
 
 
 def layout(blocks: list[Block], text_lengths: list[int], grid: tuple[int, int], full_attention: bool = False,
-           sample: int = 0) -> Layout:
+           sample: int = 0, rope_time: str = "offset") -> Layout:
     """Blocks -> token layout. `text_lengths[i]` is the token count of instruction i; every latent block
     (image or mask) has grid[0] x grid[1] tokens.
 
     Positions: text tokens count up from 0 over the sequence and get (p, p, p), i.e. 1D RoPE. Latent tokens get
-    (LATENT_TIME_OFFSET + time, row, col) (3D RoPE), where time is the index of the image the block shows or is
-    aligned with: I_k -> k, C_i -> i (a region of I_i), N_i -> i + 1 (a region of I_{i+1}). So the offset between
-    two images does not depend on how long the instructions between them are, and a NOISY copy shares its
-    positions with its CLEAN twin."""
+    (start + time, row, col) (3D RoPE), where time is the index of the image the block shows or is aligned with:
+    I_k -> k, C_i -> i (a region of I_i), N_i -> i + 1 (a region of I_{i+1}), and start is model.rope_time's:
+    LATENT_TIME_OFFSET ("offset": so the offset between two images does not depend on how long the instructions
+    between them are), the sequence's text length ("after_text", the release's 3B) or 0 ("image_index", its 7B).
+    A NOISY copy shares its positions with its CLEAN twin."""
     gh, gw = grid
+    text_total = sum(text_lengths[b.source] for b in blocks if b.type == BlockType.TEXT)
+    start_time = {"offset": LATENT_TIME_OFFSET, "after_text": text_total, "image_index": 0}[rope_time]
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     rows, cols = rows.reshape(-1), cols.reshape(-1)
     starts, lengths, token_block, positions = [], [], [], []
@@ -137,7 +149,7 @@ def layout(blocks: list[Block], text_lengths: list[int], grid: tuple[int, int], 
             p += n
         else:
             n = gh * gw
-            time = torch.full((n,), LATENT_TIME_OFFSET + block.source + (block.type == BlockType.NEXT_MASK))
+            time = torch.full((n,), start_time + block.source + (block.type == BlockType.NEXT_MASK))
             positions.append(torch.stack([time, rows, cols], dim=1))
         starts.append(start)
         lengths.append(n)

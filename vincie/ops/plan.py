@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from vincie.config import Config, ConfigError, bucket_shapes, ffn_hidden_size
 from vincie.gpus import Card, mfu
 from vincie.model.flops import Workload, layout_workload, training_flops
-from vincie.model.sequence import Role, build_blocks, layout
+from vincie.model.sequence import Role, build_blocks, layout, release_blocks
 
 # Memory a forward holds for the backward under bf16 autocast, in bytes per token per hidden unit, measured on the
 # CPU as the allocations a forward leaves behind (tests/test_plan.py measures them again) on a model of the 3b's
@@ -80,11 +80,16 @@ def sample_workload(cfg: Config) -> tuple[Workload, int]:
     cell = cfg.vae.factor * cfg.model.patch_size
     grid, text = (h // cell, w // cell), cfg.text_encoder.max_tokens
     for turns in range(cfg.data.max_turns, 0, -1):
-        blocks = build_blocks(turns, True, cfg.sequence, None)
+        if cfg.sequence.mode == "release":  # the session's images and instructions, all attending to all
+            blocks = release_blocks(turns, cfg.sequence, None)
+        else:
+            blocks = build_blocks(turns, True, cfg.sequence, None)
         if cfg.sequence.mode == "full":  # the last target, with all the context before it
             last = max(j for j, b in enumerate(blocks) if b.role == Role.NOISY)
             blocks = [b for b in blocks[:last] if b.role == Role.CLEAN] + [blocks[last]]
-        row = layout(blocks, [text] * turns, grid, full_attention=cfg.sequence.mode == "full")
+        text_tokens = text + (1 if cfg.model.turn_token else 0)
+        row = layout(blocks, [text_tokens] * turns, grid, full_attention=cfg.sequence.mode != "block_causal",
+                     rope_time=cfg.model.rope_time)
         if row.num_tokens <= cfg.data.max_tokens:
             return layout_workload(row), turns
     raise ConfigError(f"config key 'data.max_tokens' ({cfg.data.max_tokens}) is less than one turn of "

@@ -1,0 +1,255 @@
+"""Parity with the released VINCIE's own code (docs/release.md).
+
+The fixtures in tests/data/release were written by tools/release_fixtures.py, which ran the release's model code
+(ByteDance-Seed/VINCIE) with tiny random weights in a scratch directory: its state dict, config, inputs and
+outputs. Here vincie converts the state dict, runs its own MM-DiT with the release options and must reproduce
+every output: the DiT on one session, on a batch of two sessions of different sizes, on the negative prompt, and
+a 4-step guided sampling run.
+"""
+
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vincie.config import load_config
+from vincie.inference.convert import (ConversionError, check_close, convert_dit, load_release_weights, model_config,
+                                      read_release_config, release_parameter_count)
+from vincie.model.mmdit import MMDiT
+from vincie.model.release import ReleaseBatch, release_inputs, release_output, release_sample
+
+from conftest import REPO
+
+FIXTURES = os.path.join(REPO, "tests", "data", "release")
+TOLERANCE = 1e-4  # relative: max |error| / max |release output|, fp32
+
+
+def fixture(name: str):
+    root = os.path.join(FIXTURES, name)
+    cfg = model_config(read_release_config(os.path.join(root, "config.yaml")))
+    state = load_release_weights(os.path.join(root, "dit.pth"))
+    return root, cfg, state, load_file(os.path.join(root, "cases.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_3b():
+    root, cfg, state, cases = fixture("3b-tiny")
+    model = MMDiT(cfg).eval()
+    model.load_state_dict(convert_dit(state, cfg), strict=True)
+    return cfg, state, cases, model
+
+
+def batch(cases: dict, case: str) -> ReleaseBatch:
+    return ReleaseBatch(*(cases[f"{case}.{k}"] for k in ("vid", "vid_shape", "text", "text_lengths", "prompts",
+                                                         "timestep")))
+
+
+@pytest.mark.parametrize("case", ["single", "batch", "negative"])
+def test_the_converted_dit_gives_the_release_outputs(tiny_3b, case):
+    cfg, _, cases, model = tiny_3b
+    inputs = batch(cases, case)
+    with torch.no_grad():
+        out = release_output(cfg, model(release_inputs(cfg, inputs)), inputs.vid_shape)
+    error, relative, ok = check_close(case, out, cases[f"{case}.out"], TOLERANCE)
+    assert ok, (case, error, relative)
+
+
+def test_guided_sampling_gives_the_release_latents(tiny_3b):
+    cfg, _, cases, model = tiny_3b
+    g = lambda k: cases[f"sampling.{k}"]  # noqa: E731
+    steps, shift, scale = g("settings").tolist()
+    sessions = g("vid_shape").shape[0]
+    latents = release_sample(model, cfg, g("noise"), g("cond"), g("vid_shape"),
+                             (g("text"), g("text_lengths"), g("prompts")),
+                             (g("neg_text"), g("neg_text_lengths"), torch.ones(sessions, dtype=torch.int64)),
+                             int(steps), shift, scale)
+    error, relative, ok = check_close("sampling", latents, g("latents"), TOLERANCE)
+    assert ok, (error, relative)
+
+
+def test_what_the_parity_checks_would_catch(tiny_3b):
+    """The comparison is not vacuous: each of these departures from the release fails it."""
+    cfg, state, cases, _ = tiny_3b
+    inputs = batch(cases, "batch")
+    want = cases["batch.out"]
+
+    def relative_error(model_cfg, weights, time_after_text=True):
+        model = MMDiT(model_cfg).eval()
+        model.load_state_dict(weights, strict=True)
+        with torch.no_grad():
+            out = release_output(model_cfg, model(release_inputs(model_cfg, inputs, time_after_text)),
+                                 inputs.vid_shape)
+        return check_close("batch", out, want, TOLERANCE)[1]
+
+    weights = convert_dit(state, cfg)
+    assert relative_error(cfg, weights) <= TOLERANCE
+    assert relative_error(cfg, weights, time_after_text=False) > 100 * TOLERANCE  # the 7B's time rule
+    unswapped = dict(weights, **{"t_embedder.mlp.0.weight": state["emb_in.proj_in.weight"]})  # [sin|cos] as is
+    assert relative_error(cfg, unswapped) > 100 * TOLERANCE
+    # the final layer's shift and scale from the last layer's MLP chunk instead of the attention chunk (what the
+    # release's cache-key collision decides)
+    shifted = dict(weights)
+    H = cfg.hidden_size
+    shifted["adaln.weight"] = torch.cat([weights["adaln.weight"][3 * H:5 * H], weights["adaln.weight"][2 * H:3 * H],
+                                         weights["adaln.weight"][:2 * H], weights["adaln.weight"][5 * H:]])
+    shifted["adaln.bias"] = torch.cat([weights["adaln.bias"][3 * H:5 * H], weights["adaln.bias"][2 * H:3 * H],
+                                       weights["adaln.bias"][:2 * H], weights["adaln.bias"][5 * H:]])
+    assert relative_error(cfg, shifted) > 100 * TOLERANCE
+
+
+def test_every_release_key_is_accounted_for(tiny_3b, tmp_path):
+    cfg, state, _, _ = tiny_3b
+    missing = {k: v for k, v in state.items() if k != "blocks.1.mlp.all.proj_in.weight"}
+    with pytest.raises(ConversionError, match=r"^the release weights have no blocks\.1\.mlp\.all\.proj_in\.weight$"):
+        convert_dit(missing, cfg)
+    extra = dict(state, **{"blocks.0.attn.extra.weight": torch.zeros(1)})
+    with pytest.raises(ConversionError, match=r"1 release key\(s\) have no place in vincie's model, first: "
+                                              r"blocks\.0\.attn\.extra\.weight"):
+        convert_dit(extra, cfg)
+    wrong_freqs = dict(state, **{"blocks.2.attn.rope.rope.freqs": state["blocks.2.attn.rope.rope.freqs"] * 2})
+    with pytest.raises(ConversionError, match=r"blocks\.2\.attn\.rope\.rope\.freqs: not the RoPE frequencies"):
+        convert_dit(wrong_freqs, cfg)
+    # wrapper prefixes (FSDP / DDP / torch.compile) are stripped; one container level is unwrapped
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()}}, wrapped)
+    assert load_release_weights(str(wrapped)).keys() == state.keys()
+
+
+def test_a_pth_with_code_in_it_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "dit.pth"
+    torch.save({"weight": torch.zeros(1), "payload": Payload()}, path)
+    with pytest.raises(ConversionError, match=r"cannot read it as a weights-only torch file"):
+        load_release_weights(str(path))
+
+
+def test_unsupported_release_configs_are_named(tmp_path):
+    config = yaml.safe_load(open(os.path.join(FIXTURES, "3b-tiny", "config.yaml")))
+    for key, value, message in [("rope_type", "rope3d", "dit.model.rope_type: 'rope3d' is not supported"),
+                                ("mm_layers", 3, "dit.model.mm_layers: 3 is not supported"),
+                                ("vid_in_channels", 8, "dit.model.vid_in_channels: 8 is not supported"),
+                                ("rope_dim", 16, "dit.model.rope_dim: 16 is not supported")]:
+        changed = {**config, "dit": {"model": {**config["dit"]["model"], key: value}}}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(changed))
+        with pytest.raises(ConversionError, match=message):
+            model_config(read_release_config(str(path)))
+    (tmp_path / "other.yaml").write_text("model: {}\n")
+    with pytest.raises(ConversionError, match="not a VINCIE release config"):
+        read_release_config(str(tmp_path / "other.yaml"))
+
+
+def test_the_3b_preset_has_the_release_shapes():
+    """The release 3B DiT's parameter count, computed from its shapes (the issue's figure, counted from the
+    release's modules on the meta device): 3,391,803,456 with its 64-prompt id table."""
+    assert release_parameter_count(load_config("3b").model) == 3_391_803_456
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training in the release's layout (sequence.mode release)
+
+RELEASE_MODEL = ["model.head_dim=24", "model.ffn_multiple=256", "model.qkv_bias=false", "model.mlp_bias=false",
+                 "model.rope_axes=thirds", "model.conditioning=timestep", "model.final_modulation=shared",
+                 "model.turn_token=true", "model.input_layout=release", "model.rope_time=after_text",
+                 "sequence.mode=release"]
+
+
+@pytest.fixture(scope="module")
+def release_trainer(tmp_path_factory):
+    from vincie.training.parallel import init_distributed
+    from vincie.training.trainer import Trainer
+
+    from helpers import make_data, write_config
+
+    root = tmp_path_factory.mktemp("release_mode")
+    data = make_data(root / "train", sessions=8)
+    cfg = load_config(write_config(root / "c.yaml", root / "run", data),
+                      ["train.lr=0.005", "train.warmup_steps=1", "train.steps=100", "train.batch_size=2",
+                       "data.workers=0", "sequence.drop_text=0", *RELEASE_MODEL])
+    return Trainer(cfg, init_distributed())
+
+
+def as_release_batch(cfg, batch) -> ReleaseBatch:
+    """A collated training batch (one session per row) in the release's own input format."""
+    from vincie.model.batch import unpatchify
+
+    p, inputs = cfg.model.patch_size, batch.inputs
+    B, T = inputs.mask.token_block.shape
+    cells, shapes, words, lengths, prompts = [], [], [], [], []
+    latent_row, text_row = inputs.latent_index % B, inputs.text_index % B
+    for b in range(B):
+        tokens = inputs.latent_tokens[latent_row == b]
+        gh = gw = cfg.data.resolution // (cfg.vae.factor * p)  # square 1:1 bucket
+        frames = tokens.shape[0] // (gh * gw)
+        grid = unpatchify(tokens.reshape(frames, gh * gw, -1), p, tokens.shape[1] // p ** 2, (gh, gw))
+        cells.append(grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]))
+        shapes.append([frames, gh * p, gw * p])
+        text, turn = inputs.text_tokens[text_row == b], inputs.text_turn[text_row == b]
+        starts = torch.nonzero(turn >= 0)[:, 0].tolist() + [len(turn)]
+        for a, z in zip(starts[:-1], starts[1:]):
+            words.append(text[a + 1:z])
+            lengths.append(z - a - 1)
+        prompts.append(len(starts) - 1)
+    return ReleaseBatch(torch.cat(cells), torch.tensor(shapes), torch.cat(words), torch.tensor(lengths),
+                        torch.tensor(prompts), inputs.block_t[:, 0] * 1000)
+
+
+def test_a_release_mode_training_batch_is_what_the_release_dit_reads(release_trainer):
+    """Every image noised at the session's timestep with a velocity target, the context's clean latents and flag in
+    the input channels, a turn-token slot before each instruction, positions by the 3B's rule: the model reads the
+    training batch exactly as it reads the release's own input format (which the fixtures tie to the release)."""
+    from vincie.data.order import SamplerState
+
+    trainer, cfg = release_trainer, release_trainer.cfg
+    trainer.loader.seek(SamplerState())
+    batch = trainer.make_batch()
+    B = batch.inputs.mask.token_block.shape[0]
+    assert batch.target_select.all()  # every image carries the loss, context included
+    C, p = cfg.model.latent_channels, cfg.model.patch_size
+    flags = batch.inputs.latent_tokens[:, 2 * C * p * p:]
+    assert set(flags.unique().tolist()) == {0.0, 1.0}
+    release = as_release_batch(cfg, batch)
+    model = trainer.model.eval() if hasattr(trainer.model, "eval") else trainer.model
+    with torch.no_grad():
+        ours = model(batch.inputs)
+        theirs = release_output(cfg.model, model(release_inputs(cfg.model, release)), release.vid_shape)
+    assert B == 2 and release.vid_shape[:, 0].tolist() == [n + 1 for n in release.prompts.tolist()]
+    want = release_output(cfg.model, ours, release.vid_shape)
+    torch.testing.assert_close(theirs, want, rtol=1e-5, atol=1e-6)
+
+
+def test_release_mode_trains(release_trainer):
+    from vincie.data.order import SamplerState
+    from vincie.training.loss import flow_loss_sums
+
+    trainer, cfg = release_trainer, release_trainer.cfg
+    trainer.model.train()
+    losses = []
+    for _ in range(40):
+        trainer.loader.seek(SamplerState())  # the same sessions, noise and timesteps every step
+        batch = trainer.make_batch()
+        total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights,
+                                  cfg.diffusion.prediction)
+        loss = total / batch.target.shape[0]
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 4, (losses[0], losses[-1])
+
+
+def test_the_release_layout_and_sequence_go_together():
+    from vincie.config import ConfigError
+
+    base = ["model.conditioning=timestep"]
+    with pytest.raises(ConfigError, match="model.input_layout.*must be release exactly when sequence.mode is release"):
+        load_config("tiny", [*base, "model.input_layout=release"])
+    with pytest.raises(ConfigError, match="model.input_layout"):
+        load_config("tiny", [*base, "sequence.mode=release"])
+    with pytest.raises(ConfigError, match="model.conditioning.*must be timestep with sequence.mode release"):
+        load_config("tiny", ["model.input_layout=release", "sequence.mode=release"])
