@@ -18,7 +18,7 @@ from vincie.config import Config
 from vincie.data.loader import Fetched, SessionReader, Skip, Skipped
 from vincie.data.order import RowRef
 from vincie.model.batch import masks_to_pixels
-from vincie.model.text_encoder import build_text_encoder
+from vincie.model.text_encoder import build_text_encoder, prompts
 from vincie.model.vae import build_vae
 from vincie.progress import track
 from vincie.sessions import features
@@ -40,7 +40,8 @@ def session_features(reader: SessionReader, vae, text_encoder, ref: RowRef, memb
                     "next": vae.encode(masks_to_pixels(loaded.next_masks))}
     out = {features.LATENTS: features.latents_bytes(latents, reader.vae, loaded.size)}
     if text_encoder is not None:
-        out[features.TEXT] = features.text_bytes(text_encoder.encode(loaded.instructions), reader.text_encoder)
+        texts = prompts(reader.cfg.text_encoder.prompt_template, loaded.instructions)
+        out[features.TEXT] = features.text_bytes(text_encoder.encode(texts), reader.text_encoder)
     return out
 
 

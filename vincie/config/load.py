@@ -187,9 +187,9 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", metavar="PRESET|YAML",
-                        help="config preset name (launch/configs/NAME.yaml) or YAML path (default: tiny)")
+def add_config_arguments(parser: argparse.ArgumentParser, default: str = "tiny") -> None:
+    parser.add_argument("--config", default=default, metavar="PRESET|YAML",
+                        help=f"config preset name (launch/configs/NAME.yaml) or YAML path (default: {default})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="config overrides, e.g. storage.s3_endpoint_url=http://127.0.0.1:9000")
 

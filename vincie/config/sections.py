@@ -197,6 +197,10 @@ class TextEncoderConfig:
     path: str = ""  # local directory of a `transformers` model (kind: hf); never downloaded
     vocab_size: int = 4096  # hashed_words: hash buckets
     max_tokens: int = 32  # per instruction, turn token included
+    # how an instruction becomes the encoder's text: "" as written; else a format string with {instruction}
+    # (stripped of surrounding spaces and periods), {turn} and {next_turn}, e.g. the release's
+    # "Based on <IMG{turn}>, {instruction}. Output <IMG{next_turn}>: "
+    prompt_template: str = ""
 
 
 @dataclass
@@ -226,6 +230,9 @@ class DiffusionConfig:
     sample_steps: int = 30
     sample_shift: float = 3.0  # timestep shift of the Euler sampler (the release: 12 for 3B at 256px)
     cfg_scale: float = 3.0  # text classifier-free guidance
+    # sequence.mode release: guidance's negative text, which replaces all of a session's instructions (the release's
+    # "Worst quality, ..."); other modes leave the turn's instruction out instead
+    negative_prompt: str = ""
 
 
 @dataclass

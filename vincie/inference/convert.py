@@ -25,14 +25,16 @@ Every release tensor has one place in vincie's model; where the layouts differ t
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import operator
+import os
 import re
 
 import torch
 import yaml
 
-from vincie.config import ModelConfig
+from vincie.config import Config, ModelConfig
 from vincie.errors import VincieError
 from vincie.model.mmdit import rope_axes
 
@@ -247,3 +249,82 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: flo
     error = (got.float() - want.float()).abs().max().item()
     relative = error / max(want.float().abs().max().item(), math.ulp(1.0))
     return error, relative, relative <= tolerance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking a conversion against fixtures, and writing a model directory
+
+
+def check_fixture(model: torch.nn.Module, cfg: ModelConfig, fixture_dir: str,
+                  tolerance: float = 1e-4) -> list[tuple[str, float, float, bool]]:
+    """The converted model against a fixture directory's cases (tools/release_fixtures.py's format): every DiT
+    case (`<case>.out`) and every sampling case (`<case>.latents`) -> (case, max abs error, relative error, ok)."""
+    from safetensors.torch import load_file
+
+    from vincie.model.release import ReleaseBatch, release_inputs, release_output, release_sample
+
+    path = os.path.join(fixture_dir, "cases.safetensors")
+    try:
+        cases = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
+        raise ConversionError(f"{path}: cannot read the fixture cases ({str(exc).splitlines()[0]})") from None
+    names = sorted({key.split(".", 1)[0] for key in cases})
+    results = []
+    for case in names:
+        g = {key.split(".", 1)[1]: value for key, value in cases.items() if key.startswith(case + ".")}
+        with torch.no_grad():
+            if "out" in g:
+                batch = ReleaseBatch(g["vid"], g["vid_shape"], g["text"], g["text_lengths"], g["prompts"],
+                                     g["timestep"])
+                got, want = release_output(cfg, model(release_inputs(cfg, batch)), batch.vid_shape), g["out"]
+            elif "latents" in g:
+                steps, shift, scale = g["settings"].tolist()
+                sessions = g["vid_shape"].shape[0]
+                got = release_sample(model, cfg, g["noise"], g["cond"], g["vid_shape"],
+                                     (g["text"], g["text_lengths"], g["prompts"]),
+                                     (g["neg_text"], g["neg_text_lengths"], torch.ones(sessions, dtype=torch.int64)),
+                                     int(steps), shift, scale)
+                want = g["latents"]
+            else:
+                raise ConversionError(f"{path}: case {case} has neither an 'out' nor a 'latents' tensor")
+        results.append((case, *check_close(case, got, want, tolerance)))
+    return results
+
+
+def convert_release(dit: str, release_config: str, base: Config, out_dir: str | None = None,
+                    check: str | None = None, dtype: str = "fp32", tolerance: float = 1e-4,
+                    overwrite: bool = False) -> tuple[dict | None, list]:
+    """The release's DiT `.pth` and YAML -> vincie's weights, checked against `check` (a fixture directory) when
+    given, written as a model directory to `out_dir` when given. `base`: the run config whose text encoder, VAE,
+    resolution and sampler the model directory keeps (its model section and sequence mode are the release's).
+    -> (config.json content or None, check results)."""
+    from vincie.config import validate
+    from vincie.inference.export import DTYPES, check_out_dir, write_model_dir
+    from vincie.model.mmdit import MMDiT, count_parameters
+
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if out_dir is not None:
+        check_out_dir(out_dir, overwrite)
+    release = read_release_config(release_config)
+    model_cfg = model_config(release)
+    weights = convert_dit(load_release_weights(dit), model_cfg)
+    model = MMDiT(model_cfg).eval()
+    model.load_state_dict(weights, strict=True)
+    results = check_fixture(model, model_cfg, check, tolerance) if check else []
+    if out_dir is None:
+        return None, results
+    cfg = dataclasses.replace(base, model=model_cfg, sequence=dataclasses.replace(base.sequence, mode="release"))
+    sampling = release.get("diffusion", {}).get("timesteps", {}).get("sampling", {})
+    guidance = release.get("diffusion", {}).get("cfg", {})
+    cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
+        cfg.diffusion, prediction="velocity", sample_steps=int(sampling.get("steps", cfg.diffusion.sample_steps)),
+        sample_shift=float(sampling.get("shift", cfg.diffusion.sample_shift)),
+        cfg_scale=float(guidance.get("scale", cfg.diffusion.cfg_scale))))
+    if cfg.text_encoder.kind == "hashed_words":
+        raise ConversionError("text_encoder.kind is hashed_words: the release's DiT reads a text encoder's features "
+                              "(set text_encoder.kind=hf text_encoder.path=DIR)")
+    validate(cfg)
+    source = {"release_dit": os.path.abspath(dit), "release_config": os.path.abspath(release_config)}
+    return write_model_dir(cfg, {f"dit.{k}": v for k, v in weights.items()}, count_parameters(model), source,
+                           out_dir, dtype), results

@@ -143,8 +143,12 @@ class Editor:
 
     # -- encoding ------------------------------------------------------------------------------------------
     def encode_images(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        return list(patchify(self.encode_latents(images), self.p).to(self.dtype))
+
+    def encode_latents(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Images -> VAE latents (N, C, h, w) in fp32."""
         pixels = torch.stack([image_to_tensor(im) for im in images]).to(self.device)
-        return list(patchify(self.vae.encode(pixels).float(), self.p).to(self.dtype))
+        return self.vae.encode(pixels).float()
 
     def encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
         return [t.to(self.dtype) for t in self.text_encoder.encode(texts)]
@@ -261,6 +265,10 @@ class Editor:
         if any(len(x) != turns for x in instructions):
             raise ValueError("all sessions of one edit call need the same number of instructions")
         generator = torch.Generator().manual_seed(seed)
+        if self.cfg.sequence.mode == "release":
+            if chain_masks:
+                raise VincieError("--chain-masks: a release-mode model (sequence.mode release) makes no masks")
+            return self.edit_release(images, instructions, steps, cfg_scale, generator, given_images)
         sessions = self.extend([Context() for _ in images], Block(BlockType.IMAGE, Role.CLEAN, 0, 0),
                                self.encode_images(images))
         results: list[list[TurnResult]] = [[] for _ in images]
@@ -288,6 +296,53 @@ class Editor:
             for i, picture in enumerate(pictures):
                 results[i].append(TurnResult(picture, masks.get(BlockType.CUR_MASK, [None] * len(images))[i],
                                              masks.get(BlockType.NEXT_MASK, [None] * len(images))[i]))
+        return results
+
+    def run_model(self, inputs) -> torch.Tensor:
+        """The model on fp32 inputs, in its own precision; fp32 out."""
+        inputs.text_tokens, inputs.latent_tokens = inputs.text_tokens.to(self.dtype), inputs.latent_tokens.to(self.dtype)
+        return self.model(inputs.to(self.device)).float()
+
+    @torch.no_grad()
+    def edit_release(self, images: list[np.ndarray], instructions: list[list[str]], steps: int, cfg_scale: float,
+                     generator: torch.Generator, given_images: list[list[np.ndarray]] | None = None
+                     ) -> list[list[TurnResult]]:
+        """sequence.mode release, as the released VINCIE edits: turn k runs the whole session, the images so far
+        (clean, in the input's condition channels) and a new frame, every frame starting from noise, with all
+        instructions so far (text_encoder.prompt_template); guidance replaces all text by
+        diffusion.negative_prompt; the last frame is the turn's image."""
+        from vincie.model.release import release_sample
+        from vincie.model.text_encoder import prompts
+
+        m, N = self.cfg.model, len(images)
+        C = m.latent_channels
+        template = self.cfg.text_encoder.prompt_template
+        negative = self.encode_texts([self.cfg.diffusion.negative_prompt])[0].float()
+        negative = (negative.repeat(N, 1), torch.full((N,), len(negative)), torch.ones(N, dtype=torch.int64))
+        frames = [self.encode_latents([im for im in images])]  # per image of the session so far: (N, C, h, w)
+        results: list[list[TurnResult]] = [[] for _ in images]
+        for turn in range(len(instructions[0])):
+            context = torch.stack(frames, dim=1)  # (N, k+1, C, h, w)
+            n, k1, _, h, w = context.shape
+            clean = torch.cat([context, torch.zeros_like(context[:, :1])], dim=1)  # the new frame: zeros
+            flag = torch.ones(n, k1 + 1, 1, h, w, device=clean.device, dtype=clean.dtype)
+            flag[:, -1] = 0
+            cond = torch.cat([clean, flag], dim=2).permute(0, 1, 3, 4, 2).reshape(-1, C + 1)  # cells (f, h, w)
+            texts = [self.encode_texts(prompts(template, x[:turn + 1])) for x in instructions]
+            words = torch.cat([t.float() for session in texts for t in session])
+            lengths = torch.tensor([len(t) for session in texts for t in session])
+            shapes = torch.tensor([[k1 + 1, h, w]] * n)
+            noise = torch.randn(cond.shape[0], C, generator=generator).to(self.device)
+            latents = release_sample(self.run_model, m, noise, cond.float(), shapes,
+                                     (words, lengths, torch.full((n,), turn + 1)), negative, steps,
+                                     self.cfg.diffusion.sample_shift, cfg_scale)
+            last = latents.reshape(n, k1 + 1, h, w, C)[:, -1].permute(0, 3, 1, 2)  # (N, C, h, w)
+            pictures = [tensor_to_image(x) for x in self.vae.decode(last).float()]
+            current = pictures if given_images is None or turn + 1 >= len(instructions[0]) else \
+                [x[turn + 1] for x in given_images]
+            frames.append(self.encode_latents(current))  # context as the release sees it: decoded images
+            for i, picture in enumerate(pictures):
+                results[i].append(TurnResult(picture))
         return results
 
 

@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SAMPLER_KEYS = ("prediction", "sample_steps", "sample_shift", "cfg_scale")  # diffusion.* that inference reads
+SAMPLER_KEYS = ("prediction", "sample_steps", "sample_shift", "cfg_scale", "negative_prompt")  # diffusion.* that inference reads
 
 
 def is_export(path: str) -> bool:
@@ -150,14 +150,20 @@ def model_card(config: dict) -> str:
         ("latent", latent),
         ("sampler defaults", f"{d['sample_steps']} Euler steps, shift {d['sample_shift']}, guidance "
                              f"{d['cfg_scale']}, network predicts {d['prediction']}"),
-        ("weights", f"{src['weights']} weights of step {src['step']}, stored as {config['dtype']}"),
-        ("source", f"`{src['checkpoint']}` (trained with tensor parallel {src['parallel']['tensor']}, pipeline "
-                   f"parallel {src['parallel']['pipeline']})"),
     ]
+    if "release_dit" in src:  # written by `vincie convert release`
+        rows.append(("source", f"the released VINCIE DiT `{src['release_dit']}` (config `{src['release_config']}`), "
+                               f"converted by `vincie convert release`, stored as {config['dtype']}"))
+        title, made_by = f"converted VINCIE release ({os.path.basename(src['release_dit'])})", "`vincie convert release`"
+    else:
+        rows += [("weights", f"{src['weights']} weights of step {src['step']}, stored as {config['dtype']}"),
+                 ("source", f"`{src['checkpoint']}` (trained with tensor parallel {src['parallel']['tensor']}, "
+                            f"pipeline parallel {src['parallel']['pipeline']})")]
+        title, made_by = f"{src['run_name']} (step {src['step']})", "`vincie export`"
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"""# vincie model: {src['run_name']} (step {src['step']})
+    return f"""# vincie model: {title}
 
-In-context multi-turn image editing (after VINCIE, arXiv 2506.10941), exported by `vincie export`.
+In-context multi-turn image editing (after VINCIE, arXiv 2506.10941), written by {made_by}.
 
 | | |
 |---|---|
@@ -186,16 +192,13 @@ Loading reads only JSON and safetensors.
 def export(checkpoint_path: str, out_dir: str, weights: str = "ema", dtype: str = "fp32",
            overwrite: bool = False) -> dict:
     """-> the written config.json content. Raises VincieError on bad input, leaving nothing at `out_dir`."""
-    from safetensors.torch import save_file
-
     from vincie.training import checkpoint
 
     if weights not in ("ema", "raw"):
         raise VincieError(f"--weights {weights}: expected 'ema' or 'raw'")
     if dtype not in DTYPES:
         raise VincieError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise VincieError(f"--out {out_dir} exists and is not empty (pass --overwrite to replace it)")
+    check_out_dir(out_dir, overwrite)
     step_dir = resolve_checkpoint(checkpoint_path)
     common = checkpoint_common(step_dir)
     try:
@@ -206,12 +209,25 @@ def export(checkpoint_path: str, out_dir: str, weights: str = "ema", dtype: str 
     state = checkpoint.load_weights(step_dir, use_ema=weights == "ema")
     state = {name: tensor for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}  # no _extra_state
     model, _ = build_model(cfg, state, torch.device("cpu"), step_dir)  # checks names and shapes
+    source = {"checkpoint": os.path.abspath(step_dir), "step": common["step"], "run_name": cfg.run.name,
+              "weights": weights, "parallel": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline}}
+    return write_model_dir(cfg, state, count_parameters(model), source, out_dir, dtype)
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise VincieError(f"--out {out_dir} exists and is not empty (pass --overwrite to replace it)")
+
+
+def write_model_dir(cfg: Config, state: dict[str, torch.Tensor], parameters: int, source: dict, out_dir: str,
+                    dtype: str = "fp32") -> dict:
+    """Weights (training names) and the config's inference sections -> OUT/{model.safetensors, config.json,
+    README.md}, written to a temporary directory and renamed into place. -> the config.json content."""
+    from safetensors.torch import save_file
+
     tensors = {name: tensor.detach().to(DTYPES[dtype]).contiguous() for name, tensor in sorted(state.items())}
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "preset": preset_of(cfg),
-              "parameters": count_parameters(model), "dtype": dtype, **inference_sections(cfg),
-              "source": {"checkpoint": os.path.abspath(step_dir), "step": common["step"], "run_name": cfg.run.name,
-                         "weights": weights,
-                         "parallel": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline}}}
+              "parameters": parameters, "dtype": dtype, **inference_sections(cfg), "source": source}
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = storage.temp_name(out_dir)

@@ -29,6 +29,7 @@ from vincie.model.sequence import (
     pack,
     release_blocks,
 )
+from vincie.model.text_encoder import prompts
 from vincie.sessions.loaded import LoadedSession
 
 
@@ -191,7 +192,7 @@ class SessionEncoder:
         """Per instruction (L, D_text): precomputed or encoded now; with model.turn_token a zero row first, the
         slot of the turn's learned token."""
         texts = [t.to(self.device) for t in session.text] if session.text is not None else \
-            self.text_encoder.encode(session.instructions)
+            self.text_encoder.encode(prompts(self.cfg.text_encoder.prompt_template, session.instructions))
         return with_turn_slots(texts, self.cfg.model.turn_token)
 
     def sample_tokens(self, blocks, text, latents, targets, block_t, grid, weights=None, sources=None,

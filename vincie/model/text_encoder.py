@@ -77,6 +77,14 @@ class HFTextEncoder(nn.Module):
         return super().to(*args, **kwargs)
 
 
+def prompts(template: str, instructions: list[str], first_turn: int = 0) -> list[str]:
+    """Instructions of consecutive turns (from `first_turn`) -> the texts the encoder reads (text_encoder.prompt_template)."""
+    if not template:
+        return list(instructions)
+    return [template.format(instruction=text.strip().strip("."), turn=turn, next_turn=turn + 1)
+            for turn, text in enumerate(instructions, start=first_turn)]
+
+
 def build_text_encoder(cfg: TextEncoderConfig, dim: int) -> nn.Module:
     if cfg.kind == "hashed_words":
         return HashedWordEncoder(cfg, dim)

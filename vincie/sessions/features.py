@@ -28,7 +28,9 @@ def vae_id(cfg: Config) -> str:
 def text_encoder_id(cfg: Config) -> str | None:
     """None for a trainable encoder (never precomputed)."""
     t = cfg.text_encoder
-    return f"hf/{t.path}/{t.max_tokens}" if t.kind == "hf" else None
+    if t.kind != "hf":
+        return None
+    return f"hf/{t.path}/{t.max_tokens}" + (f"/template={t.prompt_template}" if t.prompt_template else "")
 
 
 def latents_bytes(latents: dict[str, torch.Tensor], vae: str, shape: tuple[int, int]) -> bytes:
