@@ -133,3 +133,10 @@ def test_source_residual_needs_x0_prediction():
         load_config("tiny", ["model.source=residual", "diffusion.prediction=velocity"])
     with pytest.raises(ConfigError, match=r"model\.source.*'channels'"):
         load_config("tiny", ["model.source=concat"])
+
+
+def test_exponent_floats_from_the_command_line():
+    """YAML 1.1 reads 1e-5 (no dot) as a string; a float key takes it as the number it is, and nothing else."""
+    assert load_config("tiny", ["model.norm_eps=1e-5", "train.lr=3E-4"]).model.norm_eps == 1e-5
+    with pytest.raises(ConfigError, match="model.norm_eps' expects float, got str 'e-5'"):
+        load_config("tiny", ["model.norm_eps=e-5"])

@@ -96,6 +96,19 @@ def test_the_release_options_split_like_the_rest(tmp_path, release_options, layo
     assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
 
 
+def test_init_from_a_model_directory_at_tensor_parallel_two(tmp_path, two_layers):
+    """train.init_from: a model directory's whole weights, cut to this rank's TP slices: the same loss and gradients
+    as the run resumed from the checkpoint the directory was exported from."""
+    config, overrides, one = two_layers
+    model_dir = tmp_path / "model"
+    exported = run_vincie("export", "--checkpoint", os.path.join(os.path.dirname(config), "run"), "--out",
+                          str(model_dir), "--weights", "raw", env=SHIM_ENV)
+    assert exported.returncode == 0, exported.stderr
+    fresh = [f"run.out_dir={tmp_path / 'fresh'}", f"train.init_from={model_dir}"]
+    torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *fresh, "parallel.tensor=2")
+    assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["parallel.pipeline=2"],
                                     ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],

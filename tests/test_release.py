@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from vincie.config import load_config
+from vincie.errors import VincieError
 from vincie.inference.convert import (ConversionError, check_close, convert_dit, load_release_weights, model_config,
                                       read_release_config, release_parameter_count)
 from vincie.model.mmdit import MMDiT
@@ -368,3 +369,50 @@ def test_edit_with_the_converted_model_in_release_mode(converted, tmp_path):
     plain = [editor.edit([image], [["make it red"]], steps=2, seed=3, cfg_scale=1.0)[0][0].image for _ in range(2)]
     editor.cfg.diffusion.negative_prompt = "blurry, low quality"
     assert np.array_equal(plain[0], editor.edit([image], [["make it red"]], steps=2, seed=3, cfg_scale=1.0)[0][0].image)
+
+
+def test_fine_tune_the_converted_model_then_edit_with_it(converted, tmp_path):
+    """train.init_from=the converted model directory: training starts from the release's weights (its first
+    forward is the converted model's), fine-tuning on synthetic sessions lowers the loss, and the run edits."""
+    import json
+
+    from conftest import run_vincie
+    from helpers import make_data
+    from vincie.inference.export import load_model
+    from vincie.training.parallel import init_distributed
+    from vincie.training.trainer import Trainer
+
+    _, model_dir, result = converted
+    assert result.returncode == 0, result.stderr
+    exported = json.loads((model_dir / "config.json").read_text())
+    config = {"run": {"name": "finetune", "out_dir": str(tmp_path / "run"), "seed": 0},
+              "data": {"train_url": make_data(tmp_path / "train", sessions=16), "resolution": 16, "max_turns": 3,
+                       "workers": 0},
+              "model": exported["model"], "sequence": {"mode": "release", "drop_text": 0.0},
+              "text_encoder": exported["text_encoder"], "vae": exported["vae"], "diffusion": exported["diffusion"],
+              "train": {"steps": 40, "batch_size": 4, "lr": 2e-3, "warmup_steps": 1, "log_every": 1,
+                        "checkpoint_every": 40, "init_from": str(model_dir)}}
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(str(path))
+    trainer = Trainer(cfg, init_distributed())
+    assert trainer.resume() == str(model_dir)
+    _, release_model, _, _ = load_model(str(model_dir), torch.device("cpu"))
+    for name, weight in release_model.state_dict().items():
+        assert torch.equal(trainer.model.dit.state_dict()[name], weight), name
+    wrong = load_config(str(path), ["model.norm_eps=1e-6"])
+    with pytest.raises(VincieError, match=r"train.init_from .*: its model.norm_eps is 1e-05, this config's is 1e-06"):
+        Trainer(wrong, init_distributed()).resume()
+
+    trained = run_vincie("train", "--config", str(path), "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses) >= 30 and np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8]), losses
+    picture = (np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)
+    from PIL import Image
+
+    Image.fromarray(picture).save(tmp_path / "in.png")
+    edited = run_vincie("edit", "--model", str(tmp_path / "run"), "--image", str(tmp_path / "in.png"),
+                        "--instruction", "make it red", "--out", str(tmp_path / "edits"), "--steps", "2")
+    assert edited.returncode == 0, edited.stderr
+    assert (tmp_path / "edits" / "turn-01.png").exists()

@@ -130,14 +130,17 @@ class Release:
     def __init__(self, src: str, model: dict, seed: int):
         install_stand_ins()
         sys.path.insert(0, os.path.abspath(src))
-        from omegaconf import OmegaConf
-
-        from common.diffusion import (classifier_free_guidance_dispatcher, create_sampler_from_config,
-                                      create_sampling_timesteps_from_config, create_schedule_from_config)
         import generate
+        from common.diffusion import (
+            classifier_free_guidance_dispatcher,
+            create_sampler_from_config,
+            create_sampling_timesteps_from_config,
+            create_schedule_from_config,
+        )
         from generate import VINCIEGenerator
         from models.dit.nadit import NaDiT
         from models.embedding.prompt_emb import PromptEmbedding
+        from omegaconf import OmegaConf
 
         generate.get_device = lambda: torch.device("cpu")
         self.OmegaConf, self.generator = OmegaConf, VINCIEGenerator

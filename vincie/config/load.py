@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.resources
+import re
 import types
 import typing
 from pathlib import Path
@@ -159,6 +160,8 @@ def convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(expected)
         return value
     if hint is float:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(expected)
         return float(value)

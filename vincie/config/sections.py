@@ -299,6 +299,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    # a model directory (`vincie export` or `vincie convert release`) whose weights a new run starts from (a run
+    # with a checkpoint resumes from that instead); its model section must equal this config's
+    init_from: str = ""
 
 
 @dataclass

@@ -261,7 +261,12 @@ def check_fixture(model: torch.nn.Module, cfg: ModelConfig, fixture_dir: str,
     case (`<case>.out`) and every sampling case (`<case>.latents`) -> (case, max abs error, relative error, ok)."""
     from safetensors.torch import load_file
 
-    from vincie.model.release import ReleaseBatch, release_inputs, release_output, release_sample
+    from vincie.model.release import (
+        ReleaseBatch,
+        release_inputs,
+        release_output,
+        release_sample,
+    )
 
     path = os.path.join(fixture_dir, "cases.safetensors")
     try:

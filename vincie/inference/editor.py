@@ -41,6 +41,7 @@ from vincie.model.batch import (
     unpatchify,
 )
 from vincie.model.diffusion import euler_sample, output_to_velocity
+from vincie.model.model_dir import is_export, read_config
 from vincie.model.sequence import Block, BlockType, Role
 
 
@@ -73,10 +74,8 @@ def load_run_config(model_dir: str) -> Config:
 
 def load_config(model: str) -> Config:
     """The config of an exported model directory or of a training run directory."""
-    from vincie.inference import export
-
-    if export.is_export(model):
-        return export.read_config(model)[0]
+    if is_export(model):
+        return read_config(model)[0]
     if os.path.isfile(os.path.join(model, "config.yaml")):
         return load_run_config(model)
     raise VincieError(f"--model {model}: neither an exported model (config.json, model.safetensors) nor a training "
@@ -106,7 +105,7 @@ class Editor:
         from vincie.inference import export
 
         device = device or default_device()
-        if export.is_export(model):
+        if is_export(model):
             if raw_weights:
                 raise VincieError(f"--raw-weights: {model} is an export and holds one set of weights (chosen by "
                                   "vincie export --weights)")

@@ -32,17 +32,10 @@ from vincie import storage
 from vincie.config import Config, ConfigError, from_dict, preset_dir, read_yaml, to_dict, validate
 from vincie.errors import VincieError
 from vincie.model.mmdit import MMDiT, count_parameters
+from vincie.model.model_dir import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, read_config
 
-FORMAT = "vincie-inference"
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SAMPLER_KEYS = ("prediction", "sample_steps", "sample_shift", "cfg_scale", "negative_prompt")  # diffusion.* that inference reads
-
-
-def is_export(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,30 +245,6 @@ def write_model_dir(cfg: Config, state: dict[str, torch.Tensor], parameters: int
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading an export: JSON and safetensors only
-
-
-def read_config(path: str) -> tuple[Config, dict]:
-    """An export directory -> (its inference Config, validated; the raw config.json)."""
-    file = os.path.join(path, CONFIG)
-    try:
-        with open(file) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise VincieError(f"{path}: no {CONFIG} (expected a directory written by vincie export)") from None
-    except json.JSONDecodeError as exc:
-        raise VincieError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise VincieError(f"{file}: not a vincie export (expected \"format\": \"{FORMAT}\")")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise VincieError(f"{file}: format_version {raw.get('format_version')!r}; this vincie reads "
-                          f"{FORMAT_VERSION}")
-    sections = {name: raw.get(name, {}) for name in ("model", "sequence", "data", "text_encoder", "vae", "diffusion")}
-    try:
-        cfg = from_dict(Config, sections)
-        validate(cfg)
-    except ConfigError as exc:
-        raise VincieError(f"{file}: {exc}") from None
-    return cfg, raw
 
 
 def load_model(path: str, device: torch.device):

@@ -164,6 +164,7 @@ class Trainer:
         self.metrics.checkpoint(self.step, time.perf_counter() - start, time.time())
 
     def resume(self) -> str | None:
+        """The run's latest checkpoint, else train.init_from's weights, else the random init. -> what was loaded."""
         path = checkpoint.latest(self.cfg.run.out_dir)
         if path:
             if self.megatron:
@@ -171,7 +172,28 @@ class Trainer:
             else:
                 self.load(checkpoint.load(path))
             self.metrics.checkpoint(self.step, None, os.path.getmtime(path))
+        elif self.cfg.train.init_from:
+            self.init_from(self.cfg.train.init_from)
+            return self.cfg.train.init_from
         return path
+
+    @torch.no_grad()
+    def init_from(self, model_dir: str) -> None:
+        """A model directory's full weights -> this rank's parameters (its pipeline stage's, tensor-parallel ones
+        cut to its slice) and the EMA."""
+        weights = checkpoint.model_dir_weights(model_dir, self.cfg)
+        tp_rank, tp = 0, 1
+        if self.megatron:
+            from megatron.core import parallel_state
+
+            tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), self.cfg.parallel.tensor
+        for chunk in self.chunks:
+            for name, param in chunk.named_parameters():
+                full = weights[name]
+                if getattr(param, "tensor_model_parallel", False):
+                    full = full.chunk(tp, dim=param.partition_dim)[tp_rank]
+                param.copy_(full)
+        self.ema.shadow = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in self.chunks]
 
     # -- one step -------------------------------------------------------------------------------------------
     def make_batches(self) -> tuple[list[Batch], dict]:

@@ -1,0 +1,48 @@
+"""A model directory, as `vincie export` and `vincie convert release` write it (vincie.inference.export):
+
+    DIR/model.safetensors   every parameter, whole, by training name     DIR/config.json   the inference config
+
+Here: its names and how its config is read (JSON only), low enough for training to start from one
+(train.init_from) as well as inference to load one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vincie.config import Config, ConfigError, from_dict, validate
+from vincie.errors import VincieError
+
+FORMAT = "vincie-inference"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def is_export(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))
+
+
+def read_config(path: str) -> tuple[Config, dict]:
+    """An export directory -> (its inference Config, validated; the raw config.json)."""
+    file = os.path.join(path, CONFIG)
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise VincieError(f"{path}: no {CONFIG} (expected a directory written by vincie export)") from None
+    except json.JSONDecodeError as exc:
+        raise VincieError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise VincieError(f"{file}: not a vincie export (expected \"format\": \"{FORMAT}\")")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise VincieError(f"{file}: format_version {raw.get('format_version')!r}; this vincie reads "
+                          f"{FORMAT_VERSION}")
+    sections = {name: raw.get(name, {}) for name in ("model", "sequence", "data", "text_encoder", "vae", "diffusion")}
+    try:
+        cfg = from_dict(Config, sections)
+        validate(cfg)
+    except ConfigError as exc:
+        raise VincieError(f"{file}: {exc}") from None
+    return cfg, raw
