@@ -9,7 +9,7 @@ import torch
 
 from vincie.config import load_config
 from vincie.model.batch import collate, patchify, unpatchify
-from vincie.model.mmdit import PointwiseHead, build_on_meta, count_parameters
+from vincie.model.mmdit import PointwiseHead, build_on_meta, count_parameters, latent_input_width
 from vincie.model.sequence import BlockType, Role
 from vincie.model.vae import SpaceToDepthVAE
 from vincie.training.parallel import init_distributed
@@ -51,7 +51,9 @@ def test_3b_forward_shapes_on_meta():
     inputs = batch.inputs
     n_lat = inputs.latent_index.numel()
     inputs.text_tokens = torch.zeros(inputs.text_tokens.shape[0], cfg.model.text_dim)
-    inputs.latent_tokens = torch.zeros(n_lat, cfg.model.latent_channels * cfg.model.patch_size ** 2)
+    inputs.text_turn = torch.full((inputs.text_tokens.shape[0],), -1)  # the 3b's turn tokens: none here
+    inputs.latent_tokens = torch.zeros(n_lat, latent_input_width(cfg.model))  # 33 values per cell x 2 x 2
+    assert inputs.latent_tokens.shape[1] == 132
     out = model(inputs.to("meta"))
     assert out.shape == (n_lat, 64)
 

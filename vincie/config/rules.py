@@ -155,9 +155,11 @@ def validate(cfg: Config) -> None:
                 f"must leave a head dimension divisible by 8 (3D RoPE), got {m.hidden_size // m.num_heads}")
     require(m.ffn_multiple >= 1, "model.ffn_multiple", f"must be >= 1, got {m.ffn_multiple}")
     release_sequence = cfg.sequence.mode == "release"
-    require((m.input_layout == "release") == release_sequence, "model.input_layout",
-            f"must be release exactly when sequence.mode is release (the release's input channels), got "
-            f"{m.input_layout} with sequence.mode {cfg.sequence.mode}")
+    require(not release_sequence or m.input_layout == "release", "model.input_layout",
+            f"must be release with sequence.mode release (the release's input channels), got {m.input_layout}")
+    require(cfg.sequence.mode != "block_causal" or m.rope_time != "after_text", "model.rope_time",
+            "must not be after_text with sequence.mode block_causal: an image's position would depend on "
+            "instructions that come after it (use image_index or offset)")
     require(not release_sequence or m.conditioning == "timestep", "model.conditioning",
             f"must be timestep with sequence.mode release (one timestep per session), got {m.conditioning}")
     require(not release_sequence or m.source == "none", "model.source",

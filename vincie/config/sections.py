@@ -184,7 +184,8 @@ class ModelConfig:
     # (the release's prompt-id embedding); the sequence gives that token's slot
     turn_token: bool = False
     # what a latent token carries: "latent": its latent (noisy or clean by block); "release": [noisy latent,
-    # clean latent or 0, context flag] on the channel axis, (2C + 1) x p x p values (the release's 33 for 3B)
+    # clean latent or 0, context flag] on the channel axis, (2C + 1) x p x p values (the release's 33 for 3B); in
+    # the block-causal and full sequences a clean block is [x, x, 1] and a NOISY one [x_t, 0, 0]
     input_layout: Literal["latent", "release"] = "latent"
     # the final layer's shift and scale: "own" (DiT: a projection of the conditioning), "shared": the shared adaLN
     # projection's attention shift / scale plus learned offsets, after an RMSNorm with a weight (the release)

@@ -112,7 +112,7 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
 
     def x0_estimate(source: torch.Tensor, instruction: str, x_t: torch.Tensor, t: float) -> torch.Tensor:
         context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
-        context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), editor.encode_texts([instruction])[0])
+        context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), editor.instruction_tokens([instruction], 0)[0])
         batch = editor.collate([editor.sequence(context, target, x_t, t)])
         velocity = output_to_velocity(editor.model(batch.inputs)[batch.target_select], batch.target_inputs,
                                       batch.target_t, editor.cfg.diffusion.prediction)

@@ -35,12 +35,15 @@ from vincie.model.batch import (
     collate,
     edit_conditioning,
     image_to_tensor,
+    layout_input,
     patchify,
     sample_layout,
     tensor_to_image,
     unpatchify,
+    with_turn_slots,
 )
 from vincie.model.diffusion import euler_sample, output_to_velocity
+from vincie.model.mmdit import latent_input_width
 from vincie.model.model_dir import is_export, read_config
 from vincie.model.sequence import Block, BlockType, Role
 
@@ -144,6 +147,14 @@ class Editor:
     def encode_images(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         return list(patchify(self.encode_latents(images), self.p).to(self.dtype))
 
+    def instruction_tokens(self, instructions: list[str], turn: int) -> list[torch.Tensor]:
+        """One instruction per session, all at `turn` -> the TEXT block tokens of each: templated
+        (text_encoder.prompt_template), encoded, and after a turn token's slot with model.turn_token."""
+        from vincie.model.text_encoder import prompts
+
+        texts = [prompts(self.cfg.text_encoder.prompt_template, [x], turn)[0] for x in instructions]
+        return with_turn_slots(self.encode_texts(texts), self.cfg.model.turn_token)
+
     def encode_latents(self, images: list[np.ndarray]) -> torch.Tensor:
         """Images -> VAE latents (N, C, h, w) in fp32."""
         pixels = torch.stack([image_to_tensor(im) for im in images]).to(self.device)
@@ -168,9 +179,12 @@ class Editor:
                    if b.type != BlockType.TEXT]
         block_t = torch.zeros(len(blocks))
         block_t[-1] = t
-        sources, block_text = edit_conditioning(self.cfg.model, blocks, latents, text)
+        m = self.cfg.model
+        sources, block_text = edit_conditioning(m, blocks, latents, text)
+        latents = [layout_input(x, b.role == Role.CLEAN, m.input_layout, self.p)
+                   for b, x in zip([b for b in blocks if b.type != BlockType.TEXT], latents)]
         return SampleTokens(blocks, text, latents, targets, block_t, self.grid, self.cfg.sequence.mode == "full",
-                            sources=sources, block_text=block_text)
+                            sources=sources, block_text=block_text, turn_slots=m.turn_token, rope_time=m.rope_time)
 
     def rows(self, contexts: list[Context], block: Block, tokens: list[torch.Tensor], t: float,
              record: bool = False) -> tuple[Batch, KVCache | None, list[int]]:
@@ -184,7 +198,8 @@ class Editor:
                               s.latents[-1:] if block.type != BlockType.TEXT else [],
                               s.targets[-1:] if block.type != BlockType.TEXT else [], s.block_t[-1:], s.grid, False,
                               sources=None if s.sources is None else s.sources[-1:] if block.type != BlockType.TEXT
-                              else [], block_text=None if s.block_text is None else s.block_text[-1:])
+                              else [], block_text=None if s.block_text is None else s.block_text[-1:],
+                              turn_slots=s.turn_slots, rope_time=s.rope_time)
                  for s in whole]
         batch = self.collate(alone)
         for b, s in enumerate(whole):
@@ -197,8 +212,7 @@ class Editor:
         return batch, cache, [0] * len(contexts)
 
     def collate(self, samples: list[SampleTokens]) -> Batch:
-        P = self.cfg.model.latent_channels * self.p ** 2
-        batch = collate(samples, self.device, self.cfg.model.text_dim, latent_dim=P)
+        batch = collate(samples, self.device, self.cfg.model.text_dim, latent_dim=latent_input_width(self.cfg.model))
         batch.inputs.text_tokens = batch.inputs.text_tokens.to(self.dtype)
         batch.inputs.latent_tokens = batch.inputs.latent_tokens.to(self.dtype)
         if batch.inputs.latent_source is not None:
@@ -235,7 +249,7 @@ class Editor:
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             # this step's target tokens and time, in place: the rest of the batch (and the cache) stays
-            batch.inputs.latent_tokens[batch.target_select] = x.repeat(copies, 1, 1).reshape(-1, shape[-1])
+            batch.inputs.latent_tokens[batch.target_select, :shape[-1]] = x.repeat(copies, 1, 1).reshape(-1, shape[-1])
             batch.inputs.block_t[row_index, target_block] = t
             batch.target_t.fill_(t)
             output = self.model(batch.inputs, cache)[batch.target_select]
@@ -275,7 +289,7 @@ class Editor:
             # guidance's unconditional rows: the context without this turn's instruction (shared, not copied)
             uncond = sessions if cfg_scale != 1.0 else []
             sessions = self.extend(sessions, Block(BlockType.TEXT, Role.CLEAN, turn, turn),
-                                   self.encode_texts([x[turn] for x in instructions]))
+                                   self.instruction_tokens([x[turn] for x in instructions], turn))
             masks = {}
             for kind in (BlockType.CUR_MASK, BlockType.NEXT_MASK) if chain_masks else ():
                 tokens = self.generate(sessions, uncond, Block(kind, Role.NOISY, turn, turn), steps, cfg_scale,

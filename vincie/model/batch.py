@@ -94,8 +94,9 @@ class Batch:
 
     @property
     def target_inputs(self) -> torch.Tensor:
-        """(N_target, P): the noisy latents x_t of the target tokens."""
-        return self.inputs.latent_tokens[self.target_index]
+        """(N_target, P): the noisy latents x_t of the target tokens (the first P values of each token's input,
+        which with model.input_layout release also holds the clean latent and the context flag)."""
+        return self.inputs.latent_tokens[self.target_index, :self.target.shape[1]]
 
 
 def source_tokens(blocks: list[Block], latents: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -229,6 +230,9 @@ class SessionEncoder:
                 targets.append(None)
                 weights.append(None)
         sources, block_text = edit_conditioning(self.cfg.model, blocks, latents, text)
+        latent_blocks = [b for b in blocks if b.type != BlockType.TEXT]
+        latents = [layout_input(x, b.role == Role.CLEAN, self.cfg.model.input_layout, self.p)
+                   for b, x in zip(latent_blocks, latents)]
         return self.sample_tokens(blocks, text, latents, targets, block_t, grid, weights, sources, block_text)
 
     def release_sample(self, session: LoadedSession, rng: np.random.Generator,
@@ -272,6 +276,15 @@ class SessionEncoder:
                               images=torch.zeros(2, 3, h, w), cur_masks=None, next_masks=None)
         sample = self.training_sample(blank, np.random.default_rng(0), torch.Generator().manual_seed(0))
         return dataclasses.replace(sample, targets=[None] * len(sample.targets))
+
+
+def layout_input(tokens: torch.Tensor, clean: bool, input_layout: str, p: int) -> torch.Tensor:
+    """A latent block's tokens (n, C*p*p) -> its model input: as they are, or with model.input_layout release
+    [x, x, 1] for a clean (context) block (its latent at t = 0 is itself) and [x_t, 0, 0] for a NOISY one."""
+    if input_layout != "release":
+        return tokens
+    flag = torch.full((tokens.shape[0], p * p), float(clean), device=tokens.device, dtype=tokens.dtype)
+    return torch.cat([tokens, tokens if clean else torch.zeros_like(tokens), flag], dim=1)
 
 
 def with_turn_slots(texts: list[torch.Tensor], turn_token: bool) -> list[torch.Tensor]:

@@ -363,11 +363,8 @@ class MMDiT(nn.Module):
         self.recompute = False  # set by the trainer (train.recompute): checkpoint every layer, rerun it in backward
         h = cfg.hidden_size
         self.patch_dim = cfg.latent_channels * cfg.patch_size ** 2  # a latent token's values (the output's)
-        # the release's input layout adds the clean latent and the context flag per latent cell
-        input_dim = (2 * cfg.latent_channels + 1) * cfg.patch_size ** 2 if cfg.input_layout == "release" \
-            else self.patch_dim
         if pre_process:
-            self.patch_embed = nn.Linear(input_dim, h)
+            self.patch_embed = nn.Linear(latent_input_width(cfg), h)
             if cfg.source != "none":
                 self.source_embed = nn.Linear(self.patch_dim, h)
             self.text_proj = nn.Linear(cfg.text_dim, h)
@@ -493,6 +490,13 @@ class MMDiT(nn.Module):
             is_image = (token_type[inputs.latent_index] == int(BlockType.IMAGE))[:, None]
             out = out + torch.where(is_image, inputs.latent_source, 0.0).to(out.dtype)
         return out
+
+
+def latent_input_width(cfg: ModelConfig) -> int:
+    """Values per latent token at the model's input: C*p*p, or (2C + 1)*p*p with the release's layout (the clean
+    latent and the context flag per cell)."""
+    cells = cfg.patch_size ** 2
+    return (2 * cfg.latent_channels + 1) * cells if cfg.input_layout == "release" else cfg.latent_channels * cells
 
 
 def count_parameters(model: nn.Module) -> int:
