@@ -415,3 +415,9 @@ def test_fine_tune_the_converted_model_then_edit_with_it(converted, tmp_path):
                         "--instruction", "make it red", "--out", str(tmp_path / "edits"), "--steps", "2")
     assert edited.returncode == 0, edited.stderr
     assert (tmp_path / "edits" / "turn-01.png").exists()
+    evaluated = run_vincie("eval", "--model", str(tmp_path / "run"), "--bench", "synth", "--data",
+                           config["data"]["train_url"], "--sessions", "2", "--turns", "2", "--steps", "2",
+                           "--given-truth", "--out", str(tmp_path / "eval"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert len(report["success"]["model"]) == 2 and set(report["denoising"]["x0_mse"]) == {"0.9", "0.5", "0.2", "0.05"}

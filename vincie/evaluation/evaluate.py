@@ -104,19 +104,10 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
     "text_swap_change": how much the x0 estimate moves (mean squared change) when T0 is replaced by the next
     session's instruction, same image and noise. A model that follows instructions moves it by about as much as
     an edit changes an image (copy_input); one that ignores them barely moves it."""
-    from vincie.inference.editor import Context
-    from vincie.model.diffusion import noisy, output_to_velocity
-    from vincie.model.sequence import Block, BlockType, Role
-
-    target = Block(BlockType.IMAGE, Role.NOISY, 0, 1)
+    from vincie.model.diffusion import noisy
 
     def x0_estimate(source: torch.Tensor, instruction: str, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
-        context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), editor.instruction_tokens([instruction], 0)[0])
-        batch = editor.collate([editor.sequence(context, target, x_t, t)])
-        velocity = output_to_velocity(editor.model(batch.inputs)[batch.target_select], batch.target_inputs,
-                                      batch.target_t, editor.cfg.diffusion.prediction)
-        return x_t - t * velocity
+        return editor.x0_estimate(source, instruction, x_t, t, torch.Generator().manual_seed(seed))
 
     generator = torch.Generator().manual_seed(seed)
     errors: dict[float, list[float]] = {t: [] for t in PROBE_TIMES}

@@ -311,6 +311,42 @@ class Editor:
                                              masks.get(BlockType.NEXT_MASK, [None] * len(images))[i]))
         return results
 
+    @torch.no_grad()
+    def x0_estimate(self, source: torch.Tensor, instruction: str, x_t: torch.Tensor, t: float,
+                    generator: torch.Generator) -> torch.Tensor:
+        """Turn 1's clean estimate at noise level t from one network call: `source` (I_0) and `x_t` (the noisy
+        target) as patch tokens (n, C*p*p). Release mode: the source frame is noised at t too (`generator`), as
+        the release samples."""
+        if self.cfg.sequence.mode != "release":
+            target = Block(BlockType.IMAGE, Role.NOISY, 0, 1)
+            context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
+            context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), self.instruction_tokens([instruction], 0)[0])
+            batch = self.collate([self.sequence(context, target, x_t, t)])
+            velocity = output_to_velocity(self.model(batch.inputs)[batch.target_select], batch.target_inputs,
+                                          batch.target_t, self.cfg.diffusion.prediction)
+            return x_t - t * velocity
+        from vincie.model.diffusion import noisy
+        from vincie.model.release import ReleaseBatch, release_inputs, release_output
+        from vincie.model.text_encoder import prompts
+
+        m, (gh, gw) = self.cfg.model, self.grid
+        C = m.latent_channels
+
+        def cells(tokens: torch.Tensor) -> torch.Tensor:  # (n, C*p*p) -> (h*w, C)
+            return unpatchify(tokens[None].float(), self.p, C, (gh, gw))[0].permute(1, 2, 0).reshape(-1, C)
+
+        src, xt = cells(source), cells(x_t)
+        ones, zeros = torch.ones_like(src[:, :1]), torch.zeros_like(src)
+        context = torch.cat([noisy(src, torch.randn(src.shape, generator=generator).to(src.device), t), src, ones], 1)
+        vid = torch.cat([context, torch.cat([xt, zeros, zeros[:, :1]], 1)])
+        text = self.encode_texts(prompts(self.cfg.text_encoder.prompt_template, [instruction]))[0].float()
+        h, w = gh * self.p, gw * self.p
+        batch = ReleaseBatch(vid, torch.tensor([[2, h, w]]), text, torch.tensor([len(text)]), torch.tensor([1]),
+                             torch.tensor([t * 1000.0]))
+        velocity = release_output(m, self.run_model(release_inputs(m, batch)), batch.vid_shape)[h * w:]
+        x0 = (xt - t * velocity).reshape(h, w, C).permute(2, 0, 1)[None]
+        return patchify(x0, self.p)[0].to(x_t.dtype)
+
     def run_model(self, inputs) -> torch.Tensor:
         """The model on fp32 inputs, in its own precision; fp32 out."""
         inputs.text_tokens, inputs.latent_tokens = inputs.text_tokens.to(self.dtype), inputs.latent_tokens.to(self.dtype)
