@@ -35,6 +35,8 @@ def gathered_grads(trainer: Trainer) -> dict:
     local = []
     for chunk in trainer.chunks:
         for name, param in chunk.named_parameters():
+            if not param.requires_grad:  # frozen (train.lora)
+                continue
             split = getattr(param, "tensor_model_parallel", False)
             local.append((name, param.main_grad.detach().clone(), param.partition_dim if split else None,
                           ps.get_tensor_model_parallel_rank()))

@@ -67,6 +67,11 @@ def release_options(tmp_path_factory, data):
     return reference(tmp_path_factory.mktemp("release_options"), data, layers=2, model=RELEASE_OPTIONS)
 
 
+@pytest.fixture(scope="module")
+def lora_adapters(tmp_path_factory, data):
+    return reference(tmp_path_factory.mktemp("lora"), data, layers=2, model=("train.lora.rank=4",))
+
+
 def assert_same_loss_and_gradients(one: dict, split: dict) -> None:
     assert abs(split["loss"] - one["loss"]) <= RTOL * abs(one["loss"]), (one["loss"], split["loss"])
     assert split["grads"].keys() == one["grads"].keys()
@@ -92,6 +97,19 @@ def test_tensor_parallel_gives_the_single_process_loss_and_gradients(tmp_path, t
                                     pytest.param(["parallel.pipeline=2"], id="pp2", marks=pytest.mark.slow)])
 def test_the_release_options_split_like_the_rest(tmp_path, release_options, layout):
     config, overrides, one = release_options
+    torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
+    assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.tensor=2", "parallel.sequence_parallel=true"]],
+                         ids=["tp2", "tp2-sp"])
+def test_lora_adapters_split_like_the_rest(tmp_path, lora_adapters, layout):
+    """train.lora: the adapters (and only they) get gradients, and TP=2 gives one process's loss and gradients: B
+    split with a column-parallel projection's rows, A with a row-parallel one's columns, the whole ones summed or
+    not over the TP group as their partial or whole gradients need (vincie/training/lora.py)."""
+    config, overrides, one = lora_adapters
+    assert one["grads"] and all(name.endswith((".lora_a", ".lora_b")) for name in one["grads"])
+    assert len(one["grads"]) == 2 * 4 * (2 + 1)  # A and B of 4 projections, 2 streams in layer 0, 1 in layer 1
     torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *layout)
     assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from vincie.config.sections import (
+    LORA_TARGETS,
     TE_INSTALL,
     Config,
     IngestConfig,
@@ -154,6 +155,11 @@ def validate(cfg: Config) -> None:
         require((m.hidden_size // m.num_heads) % 8 == 0, "model.num_heads",
                 f"must leave a head dimension divisible by 8 (3D RoPE), got {m.hidden_size // m.num_heads}")
     require(m.ffn_multiple >= 1, "model.ffn_multiple", f"must be >= 1, got {m.ffn_multiple}")
+    lora = cfg.train.lora
+    require(lora.rank >= 0, "train.lora.rank", f"must be >= 0 (0: off), got {lora.rank}")
+    require(lora.alpha >= 0, "train.lora.alpha", f"must be >= 0 (0: the rank), got {lora.alpha}")
+    require(bool(lora.targets) and set(lora.targets) <= set(LORA_TARGETS), "train.lora.targets",
+            f"must be a non-empty list of {', '.join(LORA_TARGETS)}, got {lora.targets}")
     release_sequence = cfg.sequence.mode == "release"
     require(not release_sequence or m.input_layout == "release", "model.input_layout",
             f"must be release with sequence.mode release (the release's input channels), got {m.input_layout}")

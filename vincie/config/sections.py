@@ -279,6 +279,18 @@ class DataConfig:
     record_sessions: bool = False
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (train.lora): the MM-DiT's chosen projections get W + (alpha / rank) B A with A (rank x in)
+    and B (out x rank, zero at the start); everything else is frozen, and `vincie export` merges them."""
+    rank: int = 0  # 0: off (every parameter trains)
+    alpha: float = 0.0  # 0: the rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -303,6 +315,7 @@ class TrainConfig:
     # a model directory (`vincie export` or `vincie convert release`) whose weights a new run starts from (a run
     # with a checkpoint resumes from that instead); its model section must equal this config's
     init_from: str = ""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

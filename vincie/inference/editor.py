@@ -123,7 +123,7 @@ class Editor:
         """A training run directory (config.yaml + checkpoints/) -> Editor with its latest (EMA) weights."""
         from vincie.inference.export import build_model
         from vincie.model.vae import build_vae
-        from vincie.training import checkpoint
+        from vincie.training import checkpoint, lora
 
         cfg = load_run_config(model_dir)
         path = checkpoint.latest(model_dir)
@@ -131,6 +131,8 @@ class Editor:
             raise VincieError(f"{model_dir}: no complete checkpoint under checkpoints/")
         device = device or default_device()
         weights = {n: t for n, t in checkpoint.load_weights(path, use_ema).items() if isinstance(t, torch.Tensor)}
+        if cfg.train.lora.rank:  # train.lora's adapters folded into their projections
+            weights = lora.merge(weights, cfg.train.lora)
         model, text_encoder = build_model(cfg, weights, device, path)
         return Editor(cfg, model, build_vae(cfg.vae).to(device), text_encoder, device, kv_cache)
 

@@ -185,7 +185,7 @@ Loading reads only JSON and safetensors.
 def export(checkpoint_path: str, out_dir: str, weights: str = "ema", dtype: str = "fp32",
            overwrite: bool = False) -> dict:
     """-> the written config.json content. Raises VincieError on bad input, leaving nothing at `out_dir`."""
-    from vincie.training import checkpoint
+    from vincie.training import checkpoint, lora
 
     if weights not in ("ema", "raw"):
         raise VincieError(f"--weights {weights}: expected 'ema' or 'raw'")
@@ -201,6 +201,8 @@ def export(checkpoint_path: str, out_dir: str, weights: str = "ema", dtype: str 
         raise VincieError(f"{step_dir}: the checkpoint's config is not valid here ({exc})") from None
     state = checkpoint.load_weights(step_dir, use_ema=weights == "ema")
     state = {name: tensor for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}  # no _extra_state
+    if cfg.train.lora.rank:  # train.lora's adapters folded into their projections
+        state = lora.merge(state, cfg.train.lora)
     model, _ = build_model(cfg, state, torch.device("cpu"), step_dir)  # checks names and shapes
     source = {"checkpoint": os.path.abspath(step_dir), "step": common["step"], "run_name": cfg.run.name,
               "weights": weights, "parallel": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline}}

@@ -30,7 +30,7 @@ from vincie.model.components import build_components
 from vincie.model.flops import training_flops
 from vincie.model.sequence import TASKS
 from vincie.sessions.loaded import sub_session, truncate
-from vincie.training import checkpoint
+from vincie.training import checkpoint, lora
 from vincie.training.loss import flow_loss_sums
 from vincie.training.metrics import Metrics
 from vincie.training.optim import EMA, lr_factor
@@ -80,6 +80,9 @@ class Trainer:
         model, self.vae, self.text_encoder = build_components(cfg, dist_info.device, stages)
         self.chunks = model if stages is not None else [model]
         self.model = self.chunks[0]  # the whole model, except under pipeline parallel
+        if t.lora.rank:  # adapters on the projections, everything else frozen
+            tp_rank, tp = self.tensor_parallel_rank()
+            lora.apply(self.chunks, t.lora, cfg.run.seed, tp_rank, tp)
         if self.megatron:
             self.wrapped, self.optimizer = self.megatron_setup()
         else:
@@ -88,7 +91,8 @@ class Trainer:
                             if dist_info.world_size > 1 else self.model]
             decay, no_decay = [], []
             for param in self.model.parameters():
-                (decay if param.ndim >= 2 else no_decay).append(param)
+                if param.requires_grad:
+                    (decay if param.ndim >= 2 else no_decay).append(param)
             self.optimizer = torch.optim.AdamW([{"params": decay, "wd_mult": 1.0},
                                                 {"params": no_decay, "wd_mult": 0.0}], lr=t.lr,
                                                betas=tuple(t.betas), fused=True)  # one kernel, not a loop per tensor
@@ -177,18 +181,24 @@ class Trainer:
             return self.cfg.train.init_from
         return path
 
+    def tensor_parallel_rank(self) -> tuple[int, int]:
+        """(this rank's index in its TP group, the group's size)."""
+        if not self.megatron:
+            return 0, 1
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank(), self.cfg.parallel.tensor
+
     @torch.no_grad()
     def init_from(self, model_dir: str) -> None:
         """A model directory's full weights -> this rank's parameters (its pipeline stage's, tensor-parallel ones
         cut to its slice) and the EMA."""
         weights = checkpoint.model_dir_weights(model_dir, self.cfg)
-        tp_rank, tp = 0, 1
-        if self.megatron:
-            from megatron.core import parallel_state
-
-            tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), self.cfg.parallel.tensor
+        tp_rank, tp = self.tensor_parallel_rank()
         for chunk in self.chunks:
             for name, param in chunk.named_parameters():
+                if name.endswith((".lora_a", ".lora_b")):
+                    continue  # train.lora's adapters start as they were made (B = 0: the model directory's model)
                 full = weights[name]
                 if getattr(param, "tensor_model_parallel", False):
                     full = full.chunk(tp, dim=param.partition_dim)[tp_rank]
