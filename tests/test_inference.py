@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vincie.config import load_config
+from vincie.errors import VincieError
 from vincie.inference.editor import Context, Editor
 from vincie.model.mmdit import MMDiT
 from vincie.model.sequence import Block, BlockType, Role
@@ -148,6 +149,12 @@ def test_given_images_replace_the_models_own_edits_as_context():
     forced = editor.edit(sources(1), INSTRUCTIONS[:1], steps=2, seed=3, given_images=[sources(6)])[0]
     assert np.array_equal(forced[0].image, free[0].image)
     assert not any(np.array_equal(a.image, b.image) for a, b in zip(forced[1:], free[1:]))
+
+
+def test_several_input_images_need_a_release_mode_model():
+    editor = micro_editor()
+    with pytest.raises(VincieError, match="several input images per session: only release-mode models"):
+        editor.edit([[sources(1)[0], sources(1)[0]]], [["make it red"]], steps=1)
 
 
 def test_full_attention_models_recompute_with_full_attention():

@@ -356,6 +356,19 @@ def test_edit_with_the_converted_model_in_release_mode(converted, tmp_path):
     assert edited.returncode == 0, edited.stderr
     for k in (1, 2):
         assert Image.open(tmp_path / "edits" / f"turn-{k:02d}.png").size == (28, 20)
+    # the release's image handling: 28x20 keeps its aspect at about 16^2 pixels (19x14), cropped to the latent
+    # cell (4): 16x12; a second input image (multi-image composition) is first brought to the first's size
+    from vincie.inference.editor import load_image
+
+    assert load_image(str(tmp_path / "in.png"), 16, 4)[0].shape == (12, 16, 3)
+    Image.fromarray(picture[::-1, :20].copy()).save(tmp_path / "second.png")
+    composed = run_vincie("edit", "--model", str(out), "--image", str(tmp_path / "in.png"), "--image",
+                          str(tmp_path / "second.png"), "--instruction", "put <IMG1> into <IMG0>", "--out",
+                          str(tmp_path / "composed"), "--steps", "2")
+    assert composed.returncode == 0, composed.stderr
+    assert Image.open(tmp_path / "composed" / "turn-01.png").size == (28, 20)
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "composed" / "turn-01.png")),
+                              np.asarray(Image.open(tmp_path / "edits" / "turn-01.png")))
     editor = Editor.load(str(out), device=torch.device("cpu"))
     image = np.asarray(Image.fromarray(picture).resize((16, 16)))
     first = editor.edit([image, image[::-1].copy()], [["make it red", "add a hat"]] * 2, steps=2, seed=3)

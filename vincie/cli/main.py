@@ -100,9 +100,19 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from vincie.inference.editor import Editor, load_config, load_image, restore_size
     from vincie.inference.strip import strip_png
 
-    image, size = load_image(args.image, load_config(args.model).data.resolution)  # bad input fails fast
+    cfg = load_config(args.model)
+    if cfg.sequence.mode == "release":  # the release's image handling: aspect kept, later images at the first's size
+        multiple = cfg.vae.factor * cfg.model.patch_size
+        image, size = load_image(args.image[0], cfg.data.resolution, multiple)  # bad input fails fast
+        inputs = [image] + [load_image(path, cfg.data.resolution, multiple, size)[0] for path in args.image[1:]]
+    elif len(args.image) > 1:
+        raise VincieError(f"--image given {len(args.image)} times: only release-mode models (sequence.mode release) "
+                          "take several input images")
+    else:
+        image, size = load_image(args.image[0], cfg.data.resolution)
+        inputs = image
     editor = Editor.load(args.model, raw_weights=args.raw_weights, kv_cache=not args.no_kv_cache)
-    results = editor.edit([image], [args.instruction], steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+    results = editor.edit([inputs], [args.instruction], steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                           chain_masks=args.chain_masks)[0]
     os.makedirs(args.out, exist_ok=True)
 
@@ -303,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--chain-masks.")
     edit.add_argument("--model", required=True, metavar="DIR",
                       help="an exported model (vincie export) or a training run directory (config.yaml, checkpoints/)")
-    edit.add_argument("--image", required=True, metavar="PATH")
+    edit.add_argument("--image", required=True, action="append", metavar="PATH",
+                      help="the image to edit; release-mode models take several (repeat it): a session of input "
+                           "images for multi-image composition, refer to them as <IMG0>, <IMG1>, ...")
     edit.add_argument("--instruction", required=True, action="append", metavar="TEXT",
                       help="one per turn; repeat for several turns")
     edit.add_argument("--out", required=True, metavar="DIR")

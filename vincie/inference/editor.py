@@ -18,6 +18,7 @@ or from a training run's latest checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -265,10 +266,11 @@ class Editor:
         return euler_sample(velocity, noise, steps, self.cfg.diffusion.sample_shift)
 
     @torch.no_grad()
-    def edit(self, images: list[np.ndarray], instructions: list[list[str]], steps: int | None = None,
-             cfg_scale: float | None = None, seed: int = 0, chain_masks: bool = False,
+    def edit(self, images: list[np.ndarray | list[np.ndarray]], instructions: list[list[str]],
+             steps: int | None = None, cfg_scale: float | None = None, seed: int = 0, chain_masks: bool = False,
              given_images: list[list[np.ndarray]] | None = None) -> list[list[TurnResult]]:
-        """Edits N sessions side by side: images[i] is session i's source (resolution x resolution),
+        """Edits N sessions side by side: images[i] is session i's source (resolution x resolution), or in release
+        mode a list of its input images (all one size, any aspect; several for multi-image composition),
         instructions[i] its turns (all sessions the same number). Returns results[i][turn].
 
         given_images[i][k] (k = 1 .. turns - 1), if given, is turn k's current image in place of the model's own
@@ -283,7 +285,11 @@ class Editor:
         if self.cfg.sequence.mode == "release":
             if chain_masks:
                 raise VincieError("--chain-masks: a release-mode model (sequence.mode release) makes no masks")
-            return self.edit_release(images, instructions, steps, cfg_scale, generator, given_images)
+            inputs = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+            return self.edit_release(inputs, instructions, steps, cfg_scale, generator, given_images)
+        if any(isinstance(x, (list, tuple)) for x in images):
+            raise VincieError("several input images per session: only release-mode models (sequence.mode release) "
+                              "take them")
         sessions = self.extend([Context() for _ in images], Block(BlockType.IMAGE, Role.CLEAN, 0, 0),
                                self.encode_images(images))
         results: list[list[TurnResult]] = [[] for _ in images]
@@ -355,13 +361,13 @@ class Editor:
         return self.model(inputs.to(self.device)).float()
 
     @torch.no_grad()
-    def edit_release(self, images: list[np.ndarray], instructions: list[list[str]], steps: int, cfg_scale: float,
-                     generator: torch.Generator, given_images: list[list[np.ndarray]] | None = None
+    def edit_release(self, images: list[list[np.ndarray]], instructions: list[list[str]], steps: int,
+                     cfg_scale: float, generator: torch.Generator, given_images: list[list[np.ndarray]] | None = None
                      ) -> list[list[TurnResult]]:
-        """sequence.mode release, as the released VINCIE edits: turn k runs the whole session, the images so far
-        (clean, in the input's condition channels) and a new frame, every frame starting from noise, with all
-        instructions so far (text_encoder.prompt_template); guidance replaces all text by
-        diffusion.negative_prompt; the last frame is the turn's image."""
+        """sequence.mode release, as the released VINCIE edits: turn k runs the whole session, its input images
+        and the images made so far (clean, in the input's condition channels) and a new frame, every frame starting
+        from noise, with all instructions so far (text_encoder.prompt_template); guidance replaces all text by
+        diffusion.negative_prompt; the last frame is the turn's image. images[i]: session i's input images."""
         from vincie.model.release import release_sample
         from vincie.model.text_encoder import prompts
 
@@ -370,7 +376,9 @@ class Editor:
         template = self.cfg.text_encoder.prompt_template
         negative = self.encode_texts([self.cfg.diffusion.negative_prompt])[0].float()
         negative = (negative.repeat(N, 1), torch.full((N,), len(negative)), torch.ones(N, dtype=torch.int64))
-        frames = [self.encode_latents([im for im in images])]  # per image of the session so far: (N, C, h, w)
+        if len({len(x) for x in images}) != 1:
+            raise ValueError("all sessions of one edit call need the same number of input images")
+        frames = [self.encode_latents([x[j] for x in images]) for j in range(len(images[0]))]  # each (N, C, h, w)
         results: list[list[TurnResult]] = [[] for _ in images]
         for turn in range(len(instructions[0])):
             context = torch.stack(frames, dim=1)  # (N, k+1, C, h, w)
@@ -397,17 +405,35 @@ class Editor:
         return results
 
 
-def load_image(path: str, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """An image file of any size and mode -> (resolution x resolution RGB uint8, its (width, height) as shown).
+def load_image(path: str, resolution: int, multiple: int | None = None,
+               size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file of any size and mode -> (RGB uint8, its (width, height) as shown).
 
-    The models are trained on square images at data.resolution, their one size bucket: an input is resized to
-    it (bicubic, aspect not kept) and `restore_size` gives outputs the input's size and aspect back. EXIF
-    orientation is applied first, so the size is the one viewers show."""
+    vincie's models are trained on square images at data.resolution, their one size bucket: an input is resized
+    to it (bicubic, aspect not kept). With `multiple` (release mode, as the release does) the aspect is kept: the
+    image is resized (bicubic) to about resolution^2 pixels and centre-cropped to a multiple of `multiple` (the
+    latent cell) on each side; `size` (width, height) first resizes it to that size (a session's later images
+    take the first's). `restore_size` gives outputs the input's size back. EXIF orientation is applied first, so
+    the size is the one viewers show."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            size = im.size
-            rgb = im.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            if size is not None:
+                im = im.resize(size, Image.BICUBIC)
+            shown = im.size
+            if multiple is None:
+                rgb = im.resize((resolution, resolution), Image.BICUBIC)
+            else:
+                scale = math.sqrt(resolution * resolution / (shown[0] * shown[1]))
+                w, h = round(shown[0] * scale), round(shown[1] * scale)
+                if w < multiple or h < multiple:
+                    raise VincieError(f"--image {path}: {shown[0]}x{shown[1]} is too narrow to keep its aspect at "
+                                      f"{resolution}^2 pixels in cells of {multiple}")
+                resized = im.resize((w, h), Image.BICUBIC)
+                cw, ch = w - w % multiple, h - h % multiple
+                left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))  # torchvision's center_crop
+                rgb = resized.crop((left, top, left + cw, top + ch))
+            size = shown
     except FileNotFoundError:
         raise VincieError(f"--image {path}: no such file") from None
     except (OSError, Image.DecompressionBombError) as exc:
