@@ -57,9 +57,11 @@ def four_layers(tmp_path_factory, data):
     return reference(tmp_path_factory.mktemp("four_layers"), data, layers=4)
 
 
-# the options that make vincie's model the released VINCIE DiT (docs/release.md) and need no other batch layout
+# the options that make vincie's model the released VINCIE DiT, trained as the release trains (docs/release.md)
 RELEASE_OPTIONS = ("model.head_dim=24", "model.ffn_multiple=256", "model.qkv_bias=false", "model.mlp_bias=false",
-                   "model.rope_axes=thirds", "model.conditioning=timestep", "model.final_modulation=shared")
+                   "model.rope_axes=thirds", "model.conditioning=timestep", "model.final_modulation=shared",
+                   "model.turn_token=true", "model.input_layout=release", "model.rope_time=after_text",
+                   "sequence.mode=release")
 
 
 @pytest.fixture(scope="module")
