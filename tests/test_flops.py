@@ -42,7 +42,7 @@ def counted(model, batch, backward: bool) -> int:
 RELEASE = ["sequence.mode=release", "model.input_layout=release", "model.conditioning=timestep", "model.head_dim=24",
            "model.turn_token=true", "model.final_modulation=shared", "model.qkv_bias=false", "model.mlp_bias=false",
            "model.ffn_multiple=256", "model.rope_axes=thirds", "model.rope_time=after_text", "model.source=none",
-           "model.output_head=linear"]
+           "model.output_head=linear", "model.text_projector=mlp_norm", "model.rope_dim=20"]
 
 
 @pytest.mark.parametrize("overrides", [["sequence.mode=block_causal"], ["sequence.mode=full"], RELEASE],

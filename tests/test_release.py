@@ -7,6 +7,7 @@ every output: the DiT on one session, on a batch of two sessions of different si
 a 4-step guided sampling run.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -36,12 +37,23 @@ def fixture(name: str):
     return root, cfg, state, load_file(os.path.join(root, "cases.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def tiny_3b():
-    root, cfg, state, cases = fixture("3b-tiny")
+def converted_fixture(name: str):
+    root, cfg, state, cases = fixture(name)
     model = MMDiT(cfg).eval()
     model.load_state_dict(convert_dit(state, cfg), strict=True)
     return cfg, state, cases, model
+
+
+@pytest.fixture(scope="module")
+def tiny_3b():
+    return converted_fixture("3b-tiny")
+
+
+@pytest.fixture(scope="module", params=["3b-tiny", "7b-tiny"])
+def tiny_release(request):
+    """Each fixture: the 3B's code path, and the 7B's (text MLP + norm, patch v2, RoPE on 30 of 32 dims, image
+    time from 0, attention 64 wide on a 40-wide model)."""
+    return converted_fixture(request.param)
 
 
 def batch(cases: dict, case: str) -> ReleaseBatch:
@@ -50,8 +62,8 @@ def batch(cases: dict, case: str) -> ReleaseBatch:
 
 
 @pytest.mark.parametrize("case", ["single", "batch", "negative"])
-def test_the_converted_dit_gives_the_release_outputs(tiny_3b, case):
-    cfg, _, cases, model = tiny_3b
+def test_the_converted_dit_gives_the_release_outputs(tiny_release, case):
+    cfg, _, cases, model = tiny_release
     inputs = batch(cases, case)
     with torch.no_grad():
         out = release_output(cfg, model(release_inputs(cfg, inputs)), inputs.vid_shape)
@@ -59,8 +71,8 @@ def test_the_converted_dit_gives_the_release_outputs(tiny_3b, case):
     assert ok, (case, error, relative)
 
 
-def test_guided_sampling_gives_the_release_latents(tiny_3b):
-    cfg, _, cases, model = tiny_3b
+def test_guided_sampling_gives_the_release_latents(tiny_release):
+    cfg, _, cases, model = tiny_release
     g = lambda k: cases[f"sampling.{k}"]  # noqa: E731
     steps, shift, scale = g("settings").tolist()
     sessions = g("vid_shape").shape[0]
@@ -78,17 +90,17 @@ def test_what_the_parity_checks_would_catch(tiny_3b):
     inputs = batch(cases, "batch")
     want = cases["batch.out"]
 
-    def relative_error(model_cfg, weights, time_after_text=True):
+    def relative_error(model_cfg, weights):
         model = MMDiT(model_cfg).eval()
         model.load_state_dict(weights, strict=True)
         with torch.no_grad():
-            out = release_output(model_cfg, model(release_inputs(model_cfg, inputs, time_after_text)),
+            out = release_output(model_cfg, model(release_inputs(model_cfg, inputs)),
                                  inputs.vid_shape)
         return check_close("batch", out, want, TOLERANCE)[1]
 
     weights = convert_dit(state, cfg)
     assert relative_error(cfg, weights) <= TOLERANCE
-    assert relative_error(cfg, weights, time_after_text=False) > 100 * TOLERANCE  # the 7B's time rule
+    assert relative_error(dataclasses.replace(cfg, rope_time="image_index"), weights) > 100 * TOLERANCE  # the 7B's
     unswapped = dict(weights, **{"t_embedder.mlp.0.weight": state["emb_in.proj_in.weight"]})  # [sin|cos] as is
     assert relative_error(cfg, unswapped) > 100 * TOLERANCE
     # the final layer's shift and scale from the last layer's MLP chunk instead of the attention chunk (what the
@@ -136,7 +148,7 @@ def test_unsupported_release_configs_are_named(tmp_path):
     for key, value, message in [("rope_type", "rope3d", "dit.model.rope_type: 'rope3d' is not supported"),
                                 ("mm_layers", 3, "dit.model.mm_layers: 3 is not supported"),
                                 ("vid_in_channels", 8, "dit.model.vid_in_channels: 8 is not supported"),
-                                ("rope_dim", 16, "dit.model.rope_dim: 16 is not supported")]:
+                                ("rope_dim", 64, "dit.model.rope_dim: 64 is not supported")]:
         changed = {**config, "dit": {"model": {**config["dit"]["model"], key: value}}}
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(changed))
@@ -147,10 +159,11 @@ def test_unsupported_release_configs_are_named(tmp_path):
         read_release_config(str(tmp_path / "other.yaml"))
 
 
-def test_the_3b_preset_has_the_release_shapes():
-    """The release 3B DiT's parameter count, computed from its shapes (the issue's figure, counted from the
-    release's modules on the meta device): 3,391,803,456 with its 64-prompt id table."""
-    assert release_parameter_count(load_config("3b").model) == 3_391_803_456
+@pytest.mark.parametrize("preset, count", [("3b", 3_391_803_456), ("7b", 7_310_132_784)])
+def test_the_presets_have_the_release_shapes(preset, count):
+    """The release DiTs' parameter counts, computed from their shapes (counted from the release's modules on the
+    meta device), with their 64-prompt id tables."""
+    assert release_parameter_count(load_config(preset).model) == count
 
 
 # ---------------------------------------------------------------------------------------------------------------

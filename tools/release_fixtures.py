@@ -5,6 +5,7 @@ Run it in a scratch environment, never inside vincie: it imports the release (By
 reproduce into --out:
 
     python tools/release_fixtures.py --release-src /scratch/VINCIE --out tests/data/release/3b-tiny
+    python tools/release_fixtures.py --release-src /scratch/VINCIE --variant 7b --out tests/data/release/7b-tiny
 
 Besides vincie's own requirements it needs `einops omegaconf beartype tabulate` (the release's imports). What it
 changes in the release, all here and nowhere else:
@@ -13,6 +14,11 @@ changes in the release, all here and nowhere else:
 - the attention's bf16 cast (`.bfloat16()` on q, k, v in NaMMAttention) is a no-op while the model runs, so that
   the fixtures are fp32 throughout;
 - `generate.get_device` gives the CPU (it gives CUDA);
+- the 7B variant runs the 7B's config (commit c6ee69b) through this checkout's modules: NaDiT, whose text-list
+  and MLP-projector paths and patch v2 the 7B uses; `fused_single` and `fused_mm_full` as `single` and `mm_full`,
+  the modules c6ee69b itself uses when its fused kernels (turbox) are absent; and `mmrope3d_v3` as this
+  checkout's mmrope3d with image time starting at 0 instead of after the text (c6ee69b's V3 rule). Its session
+  text is assembled by this checkout's generator, which c6ee69b's generate_7b.py repeats per text encoder;
 - modules the DiT never uses but its files import (`mediapy`, `torchvision.transforms`) are empty stand-ins.
 The release's session-text assembly (VINCIEGenerator.get_session_text_embedding) and its Euler sampler with
 classifier-free guidance run unchanged; the text encoder is replaced by random per-prompt features.
@@ -56,6 +62,17 @@ TINY_3B = {
     "qk_rope": True, "qk_norm": "fusedrms", "patch_size": [1, 2, 2], "num_layers": 3, "mm_layers": 1,
     "mlp_type": "swiglu", "block_type": "mmdit", "msa_type": "mm_full", "rope_type": "mmrope3d", "rope_dim": 32,
 }
+# A tiny model on the 7B code path (configs/generate_7b.yaml of commit c6ee69b): one text encoder through an MLP and
+# an RMSNorm, patch v2 at 1x1x1, RoPE over 30 of the 32 head dimensions with image time from 0 (mmrope3d_v3).
+TINY_7B = {
+    "vid_in_channels": 13, "vid_out_channels": 6, "vid_dim": 40, "vid_out_norm": "fusedrms", "txt_in_dim": [24],
+    "txt_in_norm": "fusedrms", "txt_dim": "${.vid_dim}", "emb_dim": "${eval:'6 * ${.vid_dim}'}", "heads": 2,
+    "head_dim": 32, "expand_ratio": 4, "norm": "fusedrms", "norm_eps": 1e-5, "ada": "fused_single", "qk_bias": False,
+    "qk_rope": True, "qk_norm": "fusedrms", "patch_size": [1, 1, 1], "num_layers": 3, "mm_layers": 1,
+    "mlp_type": "swiglu", "block_type": "mmdit", "msa_type": "fused_mm_full", "rope_type": "mmrope3d_v3",
+    "rope_dim": 30, "patch_type": "v2", "txt_proj_type": "mlp",
+}
+VARIANTS = {"3b": TINY_3B, "7b": TINY_7B}
 MAX_PROMPTS = 8
 SAMPLING = {"steps": 4, "shift": 3.0, "cfg_scale": 3.0}
 
@@ -129,6 +146,7 @@ class Release:
 
     def __init__(self, src: str, model: dict, seed: int):
         install_stand_ins()
+        self.text_list = isinstance(model["txt_in_dim"], list)  # the 7B passes text as a list (one per encoder)
         sys.path.insert(0, os.path.abspath(src))
         import generate
         from common.diffusion import (
@@ -148,8 +166,14 @@ class Release:
         self.create = (create_schedule_from_config, create_sampling_timesteps_from_config, create_sampler_from_config)
         torch.manual_seed(seed)
         args = {k: v for k, v in resolve(model).items() if k != "qk_rope"}
+        if args["rope_type"] == "mmrope3d_v3":
+            image_time_from_zero()
+            args["rope_type"] = "mmrope3d"
+        args["ada"] = {"fused_single": "single"}.get(args["ada"], args["ada"])
+        args["msa_type"] = {"fused_mm_full": "mm_full"}.get(args["msa_type"], args["msa_type"])
         self.dit = NaDiT(**args).eval()
-        self.dit.prompt_id_embedding = PromptEmbedding(MAX_PROMPTS, model["txt_in_dim"])
+        text_dim = model["txt_in_dim"][0] if self.text_list else model["txt_in_dim"]
+        self.dit.prompt_id_embedding = PromptEmbedding(MAX_PROMPTS, text_dim)
         with torch.no_grad():  # the release initialises gates and a few projections small: make every path count
             for p in self.dit.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
@@ -170,8 +194,12 @@ class Release:
             start += count
         return self.generator.get_session_text_embedding(outer, sessions)
 
+    def text(self, txt, txt_shape):
+        return ([txt], [txt_shape]) if self.text_list else (txt, txt_shape)
+
     @torch.no_grad()
     def forward(self, vid, vid_shape, txt, txt_shape, timestep):
+        txt, txt_shape = self.text(txt, txt_shape)
         with fp32_attention():
             return self.dit(vid=vid, txt=txt, vid_shape=vid_shape, txt_shape=txt_shape, timestep=timestep).vid_sample
 
@@ -185,6 +213,7 @@ class Release:
         sampler = self.create[2](OmegaConf.create({"type": "euler", "prediction_type": "v_lerp"}),
                                  schedule=schedule, timesteps=timesteps)
         batch = vid_shape.shape[0]
+        pos, neg = self.text(*pos), self.text(*neg)
         with fp32_attention():
             return sampler.sample(x=noise, f=lambda args: self.cfg_dispatch(
                 pos=lambda: self.dit(vid=torch.cat([args.x_t, cond], dim=-1), txt=pos[0], vid_shape=vid_shape,
@@ -192,6 +221,22 @@ class Release:
                 neg=lambda: self.dit(vid=torch.cat([args.x_t, cond], dim=-1), txt=neg[0], vid_shape=vid_shape,
                                      txt_shape=neg[1], timestep=args.t.repeat(batch)).vid_sample,
                 scale=scale))
+
+
+def image_time_from_zero() -> None:
+    """mmrope3d_v3 (c6ee69b): the 3B's rotary embedding with a session's image time starting at 0, not after its
+    text length (c6ee69b computes that with offsets [0, 0, 0]: the same angles)."""
+    from models.dit.rope import NaMMRotaryEmbedding3d
+
+    def get_freqs(self, vid_shape, txt_shape):
+        vid, txt = [], []
+        for (f, h, w), l in zip(vid_shape.tolist(), txt_shape[:, 0].tolist()):
+            axial = self.rope.get_axial_freqs(f, h, w)
+            vid.append(axial.reshape(-1, axial.size(-1)))
+            txt.append(self.get_axial_freqs(l).repeat(1, 3).reshape(-1, axial.size(-1)))
+        return torch.cat(vid), torch.cat(txt)
+
+    NaMMRotaryEmbedding3d.get_freqs = get_freqs
 
 
 def condition(latents: torch.Tensor, frames: int) -> torch.Tensor:
@@ -251,15 +296,17 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release-src", required=True, help="a checkout of ByteDance-Seed/VINCIE")
     parser.add_argument("--out", required=True, help="the fixture directory to write")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="3b", help="the release's code path")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float32)
-    model = TINY_3B
+    model = VARIANTS[args.variant]
     release = Release(args.release_src, model, args.seed)
-    cases = make_cases(release, model["vid_out_channels"], model["txt_in_dim"], args.seed + 1)
+    text_dim = model["txt_in_dim"][0] if isinstance(model["txt_in_dim"], list) else model["txt_in_dim"]
+    cases = make_cases(release, model["vid_out_channels"], text_dim, args.seed + 1)
     os.makedirs(args.out, exist_ok=True)
     config = {"dit": {"model": model},
-              "prompt_id_embedding": {"model": {"max_num_prompts": MAX_PROMPTS, "embedding_dim": model["txt_in_dim"]},
+              "prompt_id_embedding": {"model": {"max_num_prompts": MAX_PROMPTS, "embedding_dim": text_dim},
                                       "fusion_strategy": "seq_concat"},
               "diffusion": {"schedule": {"type": "lerp", "T": 1000.0},
                             "timesteps": {"sampling": {"type": "uniform_trailing", **SAMPLING}}}}

@@ -174,6 +174,10 @@ class ModelConfig:
     # head dimensions per RoPE axis (time, row, col): "time_first": rows and columns a third each (even), time the
     # rest; "thirds": each axis a third (even), the remainder not rotated (the release)
     rope_axes: Literal["time_first", "thirds"] = "time_first"
+    rope_dim: int = 0  # head dimensions RoPE covers (the rest pass unrotated); 0: all (the release's 7B: 120 of 128)
+    # the text features' projection: "linear", or "mlp_norm": Linear(D, D), GELU (tanh), Linear(D, hidden), RMSNorm
+    # with a weight (the release's 7B)
+    text_projector: Literal["linear", "mlp_norm"] = "linear"
     # a latent token's RoPE time: "offset": 4096 + the index of its image (vincie); "after_text": the image index +
     # the session's text length (the release's 3B); "image_index": the image index (the release's 7B)
     rope_time: Literal["offset", "after_text", "image_index"] = "offset"

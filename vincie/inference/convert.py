@@ -38,7 +38,8 @@ from vincie.config import Config, ModelConfig
 from vincie.errors import VincieError
 from vincie.model.mmdit import rope_axes
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_flops_wrap_module.")
+RELEASE_ROPE_TIME = {"mmrope3d": "after_text", "mmrope3d_v3": "image_index"}  # where image time starts
 NORMS = {"fusedrms", "rms"}
 
 
@@ -104,23 +105,36 @@ def model_config(release: dict) -> ModelConfig:
         if not ok:
             raise ConversionError(f"dit.model.{key}: {m.get(key)!r} is not supported; expected {expected}")
 
+    # the fused kernels (turbox) compute what the plain modules compute, and the release falls back to those
     need("block_type", m.get("block_type") == "mmdit", "mmdit")
-    need("msa_type", m.get("msa_type") in ("mm_full", None), "mm_full (full attention in the session)")
-    need("rope_type", m.get("rope_type") == "mmrope3d", "mmrope3d")
+    need("msa_type", m.get("msa_type") in ("mm_full", "fused_mm_full", None),
+         "mm_full or fused_mm_full (full attention in the session)")
+    need("rope_type", m.get("rope_type") in RELEASE_ROPE_TIME, "mmrope3d (3B) or mmrope3d_v3 (7B)")
     need("mlp_type", m.get("mlp_type") == "swiglu", "swiglu")
-    need("ada", m.get("ada") == "single", "single")
+    need("ada", m.get("ada") in ("single", "fused_single"), "single or fused_single")
     need("norm", m.get("norm") in NORMS, "an RMSNorm (fusedrms or rms)")
     need("qk_norm", m.get("qk_norm") in NORMS, "an RMSNorm (fusedrms or rms)")
     need("vid_out_norm", m.get("vid_out_norm") in NORMS, "an RMSNorm (fusedrms or rms)")
-    need("txt_in_dim", isinstance(m.get("txt_in_dim"), int), "one integer width (the 3B's linear projector)")
+    text_in = m.get("txt_in_dim")
+    if isinstance(text_in, list):  # the 7B: one text encoder through an MLP and an RMSNorm
+        need("txt_in_dim", len(text_in) == 1 and isinstance(text_in[0], int), "one width ([4096] for the 7B)")
+        need("txt_proj_type", m.get("txt_proj_type") == "mlp", "mlp with a list txt_in_dim")
+        need("txt_in_norm", m.get("txt_in_norm") in NORMS, "an RMSNorm (fusedrms or rms)")
+        text_dim, projector = text_in[0], "mlp_norm"
+    else:
+        need("txt_in_dim", isinstance(text_in, int), "one integer width (the 3B's linear projector) or [width]")
+        text_dim, projector = text_in, "linear"
     need("txt_dim", m.get("txt_dim") == m.get("vid_dim"), "equal to vid_dim")
     need("emb_dim", m.get("emb_dim") == 6 * m["vid_dim"], "6 x vid_dim")
     patch = m.get("patch_size")
     patch = [patch] * 3 if isinstance(patch, int) else list(patch)
     need("patch_size", patch[0] == 1 and patch[1] == patch[2], "[1, p, p]")
+    need("patch_type", m.get("patch_type", "v1") == "v1" or patch == [1, 1, 1], "v1, or v2 with patch [1, 1, 1]")
     need("vid_in_channels", m.get("vid_in_channels") == 2 * m["vid_out_channels"] + 1,
          "2 x vid_out_channels + 1 ([noisy, clean or 0, context flag])")
-    need("rope_dim", m.get("rope_dim", m["head_dim"] // 2) == m["head_dim"], "head_dim (each axis a third)")
+    rope_dim = m.get("rope_dim", m["head_dim"] // 2)
+    need("rope_dim", rope_dim <= m["head_dim"] and rope_dim % 2 == 0 and rope_dim // 3 >= 2,
+         "even and at most head_dim (each axis gets a third)")
     need("mm_layers", isinstance(m.get("mm_layers"), int) and 0 <= m["mm_layers"] < m["num_layers"],
          "an integer below num_layers (the last layer shares its weights)")
     prompts = release.get("prompt_id_embedding", {})
@@ -130,10 +144,12 @@ def model_config(release: dict) -> ModelConfig:
     return ModelConfig(
         hidden_size=m["vid_dim"], num_layers=m["num_layers"], dual_stream_layers=m["mm_layers"],
         num_heads=m["heads"], head_dim=m["head_dim"], mlp_ratio=float(m["expand_ratio"]), ffn_multiple=256,
-        patch_size=patch[1], latent_channels=m["vid_out_channels"], text_dim=m["txt_in_dim"],
+        patch_size=patch[1], latent_channels=m["vid_out_channels"], text_dim=text_dim,
         max_turns=prompts.get("model", {}).get("max_num_prompts", 64), rope_theta=10000.0,
         norm_eps=float(m["norm_eps"]), qkv_bias=bool(m.get("qk_bias", False)), mlp_bias=False, rope_axes="thirds",
-        conditioning="timestep", turn_token=True, input_layout="release", final_modulation="shared")
+        rope_dim=0 if rope_dim == m["head_dim"] else rope_dim, rope_time=RELEASE_ROPE_TIME[m["rope_type"]],
+        text_projector=projector, conditioning="timestep", turn_token=True, input_layout="release",
+        final_modulation="shared")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,11 +198,19 @@ def convert_dit(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         return state[key].float()
 
     out: dict[str, torch.Tensor] = {}
-    # patch in / out: the release's token values are (ph, pw, c), vincie's (c, ph, pw)
-    w = take("vid_in.proj.weight")
+    # patch in / out: the release's token values are (ph, pw, c), vincie's (c, ph, pw); its patch v2 (the 7B)
+    # names the projections img_proj
+    proj = "img_proj" if "vid_in.img_proj.weight" in state else "proj"
+    w = take(f"vid_in.{proj}.weight")
     out["patch_embed.weight"] = w.reshape(H, p, p, C_in).permute(0, 3, 1, 2).reshape(H, -1)
-    out["patch_embed.bias"] = take("vid_in.proj.bias")
-    out["text_proj.weight"], out["text_proj.bias"] = take("txt_in.weight"), take("txt_in.bias")
+    out["patch_embed.bias"] = take(f"vid_in.{proj}.bias")
+    if cfg.text_projector == "mlp_norm":  # the 7B: Sequential(Sequential(Linear, GELU, Linear), RMSNorm)
+        for ours, theirs in (("0", "0.0"), ("2", "0.2")):
+            out[f"text_proj.{ours}.weight"] = take(f"txt_in.0.{theirs}.weight")
+            out[f"text_proj.{ours}.bias"] = take(f"txt_in.0.{theirs}.bias")
+        out["text_proj.3.weight"] = take("txt_in.0.1.weight")
+    else:
+        out["text_proj.weight"], out["text_proj.bias"] = take("txt_in.weight"), take("txt_in.bias")
     out["turn_tokens.weight"] = take("prompt_id_embedding.embedding.weight")
     if out["turn_tokens.weight"].shape[0] != cfg.max_turns:
         raise ConversionError(f"prompt_id_embedding has {out['turn_tokens.weight'].shape[0]} prompts, the config "
@@ -221,16 +245,16 @@ def convert_dit(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
             out[f"{dst}.modulation"] = torch.stack(ada)
         freqs = take(f"blocks.{i}.attn.rope.rope.freqs")
         if expected_freqs is None:
-            pairs, denominator = rope_axes(D, "thirds")[0]
+            pairs, denominator = rope_axes(cfg.rope_dim or D, "thirds")[0]
             expected_freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, 2 * pairs, 2).float() / denominator)
         if freqs.shape != expected_freqs.shape or not torch.allclose(freqs, expected_freqs, rtol=1e-2):
             raise ConversionError(f"blocks.{i}.attn.rope.rope.freqs: not the RoPE frequencies of head width {D} "
                                   f"split in thirds (theta {cfg.rope_theta:g})")
     out["final.norm_weight"] = take("vid_out_norm.weight")
     out["final.modulation"] = torch.stack([take("vid_out_ada.out_shift"), take("vid_out_ada.out_scale") - 1])
-    w = take("vid_out.proj.weight")  # rows (ph, pw, c)
+    w = take(f"vid_out.{proj}.weight")  # rows (ph, pw, c)
     out["final.linear.weight"] = w.reshape(p, p, C, H).permute(2, 0, 1, 3).reshape(-1, H)
-    out["final.linear.bias"] = take("vid_out.proj.bias").reshape(p, p, C).permute(2, 0, 1).reshape(-1)
+    out["final.linear.bias"] = take(f"vid_out.{proj}.bias").reshape(p, p, C).permute(2, 0, 1).reshape(-1)
     left = sorted(set(state) - used)
     if left:
         raise ConversionError(f"{len(left)} release key(s) have no place in vincie's model, first: {left[0]}")

@@ -122,8 +122,10 @@ def embedder_flops(cfg: ModelConfig, work: Workload) -> int:
         latent_inputs = (2 * cfg.latent_channels + 1) * cfg.patch_size ** 2
     else:
         latent_inputs = patch * (2 if cfg.source != "none" else 1)
+    # the text projection: D -> H, or the release's 7B MLP D -> D -> H
+    text_mlp = 2 * work.text_tokens * cfg.text_dim * cfg.text_dim if cfg.text_projector == "mlp_norm" else 0
     return 2 * h * (work.text_tokens * cfg.text_dim + work.latent_tokens * latent_inputs
-                    + work.blocks * TIMESTEP_FREQUENCIES)
+                    + work.blocks * TIMESTEP_FREQUENCIES) + text_mlp
 
 
 def forward_flops(cfg: ModelConfig, work: Workload, dense_attention: bool = False) -> int:

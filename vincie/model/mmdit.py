@@ -367,7 +367,9 @@ class MMDiT(nn.Module):
             self.patch_embed = nn.Linear(latent_input_width(cfg), h)
             if cfg.source != "none":
                 self.source_embed = nn.Linear(self.patch_dim, h)
-            self.text_proj = nn.Linear(cfg.text_dim, h)
+            self.text_proj = nn.Linear(cfg.text_dim, h) if cfg.text_projector == "linear" else nn.Sequential(
+                nn.Linear(cfg.text_dim, cfg.text_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.text_dim, h),
+                nn.RMSNorm(h, eps=cfg.norm_eps))
             if cfg.turn_token:
                 self.turn_tokens = nn.Embedding(cfg.max_turns, cfg.text_dim)
                 nn.init.normal_(self.turn_tokens.weight, std=0.02)
@@ -457,7 +459,7 @@ class MMDiT(nn.Module):
         shared_mod = split(shared_full)  # [T', B, 6H]
         token_is_text = torch.gather(inputs.block_type == int(BlockType.TEXT), 1, spec.token_block).transpose(0, 1)
         token_is_text = split(token_is_text)  # [T', B]
-        angles = rope_angles(inputs.positions, head_dim(self.cfg), self.cfg.rope_theta,
+        angles = rope_angles(inputs.positions, self.cfg.rope_dim or head_dim(self.cfg), self.cfg.rope_theta,
                              self.cfg.rope_axes)[:, :, None, :]  # [T, B, 1, R]
         rope = (torch.cos(angles), torch.sin(angles))
         if cache is None:

@@ -12,7 +12,7 @@ Each row holds a session's latent tokens (its cells in p x p patches, channel-ma
 and then its text: per prompt a turn-token slot (the learned prompt-id vector, model.turn_token) and the prompt's
 features. Attention is full within the session. RoPE: a text token's position is its index in the session's text,
 on all three axes; a latent token's is (time, row, col) with time = frame + the session's text length (3B) or
-frame (7B) (`time_after_text`).
+frame (7B) (`model.rope_time`: after_text or image_index).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def session_slices(lengths: list[int]) -> list[slice]:
     return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
 
 
-def release_inputs(cfg: ModelConfig, batch: ReleaseBatch, time_after_text: bool = True) -> ModelInputs:
+def release_inputs(cfg: ModelConfig, batch: ReleaseBatch) -> ModelInputs:
     """The release's inputs -> ModelInputs, one session per row (rows padded to the longest)."""
     p = cfg.patch_size
     shapes = [tuple(int(x) for x in s) for s in batch.vid_shape.tolist()]
@@ -70,7 +70,7 @@ def release_inputs(cfg: ModelConfig, batch: ReleaseBatch, time_after_text: bool 
         tokens = patchify(grid, p)  # (F, h/p * w/p, C_in*p*p)
         gh, gw = h // p, w // p
         frame, row, col = torch.meshgrid(torch.arange(f), torch.arange(gh), torch.arange(gw), indexing="ij")
-        time = frame + (text_len if time_after_text else 0)
+        time = frame + (text_len if cfg.rope_time == "after_text" else 0)
         latent_pos = torch.stack([time, row, col], dim=-1).reshape(-1, 3)
         text_pos = torch.arange(text_len)[:, None].expand(-1, 3)
         latent_rows.append(tokens.reshape(-1, tokens.shape[-1]))
@@ -119,7 +119,7 @@ def release_output(cfg: ModelConfig, out: torch.Tensor, vid_shape: torch.Tensor)
 def release_sample(model, cfg: ModelConfig, noise: torch.Tensor, cond: torch.Tensor, vid_shape: torch.Tensor,
                    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                    negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor], steps: int, shift: float,
-                   cfg_scale: float, time_after_text: bool = True) -> torch.Tensor:
+                   cfg_scale: float) -> torch.Tensor:
     """The release's sampling: every latent cell of the session (context frames included) starts as noise and is
     integrated with Euler steps from t = 1 to 0 on shifted timesteps (the release's trailing timesteps and its
     final jump to the clean estimate are the same steps); `cond` (L, C+1) holds the clean context and its flag;
@@ -130,7 +130,7 @@ def release_sample(model, cfg: ModelConfig, noise: torch.Tensor, cond: torch.Ten
 
     def run(x: torch.Tensor, t: float, words) -> torch.Tensor:
         batch = ReleaseBatch(torch.cat([x, cond], dim=-1), vid_shape, *words, torch.full((B,), t * T_SCALE))
-        return release_output(cfg, model(release_inputs(cfg, batch, time_after_text)), vid_shape)
+        return release_output(cfg, model(release_inputs(cfg, batch)), vid_shape)
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         pos = run(x, t, text)
