@@ -260,9 +260,7 @@ class SessionEncoder:
                 continue
             x0 = elements[("image", block.source)]
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            context = block.source < turns
-            flag = torch.full((x0.shape[0], self.p * self.p), float(context), device=x0.device)
-            latents.append(torch.cat([noisy(x0, noise, t), x0 if context else torch.zeros_like(x0), flag], dim=1))
+            latents.append(release_tokens(noisy(x0, noise, t), x0 if block.source < turns else None, self.p))
             targets.append(velocity_target(x0, noise))
             weights.append(self.region_weights(session, block.source - 1, grid) if block.source > 0 else None)
         return self.sample_tokens(blocks, text, latents, targets, torch.full((len(blocks),), float(t)), grid,
@@ -278,13 +276,19 @@ class SessionEncoder:
         return dataclasses.replace(sample, targets=[None] * len(sample.targets))
 
 
+def release_tokens(x_t: torch.Tensor, context: torch.Tensor | None, p: int) -> torch.Tensor:
+    """model.input_layout release: tokens (n, C*p*p) at their noise level, and the clean latent of a context image
+    (None for the image being generated) -> (n, (2C + 1)*p*p): [x_t, clean or 0, context flag]."""
+    flag = torch.full((x_t.shape[0], p * p), float(context is not None), device=x_t.device, dtype=x_t.dtype)
+    return torch.cat([x_t, torch.zeros_like(x_t) if context is None else context, flag], dim=1)
+
+
 def layout_input(tokens: torch.Tensor, clean: bool, input_layout: str, p: int) -> torch.Tensor:
     """A latent block's tokens (n, C*p*p) -> its model input: as they are, or with model.input_layout release
     [x, x, 1] for a clean (context) block (its latent at t = 0 is itself) and [x_t, 0, 0] for a NOISY one."""
     if input_layout != "release":
         return tokens
-    flag = torch.full((tokens.shape[0], p * p), float(clean), device=tokens.device, dtype=tokens.dtype)
-    return torch.cat([tokens, tokens if clean else torch.zeros_like(tokens), flag], dim=1)
+    return release_tokens(tokens, tokens if clean else None, p)
 
 
 def with_turn_slots(texts: list[torch.Tensor], turn_token: bool) -> list[torch.Tensor]:
