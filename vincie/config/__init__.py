@@ -52,7 +52,8 @@ __all__ = [
     "add_config_arguments", "config_from_args", "from_dict", "load_config", "preset_dir", "read_yaml", "to_dict",
     "to_yaml", "BACKGROUNDS", "TE_INSTALL", "TRANSITIONS", "Config", "DataConfig", "DiffusionConfig", "IngestConfig",
     "K8sConfig", "LoRAConfig", "MetricsConfig", "ModelConfig", "ParallelConfig", "RunConfig", "SequenceConfig",
-    "StorageConfig", "SynthConfig", "TextEncoderConfig", "TrainConfig", "VAEConfig", "VLMConfig", "bucket_shapes", "ffn_hidden_size",
+    "StorageConfig", "SynthConfig", "TextEncoderConfig", "TrainConfig", "VAEConfig", "VLMConfig", "bucket_shapes",
+    "ffn_hidden_size",
     "fp8_alignment", "fp8_gemm_shapes", "have_transformer_engine", "head_dim", "check_model_parallel", "check_world",
     "validate", "validate_synth", "ConfigError",
 ]

@@ -328,7 +328,8 @@ class Editor:
         if self.cfg.sequence.mode != "release":
             target = Block(BlockType.IMAGE, Role.NOISY, 0, 1)
             context = Context().plus(Block(BlockType.IMAGE, Role.CLEAN, 0, 0), source)
-            context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), self.instruction_tokens([instruction], 0)[0])
+            instruction_tokens = self.instruction_tokens([instruction], 0)[0]
+            context = context.plus(Block(BlockType.TEXT, Role.CLEAN, 0, 0), instruction_tokens)
             batch = self.collate([self.sequence(context, target, x_t, t)])
             velocity = output_to_velocity(self.model(batch.inputs)[batch.target_select], batch.target_inputs,
                                           batch.target_t, self.cfg.diffusion.prediction)
@@ -357,7 +358,8 @@ class Editor:
 
     def run_model(self, inputs) -> torch.Tensor:
         """The model on fp32 inputs, in its own precision; fp32 out."""
-        inputs.text_tokens, inputs.latent_tokens = inputs.text_tokens.to(self.dtype), inputs.latent_tokens.to(self.dtype)
+        inputs.text_tokens = inputs.text_tokens.to(self.dtype)
+        inputs.latent_tokens = inputs.latent_tokens.to(self.dtype)
         return self.model(inputs.to(self.device)).float()
 
     @torch.no_grad()

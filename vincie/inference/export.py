@@ -35,7 +35,8 @@ from vincie.model.mmdit import MMDiT, count_parameters
 from vincie.model.model_dir import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, read_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SAMPLER_KEYS = ("prediction", "sample_steps", "sample_shift", "cfg_scale", "negative_prompt")  # diffusion.* that inference reads
+# diffusion.* that inference reads
+SAMPLER_KEYS = ("prediction", "sample_steps", "sample_shift", "cfg_scale", "negative_prompt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def model_card(config: dict) -> str:
     if "release_dit" in src:  # written by `vincie convert release`
         rows.append(("source", f"the released VINCIE DiT `{src['release_dit']}` (config `{src['release_config']}`), "
                                f"converted by `vincie convert release`, stored as {config['dtype']}"))
-        title, made_by = f"converted VINCIE release ({os.path.basename(src['release_dit'])})", "`vincie convert release`"
+        title = f"converted VINCIE release ({os.path.basename(src['release_dit'])})"
+        made_by = "`vincie convert release`"
     else:
         rows += [("weights", f"{src['weights']} weights of step {src['step']}, stored as {config['dtype']}"),
                  ("source", f"`{src['checkpoint']}` (trained with tensor parallel {src['parallel']['tensor']}, "

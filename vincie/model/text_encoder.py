@@ -78,7 +78,8 @@ class HFTextEncoder(nn.Module):
 
 
 def prompts(template: str, instructions: list[str], first_turn: int = 0) -> list[str]:
-    """Instructions of consecutive turns (from `first_turn`) -> the texts the encoder reads (text_encoder.prompt_template)."""
+    """Instructions of consecutive turns (from `first_turn`) -> the texts the encoder reads
+    (text_encoder.prompt_template)."""
     if not template:
         return list(instructions)
     return [template.format(instruction=text.strip().strip("."), turn=turn, next_turn=turn + 1)

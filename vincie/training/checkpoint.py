@@ -138,7 +138,8 @@ def model_dir_weights(model_dir: str, cfg) -> dict[str, torch.Tensor]:
                               f"{tuple(shape)}")
     left = sorted(set(weights) - set(expected))
     if left:
-        raise VincieError(f"train.init_from {model_dir}: {len(left)} weight(s) the model does not have, first: {left[0]}")
+        raise VincieError(f"train.init_from {model_dir}: {len(left)} weight(s) the model does not have, first: "
+                          f"{left[0]}")
     return {name: tensor.float() for name, tensor in weights.items()}
 
 
