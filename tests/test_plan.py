@@ -46,11 +46,11 @@ def test_3b_on_256_h100_recommends_a_layout_the_config_accepts():
 
 def test_the_3b_preset_plans_the_papers_data_shape():
     """The preset's sessions as the planner sees them, counted by hand: 256 x 256 in the 9:16 bucket is 192 x 336
-    pixels, 12 x 21 = 252 tokens per image (8x VAE, patch 2); 6 turns of 32 text tokens, each after its turn token,
-    and the release's sequence of 7 images fit in 16384 tokens."""
+    pixels, 12 x 21 = 252 tokens per image (8x VAE, patch 2); 6 turns of 150 text tokens (the encoder's limit),
+    each after its turn token, and the release's sequence of 7 images fit in 16384 tokens."""
     cfg = load_config("3b")
     sample, turns = sample_workload(cfg)
-    assert turns == 6 and sample.text_tokens == 6 * 33
+    assert turns == 6 and sample.text_tokens == 6 * 151
     assert sample.latent_tokens == 7 * 252 and sample.blocks == 7 + 6
 
 

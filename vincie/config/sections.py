@@ -198,10 +198,15 @@ class ModelConfig:
 
 @dataclass
 class TextEncoderConfig:
-    kind: Literal["hashed_words", "hf"] = "hashed_words"  # built-in learned word embeddings, or a HF model
-    path: str = ""  # local directory of a `transformers` model (kind: hf); never downloaded
+    # built-in learned word embeddings; a `transformers` encoder (AutoModel); the release's encoders: "t5" a T5
+    # encoder (the 7B's flan-ul2), "causal_lm" a causal LM's last hidden states (the 3B's Qwen-14B-derived llm14b)
+    kind: Literal["hashed_words", "hf", "t5", "causal_lm"] = "hashed_words"
+    path: str = ""  # local directory of a `transformers` model (kinds hf, t5, causal_lm); never downloaded
+    # run Python code shipped in that directory (the 3B's llm14b has its own modeling and tokenizer code): only for
+    # a directory you trust
+    trust_remote_code: bool = False
     vocab_size: int = 4096  # hashed_words: hash buckets
-    max_tokens: int = 32  # per instruction, turn token included
+    max_tokens: int = 32  # per instruction: hashed_words' start token included; a release's turn token comes on top
     # how an instruction becomes the encoder's text: "" as written; else a format string with {instruction}
     # (stripped of surrounding spaces and periods), {turn} and {next_turn}, e.g. the release's
     # "Based on <IMG{turn}>, {instruction}. Output <IMG{next_turn}>: "

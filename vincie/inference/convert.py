@@ -352,7 +352,8 @@ def convert_release(dit: str, release_config: str, base: Config, out_dir: str | 
         cfg_scale=float(guidance.get("scale", cfg.diffusion.cfg_scale))))
     if cfg.text_encoder.kind == "hashed_words":
         raise ConversionError("text_encoder.kind is hashed_words: the release's DiT reads a text encoder's features "
-                              "(set text_encoder.kind=hf text_encoder.path=DIR)")
+                              "(set text_encoder.kind and text_encoder.path: causal_lm for the 3B's llm14b, t5 for "
+                              "the 7B's flan-ul2)")
     validate(cfg)
     source = {"release_dit": os.path.abspath(dit), "release_config": os.path.abspath(release_config)}
     return write_model_dir(cfg, {f"dit.{k}": v for k, v in weights.items()}, count_parameters(model), source,

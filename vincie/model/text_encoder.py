@@ -4,6 +4,14 @@
   stable across runs and machines), a start token, and a learned embedding table trained with the model.
 - `hf`: a `transformers` encoder loaded from a local directory (never from a hub), frozen; its last hidden
   state is the text feature. The model's `text_proj` maps either width to the hidden size.
+- the released VINCIE's encoders, frozen, from local directories, tokenized as the release tokenizes:
+  `t5` (the 7B's flan-ul2): a T5 encoder's last hidden states over the tokens its tokenizer gives, the closing
+  </s> included, at most text_encoder.max_tokens (150); `causal_lm` (the 3B's llm14b): a causal LM's decoder
+  (`.transformer`, as the 14B's own code names it, else `.model`), its last hidden states over the text and an
+  end-of-document token "<|endoftext|>" written after it (over the last token when the text fills max_tokens).
+  The release pads every text to max_tokens and masks the padding; both encoders' outputs at the real tokens do
+  not depend on it (masked attention; a causal LM's tokens never see later ones), so vincie pads a batch only to
+  its longest text.
 """
 
 from __future__ import annotations
@@ -40,37 +48,63 @@ class HashedWordEncoder(nn.Module):
         return [self.embed(torch.tensor(self.tokenize(t), device=device)) for t in texts]
 
 
+END_OF_DOCUMENT = "<|endoftext|>"  # the 3B's llm14b: its end-of-document token, also its padding
+
+
 class HFTextEncoder(nn.Module):
-    """A frozen `transformers` encoder from a local directory. Its weights are not part of vincie's
-    checkpoints (they are referenced by path)."""
+    """A frozen `transformers` text model from a local directory (kinds hf, t5, causal_lm). Its weights are not
+    part of vincie's checkpoints (they are referenced by path)."""
     trainable = False
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         try:
-            from transformers import AutoModel, AutoTokenizer
+            import transformers
         except ImportError:
-            raise VincieError("text_encoder.kind 'hf' needs the transformers package "
+            raise VincieError(f"text_encoder.kind '{cfg.kind}' needs the transformers package "
                               "(pip install transformers)") from None
+        model_class = {"hf": transformers.AutoModel, "t5": transformers.T5EncoderModel,
+                       "causal_lm": transformers.AutoModelForCausalLM}[cfg.kind]
+        remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+        tokenizer_options = {"use_fast": False, "padding_side": "right", "truncation_side": "right",
+                             "add_eod_token": True} if cfg.kind == "causal_lm" else {}  # as the release loads llm14b
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
-            model = AutoModel.from_pretrained(cfg.path, local_files_only=True)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.path, local_files_only=True,
+                                                                        **tokenizer_options, **remote)
+            model = model_class.from_pretrained(cfg.path, local_files_only=True, **remote)
         except (OSError, ValueError) as exc:
+            hint = "" if cfg.trust_remote_code else "; a model with its own code needs text_encoder.trust_remote_code"
             raise VincieError(f"text_encoder.path {cfg.path}: not a loadable transformers model directory "
-                              f"({str(exc).splitlines()[0]})") from None
-        self.max_tokens = cfg.max_tokens
+                              f"({str(exc).splitlines()[0]}{hint})") from None
+        self.kind, self.max_tokens = cfg.kind, cfg.max_tokens
+        if cfg.kind == "causal_lm":
+            self.tokenizer.add_special_tokens({"pad_token": END_OF_DOCUMENT})
+            model = getattr(model, "transformer", None) or model.model  # the decoder, without the LM head
         model.requires_grad_(False).eval()
         object.__setattr__(self, "model", model)  # kept out of the state dict and out of .parameters()
-        self.dim = model.config.hidden_size
+        self.dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[torch.Tensor]:
         device = next(self.model.parameters()).device
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt").to(device)
-        hidden = self.model(**batch).last_hidden_state  # (N, L, D)
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        return [hidden[i, :n].float() for i, n in enumerate(lengths)]
+                               return_tensors="pt")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.kind == "causal_lm":  # the end-of-document token after each text (over its last token when full)
+            lengths = mask.sum(dim=1)
+            if int(lengths.max()) < self.max_tokens:
+                ids, mask = nn.functional.pad(ids, (0, 1)), nn.functional.pad(mask, (0, 1))
+            where = lengths.clamp(max=ids.shape[1] - 1)
+            rows = torch.arange(len(texts))
+            ids[rows, where] = self.tokenizer.pad_token_id
+            mask[rows, where] = 1
+            hidden = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        elif self.kind == "t5":
+            hidden = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        else:
+            hidden = self.model(**{k: v.to(device) for k, v in batch.items()})
+        hidden = hidden.last_hidden_state  # (N, L, D)
+        return [hidden[i, :n].float() for i, n in enumerate(mask.sum(dim=1).tolist())]
 
     def to(self, *args, **kwargs):
         self.model.to(*args, **kwargs)

@@ -28,9 +28,9 @@ def vae_id(cfg: Config) -> str:
 def text_encoder_id(cfg: Config) -> str | None:
     """None for a trainable encoder (never precomputed)."""
     t = cfg.text_encoder
-    if t.kind != "hf":
+    if t.kind == "hashed_words":
         return None
-    return f"hf/{t.path}/{t.max_tokens}" + (f"/template={t.prompt_template}" if t.prompt_template else "")
+    return f"{t.kind}/{t.path}/{t.max_tokens}" + (f"/template={t.prompt_template}" if t.prompt_template else "")
 
 
 def latents_bytes(latents: dict[str, torch.Tensor], vae: str, shape: tuple[int, int]) -> bytes:
