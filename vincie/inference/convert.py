@@ -19,7 +19,8 @@ Every release tensor has one place in vincie's model; where the layouts differ t
     blocks.i.attn.rope.rope.freqs (a buffer)        checked against vincie's RoPE frequencies, not stored
 
 `.pth` files are read with `torch.load(weights_only=True)` (tensors and containers only, no code), wrapper prefixes
-(`module.`, `_orig_mod.`) are stripped, and every key must be used: a key left over or missing is an error naming it.
+(`module.`, `_orig_mod.`, `_flops_wrap_module.`) are stripped, and every key must be used: a key left over or
+missing is an error naming it.
 """
 
 from __future__ import annotations
