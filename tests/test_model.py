@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vincie.config import load_config
+from vincie.config import latent_input_width, load_config
 from vincie.model.batch import collate, patchify, unpatchify
-from vincie.model.mmdit import PointwiseHead, build_on_meta, count_parameters, latent_input_width
+from vincie.model.mmdit import PointwiseHead, build_on_meta, count_parameters
 from vincie.model.sequence import BlockType, Role
 from vincie.model.vae import SpaceToDepthVAE
 from vincie.training.parallel import init_distributed

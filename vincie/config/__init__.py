@@ -45,6 +45,7 @@ from vincie.config.sections import (
                                 fp8_gemm_shapes,
                                 have_transformer_engine,
                                 head_dim,
+                                latent_input_width,
 )
 from vincie.errors import ConfigError
 
@@ -53,7 +54,6 @@ __all__ = [
     "to_yaml", "BACKGROUNDS", "TE_INSTALL", "TRANSITIONS", "Config", "DataConfig", "DiffusionConfig", "IngestConfig",
     "K8sConfig", "LoRAConfig", "MetricsConfig", "ModelConfig", "ParallelConfig", "RunConfig", "SequenceConfig",
     "StorageConfig", "SynthConfig", "TextEncoderConfig", "TrainConfig", "VAEConfig", "VLMConfig", "bucket_shapes",
-    "ffn_hidden_size",
-    "fp8_alignment", "fp8_gemm_shapes", "have_transformer_engine", "head_dim", "check_model_parallel", "check_world",
-    "validate", "validate_synth", "ConfigError",
+    "ffn_hidden_size", "fp8_alignment", "fp8_gemm_shapes", "have_transformer_engine", "head_dim", "latent_input_width",
+    "check_model_parallel", "check_world", "validate", "validate_synth", "ConfigError",
 ]

@@ -18,6 +18,7 @@ from vincie.config.sections import (
     fp8_alignment,
     fp8_gemm_shapes,
     have_transformer_engine,
+    head_dim,
 )
 from vincie.errors import ConfigError
 from vincie.gpus import CARDS
@@ -155,7 +156,7 @@ def validate(cfg: Config) -> None:
         require((m.hidden_size // m.num_heads) % 8 == 0, "model.num_heads",
                 f"must leave a head dimension divisible by 8 (3D RoPE), got {m.hidden_size // m.num_heads}")
     require(m.ffn_multiple >= 1, "model.ffn_multiple", f"must be >= 1, got {m.ffn_multiple}")
-    width = m.head_dim or m.hidden_size // m.num_heads
+    width = head_dim(m)
     require(0 <= m.rope_dim <= width and m.rope_dim % 2 == 0, "model.rope_dim",
             f"must be even and at most the head width ({width}), 0 for all of it, got {m.rope_dim}")
     lora = cfg.train.lora

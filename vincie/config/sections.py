@@ -424,6 +424,13 @@ def head_dim(m: ModelConfig) -> int:
     return m.head_dim or m.hidden_size // m.num_heads
 
 
+def latent_input_width(m: ModelConfig) -> int:
+    """Values per latent token at the model's input: C*p*p, or (2C + 1)*p*p with the release's layout (the clean
+    latent and the context flag per cell)."""
+    cells = m.patch_size ** 2
+    return (2 * m.latent_channels + 1) * cells if m.input_layout == "release" else m.latent_channels * cells
+
+
 TE_INSTALL = "pip install --no-build-isolation 'transformer_engine[pytorch]' (on a CUDA machine)"
 
 

@@ -107,6 +107,7 @@ def denoising_probe(editor, sessions: list[Session], seed: int = 0) -> dict:
     from vincie.model.diffusion import noisy
 
     def x0_estimate(source: torch.Tensor, instruction: str, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        # a fresh generator per call: both instructions see the same noise on the source (release mode noises it)
         return editor.x0_estimate(source, instruction, x_t, t, torch.Generator().manual_seed(seed))
 
     generator = torch.Generator().manual_seed(seed)

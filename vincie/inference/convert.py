@@ -35,7 +35,7 @@ import re
 import torch
 import yaml
 
-from vincie.config import Config, ModelConfig
+from vincie.config import Config, ModelConfig, head_dim
 from vincie.errors import VincieError
 from vincie.model.mmdit import rope_axes
 
@@ -186,7 +186,7 @@ def sin_cos_to_cos_sin(weight: torch.Tensor) -> torch.Tensor:
 def convert_dit(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Release DiT state dict -> vincie MMDiT state dict (fp32). Every key is used once; every vincie parameter is
     given once."""
-    H, p, C, D = cfg.hidden_size, cfg.patch_size, cfg.latent_channels, cfg.head_dim or cfg.hidden_size // cfg.num_heads
+    H, p, C, D = cfg.hidden_size, cfg.patch_size, cfg.latent_channels, head_dim(cfg)
     heads, C_in = cfg.num_heads, 2 * cfg.latent_channels + 1
     used: set[str] = set()
 
@@ -262,14 +262,7 @@ def convert_dit(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     return out
 
 
-def release_parameter_count(cfg: ModelConfig) -> int:
-    """Parameters of the release DiT with these shapes (its prompt-id table included, RoPE buffers not)."""
-    from vincie.model.mmdit import build_on_meta, count_parameters
-
-    return count_parameters(build_on_meta(cfg))
-
-
-def check_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> tuple[float, float, bool]:
+def check_close(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> tuple[float, float, bool]:
     """-> (max absolute error, relative error = max abs error / max |want|, within tolerance)."""
     error = (got.float() - want.float()).abs().max().item()
     relative = error / max(want.float().abs().max().item(), math.ulp(1.0))
@@ -317,7 +310,7 @@ def check_fixture(model: torch.nn.Module, cfg: ModelConfig, fixture_dir: str,
                 want = g["latents"]
             else:
                 raise ConversionError(f"{path}: case {case} has neither an 'out' nor a 'latents' tensor")
-        results.append((case, *check_close(case, got, want, tolerance)))
+        results.append((case, *check_close(got, want, tolerance)))
     return results
 
 

@@ -27,7 +27,7 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from vincie.config import Config, from_dict, head_dim, validate
+from vincie.config import Config, from_dict, head_dim, latent_input_width, validate
 from vincie.errors import VincieError
 from vincie.inference.kv_cache import BlockKV, KVCache
 from vincie.model.batch import (
@@ -44,7 +44,6 @@ from vincie.model.batch import (
     with_turn_slots,
 )
 from vincie.model.diffusion import euler_sample, output_to_velocity
-from vincie.model.mmdit import latent_input_width
 from vincie.model.model_dir import is_export, read_config
 from vincie.model.sequence import Block, BlockType, Role
 

@@ -32,7 +32,7 @@ from vincie import storage
 from vincie.config import Config, ConfigError, from_dict, preset_dir, read_yaml, to_dict, validate
 from vincie.errors import VincieError
 from vincie.model.mmdit import MMDiT, count_parameters
-from vincie.model.model_dir import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, read_config
+from vincie.model.model_dir import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, check_weights, read_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # diffusion.* that inference reads
@@ -51,21 +51,9 @@ def build_model(cfg: Config, weights: dict[str, torch.Tensor], device: torch.dev
     with torch.device("meta"):
         model = MMDiT(cfg.model)
     text_encoder = build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
-    expected = {f"dit.{n}": p.shape for n, p in model.named_parameters()}
-    trainable_text = getattr(text_encoder, "trainable", False)
-    if trainable_text:
-        expected |= {f"text_encoder.{n}": p.shape for n, p in text_encoder.named_parameters()}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise VincieError(f"{source}: weights do not fit the model config (missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]})")
-    for name, shape in expected.items():
-        if tuple(weights[name].shape) != tuple(shape):
-            raise VincieError(f"{source}: weight {name} has shape {tuple(weights[name].shape)}, the model config "
-                              f"expects {tuple(shape)}")
+    check_weights(model, text_encoder, weights, source)
     model.load_state_dict({n[4:]: t for n, t in weights.items() if n.startswith("dit.")}, assign=True)
-    if trainable_text:
+    if getattr(text_encoder, "trainable", False):
         text_encoder.load_state_dict({n[13:]: t for n, t in weights.items() if n.startswith("text_encoder.")})
     return model.float().to(device).eval(), text_encoder.float().to(device).eval()
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vincie.config import ModelConfig, ffn_hidden_size, head_dim
+from vincie.config import ModelConfig, ffn_hidden_size, head_dim, latent_input_width
 from vincie.model.sequence import BlockType, Layout
 
 TIMESTEP_FREQUENCIES = 256  # vincie.model.mmdit.TimestepEmbedder's sinusoidal features
@@ -116,12 +116,9 @@ def attention_flops_per_pair(cfg: ModelConfig) -> int:
 def embedder_flops(cfg: ModelConfig, work: Workload) -> int:
     """Forward FLOPs of the embedders that read data (no input gradient in the backward)."""
     h, patch = cfg.hidden_size, cfg.latent_channels * cfg.patch_size ** 2
-    # a latent token's input values: the noisy tokens, and the source image's (model.source); the release's layout:
-    # noisy, clean and a context flag per cell
-    if cfg.input_layout == "release":
-        latent_inputs = (2 * cfg.latent_channels + 1) * cfg.patch_size ** 2
-    else:
-        latent_inputs = patch * (2 if cfg.source != "none" else 1)
+    # a latent token's input values (the release's layout: noisy, clean and a context flag per cell), and the
+    # source image's (model.source)
+    latent_inputs = latent_input_width(cfg) + (patch if cfg.source != "none" else 0)
     # the text projection: D -> H, or the release's 7B MLP D -> D -> H
     text_mlp = 2 * work.text_tokens * cfg.text_dim * cfg.text_dim if cfg.text_projector == "mlp_norm" else 0
     return 2 * h * (work.text_tokens * cfg.text_dim + work.latent_tokens * latent_inputs

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vincie.config import ModelConfig, ffn_hidden_size, head_dim
+from vincie.config import ModelConfig, ffn_hidden_size, head_dim, latent_input_width
 from vincie.model.attention import MaskSpec, attend, dense_mask, prepare_mask
 from vincie.model.sequence import BlockType
 
@@ -492,13 +492,6 @@ class MMDiT(nn.Module):
             is_image = (token_type[inputs.latent_index] == int(BlockType.IMAGE))[:, None]
             out = out + torch.where(is_image, inputs.latent_source, 0.0).to(out.dtype)
         return out
-
-
-def latent_input_width(cfg: ModelConfig) -> int:
-    """Values per latent token at the model's input: C*p*p, or (2C + 1)*p*p with the release's layout (the clean
-    latent and the context flag per cell)."""
-    cells = cfg.patch_size ** 2
-    return (2 * cfg.latent_channels + 1) * cells if cfg.input_layout == "release" else cfg.latent_channels * cells
 
 
 def count_parameters(model: nn.Module) -> int:

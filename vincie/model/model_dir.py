@@ -2,14 +2,17 @@
 
     DIR/model.safetensors   every parameter, whole, by training name     DIR/config.json   the inference config
 
-Here: its names and how its config is read (JSON only), low enough for training to start from one
-(train.init_from) as well as inference to load one.
+Here: its names, how its config is read (JSON only) and how its weights are checked against a model, low enough
+for training to start from one (train.init_from) as well as inference to load one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+
+import torch
+import torch.nn as nn
 
 from vincie.config import Config, ConfigError, from_dict, validate
 from vincie.errors import VincieError
@@ -46,3 +49,20 @@ def read_config(path: str) -> tuple[Config, dict]:
     except ConfigError as exc:
         raise VincieError(f"{file}: {exc}") from None
     return cfg, raw
+
+
+def check_weights(model: nn.Module, text_encoder: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Training-named weights against the MMDiT `model` (the meta device is enough) and the text encoder (its
+    parameters are weights only when it is trainable): every parameter given with its shape, nothing left over."""
+    expected = {f"dit.{n}": p.shape for n, p in model.named_parameters()}
+    if getattr(text_encoder, "trainable", False):
+        expected |= {f"text_encoder.{n}": p.shape for n, p in text_encoder.named_parameters()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise VincieError(f"{source}: weights do not fit the model config (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]})")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            raise VincieError(f"{source}: weight {name} has shape {tuple(weights[name].shape)}, the model config "
+                              f"expects {tuple(shape)}")

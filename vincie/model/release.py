@@ -17,6 +17,7 @@ frame (7B) (`model.rope_time`: after_text or image_index).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ T_SCALE = 1000.0  # the release's timesteps run over [0, T]; vincie's over [0, 1
 
 @dataclass
 class ReleaseBatch:
-    vid: torch.Tensor  # (L, 2C+1), or (L, C) noisy latents where `cond` holds the rest
+    vid: torch.Tensor  # (L, 2C+1): per latent cell [noisy, clean or 0, context flag]
     vid_shape: torch.Tensor  # (B, 3) int
     text: torch.Tensor  # (N, D)
     text_lengths: torch.Tensor  # (P,) int
@@ -48,17 +49,31 @@ def session_slices(lengths: list[int]) -> list[slice]:
     return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
 
 
+def latent_tokens(cfg: ModelConfig, vid: torch.Tensor, vid_shape: torch.Tensor) -> torch.Tensor:
+    """Per latent cell (L, C_in), sessions one after another -> the rows' latent tokens (N_lat, C_in*p*p), in the
+    order of ModelInputs.latent_index (session after session, each frame by frame in p x p patches)."""
+    shapes = vid_shape.tolist()
+    tokens = [patchify(vid[cells].reshape(f, h, w, -1).permute(0, 3, 1, 2), cfg.patch_size)  # (F, n, C_in*p*p)
+              for (f, h, w), cells in zip(shapes, session_slices([f * h * w for f, h, w in shapes]))]
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in tokens])
+
+
+def block_t(timestep: torch.Tensor) -> torch.Tensor:
+    """(B,) release timesteps in [0, 1000] -> ModelInputs.block_t (B, 3): the session's latent and text blocks at
+    its timestep, padding at 0."""
+    t = timestep.float() / T_SCALE
+    return torch.stack([t, t, torch.zeros_like(t)], dim=1)
+
+
 def release_inputs(cfg: ModelConfig, batch: ReleaseBatch) -> ModelInputs:
     """The release's inputs -> ModelInputs, one session per row (rows padded to the longest)."""
     p = cfg.patch_size
     shapes = [tuple(int(x) for x in s) for s in batch.vid_shape.tolist()]
-    cells = session_slices([f * h * w for f, h, w in shapes])
-    prompt_lengths = batch.text_lengths.tolist()
     prompt_rows = session_slices([int(n) for n in batch.prompts.tolist()])
-    word_rows = session_slices(prompt_lengths)
+    word_rows = session_slices(batch.text_lengths.tolist())
     B = len(shapes)
 
-    latent_rows, text_rows, turn_rows, pos_rows = [], [], [], []
+    text_rows, turn_rows, pos_rows, latent_counts = [], [], [], []
     for b, (f, h, w) in enumerate(shapes):
         text, turns = [], []
         for turn, k in enumerate(range(prompt_rows[b].start, prompt_rows[b].stop)):
@@ -66,14 +81,12 @@ def release_inputs(cfg: ModelConfig, batch: ReleaseBatch) -> ModelInputs:
             text += [words.new_zeros(1, words.shape[1]), words]
             turns += [turn] + [-1] * words.shape[0]
         text_len = len(turns)
-        grid = batch.vid[cells[b]].reshape(f, h, w, -1).permute(0, 3, 1, 2)  # (F, C_in, h, w)
-        tokens = patchify(grid, p)  # (F, h/p * w/p, C_in*p*p)
         gh, gw = h // p, w // p
         frame, row, col = torch.meshgrid(torch.arange(f), torch.arange(gh), torch.arange(gw), indexing="ij")
         time = frame + (text_len if cfg.rope_time == "after_text" else 0)
         latent_pos = torch.stack([time, row, col], dim=-1).reshape(-1, 3)
         text_pos = torch.arange(text_len)[:, None].expand(-1, 3)
-        latent_rows.append(tokens.reshape(-1, tokens.shape[-1]))
+        latent_counts.append(f * gh * gw)
         text_rows.append(torch.cat(text))
         turn_rows.append(torch.tensor(turns))
         pos_rows.append(torch.cat([latent_pos, text_pos]))
@@ -84,18 +97,17 @@ def release_inputs(cfg: ModelConfig, batch: ReleaseBatch) -> ModelInputs:
     token_sample = -1 - torch.arange(T).repeat(B, 1)
     positions = torch.zeros(T, B, 3, dtype=torch.int64)
     latent_index, text_index = [], []
-    for b in range(B):
-        n_lat, n_all = latent_rows[b].shape[0], pos_rows[b].shape[0]
+    for b, n_lat in enumerate(latent_counts):
+        n_all = pos_rows[b].shape[0]
         token_block[b, :n_lat], token_block[b, n_lat:n_all] = 0, 1
         token_sample[b, :n_all] = 0
         positions[:n_all, b] = pos_rows[b]
         latent_index.append(torch.arange(n_lat) * B + b)
         text_index.append(torch.arange(n_lat, n_all) * B + b)
-    t = batch.timestep.float() / T_SCALE
     return ModelInputs(
-        text_tokens=torch.cat(text_rows), latent_tokens=torch.cat(latent_rows),
+        text_tokens=torch.cat(text_rows), latent_tokens=latent_tokens(cfg, batch.vid, batch.vid_shape),
         text_index=torch.cat(text_index), latent_index=torch.cat(latent_index), positions=positions,
-        block_t=torch.stack([t, t, torch.zeros_like(t)], dim=1),
+        block_t=block_t(batch.timestep),
         block_type=torch.tensor([int(BlockType.IMAGE), int(BlockType.TEXT), int(BlockType.IMAGE)]).repeat(B, 1),
         block_turn=torch.zeros(B, 3, dtype=torch.int64),
         mask=MaskSpec(token_block, token_sample, torch.zeros(B, 3, dtype=torch.bool), full_attention=True),
@@ -127,16 +139,16 @@ def release_sample(model, cfg: ModelConfig, noise: torch.Tensor, cond: torch.Ten
     and prompts per session, one prompt each) and returns neg + scale (pos - neg). `text`: (features, lengths,
     prompts). -> (L, C) latents; the release keeps each session's last frame."""
     B = vid_shape.shape[0]
-
-    def run(x: torch.Tensor, t: float, words) -> torch.Tensor:
-        batch = ReleaseBatch(torch.cat([x, cond], dim=-1), vid_shape, *words, torch.full((B,), t * T_SCALE))
-        return release_output(cfg, model(release_inputs(cfg, batch)), vid_shape)
+    # the sequence of each text is laid out once; a step changes only the noisy latents and the timestep
+    layouts = [release_inputs(cfg, ReleaseBatch(torch.cat([noise, cond], dim=-1), vid_shape, *words,
+                                                torch.zeros(B)))
+               for words in ([text] if cfg_scale == 1.0 else [text, negative])]
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-        pos = run(x, t, text)
-        if cfg_scale == 1.0:
-            return pos
-        neg = run(x, t, negative)
-        return neg + cfg_scale * (pos - neg)
+        tokens = latent_tokens(cfg, torch.cat([x, cond], dim=-1), vid_shape)
+        times = block_t(torch.full((B,), t * T_SCALE))
+        pos, *neg = [release_output(cfg, model(dataclasses.replace(inputs, latent_tokens=tokens, block_t=times)),
+                                    vid_shape) for inputs in layouts]
+        return pos if not neg else neg[0] + cfg_scale * (pos - neg[0])
 
     return euler_sample(velocity, noise, steps, shift)

@@ -82,7 +82,7 @@ class HFTextEncoder(nn.Module):
             model = getattr(model, "transformer", None) or model.model  # the decoder, without the LM head
         model.requires_grad_(False).eval()
         object.__setattr__(self, "model", model)  # kept out of the state dict and out of .parameters()
-        self.dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+        self.dim = model.config.hidden_size
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[torch.Tensor]:

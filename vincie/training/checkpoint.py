@@ -106,17 +106,17 @@ def load_weights(path: str, use_ema: bool) -> dict[str, torch.Tensor]:
 RUNTIME_MODEL_FIELDS = ("spec", "fp8", "fp8_recipe", "attention_backend")
 
 
-def model_dir_weights(model_dir: str, cfg) -> dict[str, torch.Tensor]:
+def model_dir_weights(model_dir: str, cfg, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
     """train.init_from: a model directory's weights (training names, fp32), after checking that its model is this
-    config's (every field but RUNTIME_MODEL_FIELDS) and that it holds every parameter with its full shape."""
+    config's (every field but RUNTIME_MODEL_FIELDS) and that it holds every parameter (of the whole model and of the
+    run's `text_encoder` when trainable) with its full shape."""
     from dataclasses import asdict
 
     from safetensors.torch import load_file
 
     from vincie.errors import VincieError
     from vincie.model.mmdit import build_on_meta
-    from vincie.model.model_dir import WEIGHTS, read_config
-    from vincie.model.text_encoder import build_text_encoder
+    from vincie.model.model_dir import WEIGHTS, check_weights, read_config
 
     theirs, _ = read_config(model_dir)
     ours, other = asdict(cfg.model), asdict(theirs.model)
@@ -125,21 +125,8 @@ def model_dir_weights(model_dir: str, cfg) -> dict[str, torch.Tensor]:
         raise VincieError(f"train.init_from {model_dir}: its model.{differ[0]} is {other[differ[0]]!r}, this config's "
                           f"is {ours[differ[0]]!r} ({len(differ)} model field(s) differ; the model section must "
                           "equal the model directory's config.json)")
-    expected = {f"dit.{n}": p.shape for n, p in build_on_meta(cfg.model).named_parameters()}
-    text_encoder = build_text_encoder(cfg.text_encoder, cfg.model.text_dim)
-    if getattr(text_encoder, "trainable", False):
-        expected |= {f"text_encoder.{n}": p.shape for n, p in text_encoder.named_parameters()}
     weights = load_file(os.path.join(model_dir, WEIGHTS))
-    for name, shape in expected.items():
-        if name not in weights:
-            raise VincieError(f"train.init_from {model_dir}: {WEIGHTS} has no {name}")
-        if tuple(weights[name].shape) != tuple(shape):
-            raise VincieError(f"train.init_from {model_dir}: {name} is {tuple(weights[name].shape)}, the model needs "
-                              f"{tuple(shape)}")
-    left = sorted(set(weights) - set(expected))
-    if left:
-        raise VincieError(f"train.init_from {model_dir}: {len(left)} weight(s) the model does not have, first: "
-                          f"{left[0]}")
+    check_weights(build_on_meta(cfg.model), text_encoder, weights, f"train.init_from {model_dir}")
     return {name: tensor.float() for name, tensor in weights.items()}
 
 

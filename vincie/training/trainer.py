@@ -193,7 +193,7 @@ class Trainer:
     def init_from(self, model_dir: str) -> None:
         """A model directory's full weights -> this rank's parameters (its pipeline stage's, tensor-parallel ones
         cut to its slice) and the EMA."""
-        weights = checkpoint.model_dir_weights(model_dir, self.cfg)
+        weights = checkpoint.model_dir_weights(model_dir, self.cfg, self.text_encoder)
         tp_rank, tp = self.tensor_parallel_rank()
         for chunk in self.chunks:
             for name, param in chunk.named_parameters():
