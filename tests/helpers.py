@@ -108,3 +108,23 @@ def plan_first_row(report: str, cfg, card, gpus: int, gpus_per_node: int = 8, ef
     r = estimate(cfg, Layout(*map(int, row[:5])), card, sample, parameter_split(cfg), gpus_per_node, efficiency)
     step = r.step_s if r.total_gib <= card.memory_gib else r.step_recompute_s
     return row, cfg.train.batch_size * training_flops(cfg.model, sample) / gpus / step
+
+
+def overfit_losses(trainer, steps: int) -> list[float]:
+    """`steps` optimizer steps on the same batch (the loader rewound each time: the same sessions, noise and
+    timesteps) -> the loss before each step."""
+    from vincie.data.order import SamplerState
+    from vincie.training.loss import flow_loss_sums
+
+    cfg, losses = trainer.cfg, []
+    for _ in range(steps):
+        trainer.loader.seek(SamplerState())
+        batch = trainer.make_batch()
+        total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights,
+                                  cfg.diffusion.prediction)
+        loss = total / batch.target.shape[0]
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from vincie.config import load_config
 from vincie.errors import VincieError
-from vincie.inference.convert import (ConversionError, check_close, convert_dit, load_release_weights, model_config,
-                                      read_release_config, release_parameter_count)
-from vincie.model.mmdit import MMDiT
-from vincie.model.release import ReleaseBatch, release_inputs, release_output, release_sample
+from vincie.inference.convert import (ConversionError, check_fixture, convert_dit, load_release_weights, model_config,
+                                      read_release_config)
+from vincie.model.mmdit import MMDiT, build_on_meta, count_parameters
+from vincie.model.release import ReleaseBatch, release_inputs, release_output
 
 from conftest import REPO
 
@@ -30,18 +30,14 @@ FIXTURES = os.path.join(REPO, "tests", "data", "release")
 TOLERANCE = 1e-4  # relative: max |error| / max |release output|, fp32
 
 
-def fixture(name: str):
+def converted_fixture(name: str):
+    """-> (fixture directory, ModelConfig, release state dict, the converted MMDiT)."""
     root = os.path.join(FIXTURES, name)
     cfg = model_config(read_release_config(os.path.join(root, "config.yaml")))
     state = load_release_weights(os.path.join(root, "dit.pth"))
-    return root, cfg, state, load_file(os.path.join(root, "cases.safetensors"))
-
-
-def converted_fixture(name: str):
-    root, cfg, state, cases = fixture(name)
     model = MMDiT(cfg).eval()
     model.load_state_dict(convert_dit(state, cfg), strict=True)
-    return cfg, state, cases, model
+    return root, cfg, state, model
 
 
 @pytest.fixture(scope="module")
@@ -49,73 +45,44 @@ def tiny_3b():
     return converted_fixture("3b-tiny")
 
 
-@pytest.fixture(scope="module", params=["3b-tiny", "7b-tiny"])
-def tiny_release(request):
-    """Each fixture: the 3B's code path, and the 7B's (text MLP + norm, patch v2, RoPE on 30 of 32 dims, image
-    time from 0, attention 64 wide on a 40-wide model)."""
-    return converted_fixture(request.param)
-
-
-def batch(cases: dict, case: str) -> ReleaseBatch:
-    return ReleaseBatch(*(cases[f"{case}.{k}"] for k in ("vid", "vid_shape", "text", "text_lengths", "prompts",
-                                                         "timestep")))
-
-
-@pytest.mark.parametrize("case", ["single", "batch", "negative"])
-def test_the_converted_dit_gives_the_release_outputs(tiny_release, case):
-    cfg, _, cases, model = tiny_release
-    inputs = batch(cases, case)
-    with torch.no_grad():
-        out = release_output(cfg, model(release_inputs(cfg, inputs)), inputs.vid_shape)
-    error, relative, ok = check_close(case, out, cases[f"{case}.out"], TOLERANCE)
-    assert ok, (case, error, relative)
-
-
-def test_guided_sampling_gives_the_release_latents(tiny_release):
-    cfg, _, cases, model = tiny_release
-    g = lambda k: cases[f"sampling.{k}"]  # noqa: E731
-    steps, shift, scale = g("settings").tolist()
-    sessions = g("vid_shape").shape[0]
-    latents = release_sample(model, cfg, g("noise"), g("cond"), g("vid_shape"),
-                             (g("text"), g("text_lengths"), g("prompts")),
-                             (g("neg_text"), g("neg_text_lengths"), torch.ones(sessions, dtype=torch.int64)),
-                             int(steps), shift, scale)
-    error, relative, ok = check_close("sampling", latents, g("latents"), TOLERANCE)
-    assert ok, (error, relative)
+@pytest.mark.parametrize("name", ["3b-tiny", "7b-tiny"])
+def test_the_converted_dit_gives_the_release_outputs(name):
+    """Every case of each fixture (the 3B's code path, and the 7B's: text MLP + norm, patch v2, RoPE on 30 of 32
+    dims, image time from 0, attention 64 wide on a 40-wide model): the DiT on one session, a batch of two sessions
+    of different sizes and the negative prompt, and 4 steps of guided sampling."""
+    root, cfg, _, model = converted_fixture(name)
+    results = check_fixture(model, cfg, root, TOLERANCE)
+    assert [case for case, *_ in results] == ["batch", "negative", "sampling", "single"]
+    assert all(ok for *_, ok in results), results
 
 
 def test_what_the_parity_checks_would_catch(tiny_3b):
     """The comparison is not vacuous: each of these departures from the release fails it."""
-    cfg, state, cases, _ = tiny_3b
-    inputs = batch(cases, "batch")
-    want = cases["batch.out"]
+    root, cfg, state, _ = tiny_3b
+    H = cfg.hidden_size
 
-    def relative_error(model_cfg, weights):
+    def relative_error(model_cfg, weights, final_chunk=None):
+        """The largest relative error over the fixture's cases; `final_chunk`: the final layer reads the shared
+        modulation's chunk starting there instead of the attention chunk."""
         model = MMDiT(model_cfg).eval()
         model.load_state_dict(weights, strict=True)
-        with torch.no_grad():
-            out = release_output(model_cfg, model(release_inputs(model_cfg, inputs)),
-                                 inputs.vid_shape)
-        return check_close("batch", out, want, TOLERANCE)[1]
+        if final_chunk is not None:
+            forward = model.final.forward
+            model.final.forward = lambda h, cond, shared: forward(h, cond, shared.roll(-final_chunk, dims=-1))
+        return max(relative for _, _, relative, _ in check_fixture(model, model_cfg, root, TOLERANCE))
 
     weights = convert_dit(state, cfg)
     assert relative_error(cfg, weights) <= TOLERANCE
     assert relative_error(dataclasses.replace(cfg, rope_time="image_index"), weights) > 100 * TOLERANCE  # the 7B's
     unswapped = dict(weights, **{"t_embedder.mlp.0.weight": state["emb_in.proj_in.weight"]})  # [sin|cos] as is
     assert relative_error(cfg, unswapped) > 100 * TOLERANCE
-    # the final layer's shift and scale from the last layer's MLP chunk instead of the attention chunk (what the
-    # release's cache-key collision decides)
-    shifted = dict(weights)
-    H = cfg.hidden_size
-    shifted["adaln.weight"] = torch.cat([weights["adaln.weight"][3 * H:5 * H], weights["adaln.weight"][2 * H:3 * H],
-                                         weights["adaln.weight"][:2 * H], weights["adaln.weight"][5 * H:]])
-    shifted["adaln.bias"] = torch.cat([weights["adaln.bias"][3 * H:5 * H], weights["adaln.bias"][2 * H:3 * H],
-                                       weights["adaln.bias"][:2 * H], weights["adaln.bias"][5 * H:]])
-    assert relative_error(cfg, shifted) > 100 * TOLERANCE
+    # the output norm's shift and scale from the MLP chunk, not the attention chunk the release's cache-key
+    # collision hands it
+    assert relative_error(cfg, weights, final_chunk=3 * H) > 100 * TOLERANCE
 
 
 def test_every_release_key_is_accounted_for(tiny_3b, tmp_path):
-    cfg, state, _, _ = tiny_3b
+    _, cfg, state, _ = tiny_3b
     missing = {k: v for k, v in state.items() if k != "blocks.1.mlp.all.proj_in.weight"}
     with pytest.raises(ConversionError, match=r"^the release weights have no blocks\.1\.mlp\.all\.proj_in\.weight$"):
         convert_dit(missing, cfg)
@@ -163,7 +130,7 @@ def test_unsupported_release_configs_are_named(tmp_path):
 def test_the_presets_have_the_release_shapes(preset, count):
     """The release DiTs' parameter counts, computed from their shapes (counted from the release's modules on the
     meta device), with their 64-prompt id tables."""
-    assert release_parameter_count(load_config(preset).model) == count
+    assert count_parameters(build_on_meta(load_config(preset).model)) == count
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +197,7 @@ def test_a_release_mode_training_batch_is_what_the_release_dit_reads(release_tra
     flags = batch.inputs.latent_tokens[:, 2 * C * p * p:]
     assert set(flags.unique().tolist()) == {0.0, 1.0}
     release = as_release_batch(cfg, batch)
-    model = trainer.model.eval() if hasattr(trainer.model, "eval") else trainer.model
+    model = trainer.model.eval()
     with torch.no_grad():
         ours = model(batch.inputs)
         theirs = release_output(cfg.model, model(release_inputs(cfg.model, release)), release.vid_shape)
@@ -240,22 +207,10 @@ def test_a_release_mode_training_batch_is_what_the_release_dit_reads(release_tra
 
 
 def test_release_mode_trains(release_trainer):
-    from vincie.data.order import SamplerState
-    from vincie.training.loss import flow_loss_sums
+    from helpers import overfit_losses
 
-    trainer, cfg = release_trainer, release_trainer.cfg
-    trainer.model.train()
-    losses = []
-    for _ in range(40):
-        trainer.loader.seek(SamplerState())  # the same sessions, noise and timesteps every step
-        batch = trainer.make_batch()
-        total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights,
-                                  cfg.diffusion.prediction)
-        loss = total / batch.target.shape[0]
-        trainer.optimizer.zero_grad()
-        loss.backward()
-        trainer.optimizer.step()
-        losses.append(loss.item())
+    release_trainer.model.train()
+    losses = overfit_losses(release_trainer, 40)
     assert losses[-1] < losses[0] / 4, (losses[0], losses[-1])
 
 
@@ -321,11 +276,8 @@ def test_convert_release_writes_a_model_directory_that_loads_as_the_release(conv
     cfg, model, vae, _ = load_model(str(out), torch.device("cpu"))
     assert cfg.sequence.mode == "release" and cfg.model.input_layout == "release" and vae.channels == 4
     assert (cfg.diffusion.sample_steps, cfg.diffusion.sample_shift) == (4, 3.0)  # the release config's sampler
-    cases = load_file(os.path.join(FIXTURES, "3b-tiny", "cases.safetensors"))
-    inputs = batch(cases, "batch")
-    with torch.no_grad():
-        out_tensor = release_output(cfg.model, model(release_inputs(cfg.model, inputs)), inputs.vid_shape)
-    assert check_close("batch", out_tensor, cases["batch.out"], TOLERANCE)[2]
+    results = check_fixture(model, cfg.model, os.path.join(FIXTURES, "3b-tiny"), TOLERANCE)  # the loaded model
+    assert len(results) == 4 and all(ok for *_, ok in results), results
     assert "converted by `vincie convert release`" in (out / "README.md").read_text()
 
 

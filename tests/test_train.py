@@ -26,7 +26,7 @@ from vincie.training.train import train
 from vincie.training.trainer import Trainer, zero_terms
 
 from conftest import REPO, run_vincie
-from helpers import MICRO_OVERRIDES, make_data, write_config
+from helpers import MICRO_OVERRIDES, make_data, overfit_losses, write_config
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +44,7 @@ def test_overfits_one_batch(tmp_path, data):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "run", data["train"]),
                       ["train.lr=0.005", "train.warmup_steps=1", "train.steps=1000", "train.batch_size=2",
                        "data.max_turns=1", "data.workers=0"])
-    trainer = Trainer(cfg, init_distributed())
-    losses = []
-    for _ in range(100):
-        trainer.loader.seek(SamplerState())  # the same sessions, noise and timesteps every step
-        batch = trainer.make_batch()
-        total, _ = flow_loss_sums(trainer.model(batch.inputs), batch, cfg.diffusion.loss_weights,
-                                  cfg.diffusion.prediction)
-        loss = total / batch.target.shape[0]
-        trainer.optimizer.zero_grad()
-        loss.backward()
-        trainer.optimizer.step()
-        losses.append(loss.item())
+    losses = overfit_losses(Trainer(cfg, init_distributed()), 100)
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
