@@ -116,16 +116,18 @@ def test_lora_adapters_split_like_the_rest(tmp_path, lora_adapters, layout):
     assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
 
 
-def test_init_from_a_model_directory_at_tensor_parallel_two(tmp_path, two_layers):
-    """train.init_from: a model directory's whole weights, cut to this rank's TP slices: the same loss and gradients
-    as the run resumed from the checkpoint the directory was exported from."""
+@pytest.mark.parametrize("layout", [pytest.param(["parallel.tensor=2"], id="tp2"),
+                                    pytest.param(["parallel.pipeline=2"], id="pp2", marks=pytest.mark.slow)])
+def test_init_from_a_model_directory_in_a_parallel_layout(tmp_path, two_layers, layout):
+    """train.init_from: a model directory's whole weights, cut to this rank's TP slices or pipeline stage: the same
+    loss and gradients as the run resumed from the checkpoint the directory was exported from."""
     config, overrides, one = two_layers
     model_dir = tmp_path / "model"
     exported = run_vincie("export", "--checkpoint", os.path.join(os.path.dirname(config), "run"), "--out",
                           str(model_dir), "--weights", "raw", env=SHIM_ENV)
     assert exported.returncode == 0, exported.stderr
     fresh = [f"run.out_dir={tmp_path / 'fresh'}", f"train.init_from={model_dir}"]
-    torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *fresh, "parallel.tensor=2")
+    torchrun(2, config, str(tmp_path / "two.pt"), "grads", *overrides, *fresh, *layout)
     assert_same_loss_and_gradients(one, torch.load(tmp_path / "two.pt"))
 
 
