@@ -133,8 +133,14 @@ def fp32_attention():
         torch.Tensor.bfloat16 = cast
 
 
+def text_width(model: dict) -> int:
+    """The text encoder's width: txt_in_dim, an int (3B) or a list of one (7B)."""
+    return model["txt_in_dim"][0] if isinstance(model["txt_in_dim"], list) else model["txt_in_dim"]
+
+
 def resolve(model: dict) -> dict:
-    """The two interpolations the release's configs use: ${.key} and ${eval:'6 * ${.key}'}."""
+    """The config's model with txt_dim and emb_dim as numbers (the release's configs write them as ${.vid_dim} and
+    ${eval:'6 * ${.vid_dim}'})."""
     out = dict(model)
     out["txt_dim"] = model["vid_dim"]
     out["emb_dim"] = 6 * model["vid_dim"]
@@ -172,8 +178,7 @@ class Release:
         args["ada"] = {"fused_single": "single"}.get(args["ada"], args["ada"])
         args["msa_type"] = {"fused_mm_full": "mm_full"}.get(args["msa_type"], args["msa_type"])
         self.dit = NaDiT(**args).eval()
-        text_dim = model["txt_in_dim"][0] if self.text_list else model["txt_in_dim"]
-        self.dit.prompt_id_embedding = PromptEmbedding(MAX_PROMPTS, text_dim)
+        self.dit.prompt_id_embedding = PromptEmbedding(MAX_PROMPTS, text_width(model))
         with torch.no_grad():  # the release initialises gates and a few projections small: make every path count
             for p in self.dit.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
@@ -302,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_default_dtype(torch.float32)
     model = VARIANTS[args.variant]
     release = Release(args.release_src, model, args.seed)
-    text_dim = model["txt_in_dim"][0] if isinstance(model["txt_in_dim"], list) else model["txt_in_dim"]
+    text_dim = text_width(model)
     cases = make_cases(release, model["vid_out_channels"], text_dim, args.seed + 1)
     os.makedirs(args.out, exist_ok=True)
     config = {"dit": {"model": model},
