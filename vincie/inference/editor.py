@@ -37,6 +37,7 @@ from vincie.model.batch import (
     edit_conditioning,
     image_to_tensor,
     layout_input,
+    release_tokens,
     patchify,
     sample_layout,
     tensor_to_image,
@@ -344,9 +345,8 @@ class Editor:
             return unpatchify(tokens[None].float(), self.p, C, (gh, gw))[0].permute(1, 2, 0).reshape(-1, C)
 
         src, xt = cells(source), cells(x_t)
-        ones, zeros = torch.ones_like(src[:, :1]), torch.zeros_like(src)
-        context = torch.cat([noisy(src, torch.randn(src.shape, generator=generator).to(src.device), t), src, ones], 1)
-        vid = torch.cat([context, torch.cat([xt, zeros, zeros[:, :1]], 1)])
+        noisy_src = noisy(src, torch.randn(src.shape, generator=generator).to(src.device), t)
+        vid = torch.cat([release_tokens(noisy_src, src, 1), release_tokens(xt, None, 1)])  # per cell: p = 1
         text = self.encode_texts(prompts(self.cfg.text_encoder.prompt_template, [instruction]))[0].float()
         h, w = gh * self.p, gw * self.p
         batch = ReleaseBatch(vid, torch.tensor([[2, h, w]]), text, torch.tensor([len(text)]), torch.tensor([1]),
