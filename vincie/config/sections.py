@@ -215,9 +215,13 @@ class TextEncoderConfig:
 
 @dataclass
 class VAEConfig:
-    kind: Literal["space_to_depth", "diffusers"] = "space_to_depth"  # built-in pixel-space latent, or AutoencoderKL
-    path: str = ""  # local directory of a `diffusers` AutoencoderKL (kind: diffusers)
-    # pixels per latent cell along each side: space_to_depth's cell; for diffusers the AutoencoderKL's downsampling
+    # the built-in pixel-space latent, a diffusers AutoencoderKL, or a released VINCIE VAE converted by
+    # `vincie convert release --vae` (docs/release.md)
+    kind: Literal["space_to_depth", "diffusers", "release"] = "space_to_depth"
+    # local directory of the AutoencoderKL (diffusers) or of the converted VAE (release); in a model directory's
+    # config.json a relative path is relative to that directory
+    path: str = ""
+    # pixels per latent cell along each side: space_to_depth's cell; for the others the VAE's downsampling
     # (2^(down blocks - 1)), checked when it loads. Buckets and `vincie plan` need it before any VAE is loaded.
     factor: int = 4
 

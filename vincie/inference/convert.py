@@ -1,5 +1,5 @@
 """`vincie convert release`: the released VINCIE DiT (its `.pth` and YAML config) -> vincie's MM-DiT with the release
-options (docs/release.md).
+options, and its VAE -> vincie's ReleaseVAE (docs/release.md).
 
 Every release tensor has one place in vincie's model; where the layouts differ the converter permutes:
 
@@ -18,6 +18,12 @@ Every release tensor has one place in vincie's model; where the layouts differ t
     prompt_id_embedding.embedding                   turn_tokens
     blocks.i.attn.rope.rope.freqs (a buffer)        checked against vincie's RoPE frequencies, not stored
 
+With `--vae`, the release's causal 3D VAE becomes its single-image 2D network (vincie.model.release_vae): each 3D
+kernel is the sum of its temporal taps; an upsampler's first convolution keeps the rows of its first frame,
+reordered from (x y z c) (3B) or (z x y c) (7B) to pixel shuffle's (c x y); names move from the release's blocks
+(down_blocks.i.downsamplers.0 / downsampler, mid_block.attentions.0, final_block) to vincie's (blocks.i.resample,
+mid_block.attention, the last of blocks).
+
 `.pth` files are read with `torch.load(weights_only=True)` (tensors and containers only, no code), wrapper prefixes
 (`module.`, `_orig_mod.`, `_flops_wrap_module.`) are stripped, and every key must be used: a key left over or
 missing is an error naming it.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 import operator
 import os
@@ -262,6 +269,91 @@ def convert_dit(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The release's VAEs (vincie.model.release_vae): 3D causal weights -> their single-image 2D equivalents
+
+# the release's name -> vincie's, applied in order (the 3B's names first, then the 7B's; diffusers' deprecated
+# attention names, which the release's loader renames, are accepted too)
+VAE_RENAMES = (
+    (r"\.downsamplers\.0\.|\.downsampler\.", ".resample."), (r"\.upsamplers\.0\.|\.upsampler\.", ".resample."),
+    (r"(coder)\.(down|up)_blocks\.", r"\1.blocks."), (r"\.attentions\.0\.", ".attention."),
+    (r"\.attention\.query\.", ".attention.to_q."), (r"\.attention\.key\.", ".attention.to_k."),
+    (r"\.attention\.value\.", ".attention.to_v."), (r"\.attention\.proj_attn\.", ".attention.to_out.0."),
+)
+
+
+def vae_spec(state: dict[str, torch.Tensor], scale: float, shift: float):
+    """The release VAE's architecture, read from its weights' names and shapes."""
+    from vincie.model.release_vae import ReleaseVAESpec
+
+    def side(name: str) -> tuple[tuple[int, ...], int]:
+        """(channels per block, resnets per block) of the encoder or decoder, in vincie's names."""
+        blocks = sorted({int(m.group(1)) for k in state if (m := re.match(rf"{name}\.blocks\.(\d+)\.", k))})
+        if not blocks or blocks != list(range(len(blocks))):
+            raise ConversionError(f"VAE weights: no {name} blocks numbered from 0 (is this the release's vae.pth?)")
+        channels = tuple(state[f"{name}.blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in blocks)
+        layers = len({k.split(".")[4] for k in state if k.startswith(f"{name}.blocks.0.resnets.")})
+        return channels, layers
+
+    if "encoder.mid_block.attention.to_q.weight" in state:
+        layout = "mid_attention"
+    elif any(k.startswith("encoder.final_block.") for k in state):
+        layout = "final_block"
+    else:
+        raise ConversionError("VAE weights: neither the 3B's (encoder.mid_block.attentions) nor the 7B's "
+                              "(encoder.final_block) layout")
+    if layout == "final_block":  # the 7B's final blocks are vincie's last (non-resampling) block
+        for name in ("encoder", "decoder"):
+            last = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(f"{name}.blocks."))
+            state = {k.replace(f"{name}.final_block.", f"{name}.blocks.{last}."): v for k, v in state.items()}
+    encoder, encoder_layers = side("encoder")
+    decoder, decoder_layers = side("decoder")
+    latent = state["decoder.conv_in.weight"].shape[1]
+    return ReleaseVAESpec(layout, encoder, decoder, encoder_layers, decoder_layers, latent, scale, shift), state
+
+
+def upscale_rows(weight: torch.Tensor, channels: int, layout: str) -> torch.Tensor:
+    """An upsampler's first convolution, rows (x y z c) (3B) or (z x y c) (7B), x/y the output's row/column
+    offset and z its frame -> the rows of frame 0 only (one image), ordered (c x y) as pixel shuffle reads them."""
+    frames = weight.shape[0] // (4 * channels)
+    rest = weight.shape[1:]
+    if layout == "mid_attention":
+        rows = weight.reshape(2, 2, frames, channels, *rest)[:, :, 0]
+    else:
+        rows = weight.reshape(frames, 2, 2, channels, *rest)[0]
+    return rows.movedim(2, 0).reshape(4 * channels, *rest)
+
+
+def convert_vae(state: dict[str, torch.Tensor], scale: float, shift: float = 0.0):
+    """Release VAE state dict (3D causal) -> (ReleaseVAESpec, vincie ReleaseVAE state dict). A 3D kernel becomes
+    the sum of its temporal taps; every key is used, every parameter given."""
+    from vincie.model.release_vae import ReleaseVAE
+
+    renamed = {}
+    for key, value in state.items():
+        name = key
+        for pattern, replacement in VAE_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        renamed[name] = value.float()
+    spec, renamed = vae_spec(renamed, scale, shift)
+    expected = ReleaseVAE(spec).state_dict()
+    missing, left = sorted(set(expected) - set(renamed)), sorted(set(renamed) - set(expected))
+    if left:
+        raise ConversionError(f"{len(left)} release VAE key(s) have no place in vincie's VAE, first: {left[0]}")
+    if missing:
+        raise ConversionError(f"the release VAE lacks {len(missing)} tensor(s) vincie's needs, first: {missing[0]}")
+    out = {}
+    for name, given in renamed.items():
+        value = given.sum(dim=2) if given.dim() == 5 else given  # one frame, replicated over the causal taps
+        if ".resample.upscale_conv." in name:
+            value = upscale_rows(value, expected[name].shape[0] // 4, spec.layout)
+        if value.shape != expected[name].shape:
+            raise ConversionError(f"release VAE {name}: shape {tuple(given.shape)} reduces to {tuple(value.shape)}, "
+                                  f"vincie's VAE expects {tuple(expected[name].shape)}")
+        out[name] = value
+    return spec, out
+
+
 def check_close(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> tuple[float, float, bool]:
     """-> (max absolute error, relative error = max abs error / max |want|, within tolerance)."""
     error = (got.float() - want.float()).abs().max().item()
@@ -314,13 +406,38 @@ def check_fixture(model: torch.nn.Module, cfg: ModelConfig, fixture_dir: str,
     return results
 
 
+def vae_scaling(release: dict, path: str) -> tuple[float, float]:
+    """The release config's vae.scaling_factor and vae.shifting_factor (0 when absent)."""
+    vae = release.get("vae") or {}
+    scale, shift = vae.get("scaling_factor"), vae.get("shifting_factor", 0.0)
+    if not isinstance(scale, (int, float)) or not isinstance(shift, (int, float)):
+        raise ConversionError(f"{path}: vae.scaling_factor (and vae.shifting_factor, if given) must be numbers to "
+                              f"convert the VAE, got {scale!r} and {shift!r}")
+    return float(scale), float(shift)
+
+
+def check_vae_fixture(vae: torch.nn.Module, fixture_dir: str,
+                      tolerance: float = 1e-4) -> list[tuple[str, float, float, bool]]:
+    """The converted VAE against a fixture's vae_cases.safetensors: `images` (N, 3, H, W) -> `latents`
+    (N, C, H / f, W / f) (encode), `latents` -> `decoded` (N, 3, H, W) (decode)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(fixture_dir, "vae_cases.safetensors")
+    try:
+        cases = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
+        raise ConversionError(f"{path}: cannot read the fixture's VAE cases ({str(exc).splitlines()[0]})") from None
+    return [("vae.encode", *check_close(vae.encode(cases["images"]), cases["latents"], tolerance)),
+            ("vae.decode", *check_close(vae.decode(cases["latents"]), cases["decoded"], tolerance))]
+
+
 def convert_release(dit: str, release_config: str, base: Config, out_dir: str | None = None,
                     check: str | None = None, dtype: str = "fp32", tolerance: float = 1e-4,
-                    overwrite: bool = False) -> tuple[dict | None, list]:
-    """The release's DiT `.pth` and YAML -> vincie's weights, checked against `check` (a fixture directory) when
-    given, written as a model directory to `out_dir` when given. `base`: the run config whose text encoder, VAE,
-    resolution and sampler the model directory keeps (its model section and sequence mode are the release's).
-    -> (config.json content or None, check results)."""
+                    overwrite: bool = False, vae: str | None = None) -> tuple[dict | None, list]:
+    """The release's DiT `.pth` (and VAE `.pth`, when given) and YAML -> vincie's weights, checked against `check`
+    (a fixture directory) when given, written as a model directory to `out_dir` when given. `base`: the run config
+    whose text encoder, VAE (unless `vae` is given), resolution and sampler the model directory keeps (its model
+    section and sequence mode are the release's). -> (config.json content or None, check results)."""
     from vincie.config import validate
     from vincie.inference.export import DTYPES, check_out_dir, write_model_dir
     from vincie.model.mmdit import MMDiT, count_parameters
@@ -335,9 +452,23 @@ def convert_release(dit: str, release_config: str, base: Config, out_dir: str | 
     model = MMDiT(model_cfg).eval()
     model.load_state_dict(weights, strict=True)
     results = check_fixture(model, model_cfg, check, tolerance) if check else []
+    cfg = dataclasses.replace(base, model=model_cfg, sequence=dataclasses.replace(base.sequence, mode="release"))
+    write_vae = None
+    if vae is not None:
+        from vincie.model.release_vae import ReleaseVAE, save_release_vae
+
+        spec, vae_weights = convert_vae(load_release_weights(vae), *vae_scaling(release, release_config))
+        if spec.latent_channels != model_cfg.latent_channels:
+            raise ConversionError(f"--vae {vae}: {spec.latent_channels} latent channels, the DiT of "
+                                  f"{release_config} reads {model_cfg.latent_channels}")
+        converted = ReleaseVAE(spec).eval()
+        converted.load_state_dict(vae_weights, strict=True)
+        results += check_vae_fixture(converted, check, tolerance) if check else []
+        cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, kind="release", path=os.path.abspath(vae),
+                                                               factor=spec.factor))
+        write_vae = functools.partial(save_release_vae, spec, vae_weights)
     if out_dir is None:
         return None, results
-    cfg = dataclasses.replace(base, model=model_cfg, sequence=dataclasses.replace(base.sequence, mode="release"))
     sampling = release.get("diffusion", {}).get("timesteps", {}).get("sampling", {})
     guidance = release.get("diffusion", {}).get("cfg", {})
     cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
@@ -350,5 +481,7 @@ def convert_release(dit: str, release_config: str, base: Config, out_dir: str | 
                               "the 7B's flan-ul2)")
     validate(cfg)
     source = {"release_dit": os.path.abspath(dit), "release_config": os.path.abspath(release_config)}
+    if vae is not None:
+        source["release_vae"] = os.path.abspath(vae)
     return write_model_dir(cfg, {f"dit.{k}": v for k, v in weights.items()}, count_parameters(model), source,
-                           out_dir, dtype), results
+                           out_dir, dtype, write_vae), results

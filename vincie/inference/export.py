@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 
@@ -32,7 +33,7 @@ from vincie import storage
 from vincie.config import Config, ConfigError, from_dict, preset_dir, read_yaml, to_dict, validate
 from vincie.errors import VincieError
 from vincie.model.mmdit import MMDiT, count_parameters
-from vincie.model.model_dir import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, check_weights, read_config
+from vincie.model.model_dir import CONFIG, FORMAT, FORMAT_VERSION, RELEASE_VAE_DIR, WEIGHTS, check_weights, read_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # diffusion.* that inference reads
@@ -108,6 +109,8 @@ def inference_sections(cfg: Config) -> dict:
     for section in (text_encoder, vae):
         if section["path"]:
             section["path"] = os.path.abspath(section["path"])
+    if vae["kind"] == "release":  # copied into the model directory (write_model_dir)
+        vae["path"] = RELEASE_VAE_DIR
     return {"model": to_dict(cfg.model), "sequence": {"mode": cfg.sequence.mode},
             "data": {"resolution": cfg.data.resolution}, "text_encoder": text_encoder, "vae": vae,
             "diffusion": {k: getattr(cfg.diffusion, k) for k in SAMPLER_KEYS}}
@@ -118,8 +121,9 @@ def model_card(config: dict) -> str:
     te, vae = config["text_encoder"], config["vae"]
     text = (f"built-in hashed words ({te['vocab_size']} buckets, weights in {WEIGHTS})" if te["kind"] == "hashed_words"
             else f"transformers model at {te['path']} (not copied; must exist where this model runs)")
-    latent = (f"built-in space-to-depth, factor {vae['factor']} (no parameters)" if vae["kind"] == "space_to_depth"
-              else f"diffusers AutoencoderKL at {vae['path']} (not copied; must exist where this model runs)")
+    latent = {"space_to_depth": f"built-in space-to-depth, factor {vae['factor']} (no parameters)",
+              "release": f"the released VINCIE VAE, converted, in {RELEASE_VAE_DIR}/ (factor {vae['factor']})"}.get(
+        vae["kind"], f"diffusers AutoencoderKL at {vae['path']} (not copied; must exist where this model runs)")
     rows = [
         ("preset", config["preset"] or "custom"),
         ("MM-DiT parameters", f"{config['parameters']:,}"),
@@ -205,9 +209,11 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
 
 
 def write_model_dir(cfg: Config, state: dict[str, torch.Tensor], parameters: int, source: dict, out_dir: str,
-                    dtype: str = "fp32") -> dict:
+                    dtype: str = "fp32", write_release_vae: Callable[[str], None] | None = None) -> dict:
     """Weights (training names) and the config's inference sections -> OUT/{model.safetensors, config.json,
-    README.md}, written to a temporary directory and renamed into place. -> the config.json content."""
+    README.md}, written to a temporary directory and renamed into place. A release VAE (vae.kind release) travels
+    inside, in OUT/vae/: copied from vae.path, or written by `write_release_vae(dir)` (the converter's).
+    -> the config.json content."""
     from safetensors.torch import save_file
 
     tensors = {name: tensor.detach().to(DTYPES[dtype]).contiguous() for name, tensor in sorted(state.items())}
@@ -223,6 +229,9 @@ def write_model_dir(cfg: Config, state: dict[str, torch.Tensor], parameters: int
             json.dump(config, f, indent=1)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(config))
+        if cfg.vae.kind == "release":
+            vae_dir = os.path.join(tmp, RELEASE_VAE_DIR)
+            (write_release_vae or (lambda d: shutil.copytree(cfg.vae.path, d)))(vae_dir)
         if os.path.exists(out_dir):  # replaced (--overwrite, or an empty directory): old moved aside, then deleted
             old = storage.temp_name(out_dir)
             os.replace(out_dir, old)

@@ -1,6 +1,7 @@
 """A model directory, as `vincie export` and `vincie convert release` write it (vincie.inference.export):
 
     DIR/model.safetensors   every parameter, whole, by training name     DIR/config.json   the inference config
+    DIR/vae/                a converted release VAE (vae.kind release), when the model uses one
 
 Here: its names, how its config is read (JSON only) and how its weights are checked against a model, low enough
 for training to start from one (train.init_from) as well as inference to load one.
@@ -8,6 +9,7 @@ for training to start from one (train.init_from) as well as inference to load on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -21,6 +23,7 @@ FORMAT = "vincie-inference"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+RELEASE_VAE_DIR = "vae"  # a converted release VAE, inside the model directory (vae.path relative to it)
 
 
 def is_export(path: str) -> bool:
@@ -48,6 +51,9 @@ def read_config(path: str) -> tuple[Config, dict]:
         validate(cfg)
     except ConfigError as exc:
         raise VincieError(f"{file}: {exc}") from None
+    if cfg.vae.kind == "release" and not os.path.isabs(cfg.vae.path):  # a converted VAE inside the directory
+        cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, path=os.path.join(os.path.abspath(path),
+                                                                                       cfg.vae.path)))
     return cfg, raw
 
 

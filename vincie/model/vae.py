@@ -4,6 +4,8 @@
   f x f x 3 patch becomes one latent cell of 3 f^2 channels.
 - `diffusers`: an AutoencoderKL from a local directory (never from a hub), frozen; latents are the posterior mean
   times the VAE's scaling factor.
+- `release`: a released VINCIE VAE (3B or 7B) converted by `vincie convert release --vae`, as its single-image 2D
+  network (vincie.model.release_vae).
 Masks go through the same path as images: a mask is rendered as an image (white region on black) first.
 """
 
@@ -67,4 +69,8 @@ class DiffusersVAE(nn.Module):
 def build_vae(cfg: VAEConfig) -> nn.Module:
     if cfg.kind == "space_to_depth":
         return SpaceToDepthVAE(cfg.factor)
+    if cfg.kind == "release":
+        from vincie.model.release_vae import load_release_vae
+
+        return load_release_vae(cfg.path, cfg.factor)
     return DiffusersVAE(cfg.path, cfg.factor)

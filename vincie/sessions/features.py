@@ -22,7 +22,7 @@ TEXT = "text.safetensors"
 
 
 def vae_id(cfg: Config) -> str:
-    return f"space_to_depth/{cfg.vae.factor}" if cfg.vae.kind == "space_to_depth" else f"diffusers/{cfg.vae.path}"
+    return f"space_to_depth/{cfg.vae.factor}" if cfg.vae.kind == "space_to_depth" else f"{cfg.vae.kind}/{cfg.vae.path}"
 
 
 def text_encoder_id(cfg: Config) -> str | None:
