@@ -34,18 +34,23 @@ system-deps:
 demo: venv
 	$(VINCIE) data synth --out $(DEMO)/data/train --sessions 8192 --resolution 32 --split train --seed 0 \
 		--image-format png
+	$(VINCIE) data synth --out $(DEMO)/data/val --sessions 16 --resolution 32 --split val --seed 0 \
+		--min-turns 5 --turns 5 --image-format png
 	$(VINCIE) data synth --out $(DEMO)/data/eval --sessions 64 --resolution 32 --split test --seed 0 \
 		--min-turns 5 --turns 5 --image-format png --videos $(DEMO)/videos
 	$(VINCIE) data index verify $(DEMO)/data/train --quick
 	$(VINCIE) data show $(DEMO)/data/eval --out $(DEMO)/sessions.png --sessions 6
 	$(VINCIE) launch local --nproc 2 --config tiny run.out_dir=$(DEMO)/tiny \
-		data.train_url=$(DEMO)/data/train data.eval_url=$(DEMO)/data/eval
+		data.train_url=$(DEMO)/data/train data.eval_url=$(DEMO)/data/eval \
+		data.val_url=$(DEMO)/data/val train.eval_every=800 train.eval_sessions=16 train.eval_success_sessions=8
+	$(VINCIE) report $(DEMO)/tiny
 	$(VINCIE) eval --model $(DEMO)/tiny --bench synth --out $(DEMO)/eval --sessions 64 --turns 5
 	$(VINCIE) export --checkpoint $(DEMO)/tiny --out $(DEMO)/model --overwrite
 	$(VINCIE) edit --model $(DEMO)/model --image docs/images/demo-source.png --out $(DEMO)/edit \
 		--instruction "turn the cyan circle orange" --instruction "the pink triangle grows" \
 		--instruction "delete the pink triangle"
-	@echo "demo: success per turn above; pictures: $(DEMO)/eval/grid.png $(DEMO)/edit/strip.png $(DEMO)/sessions.png"
+	@echo "demo: success per turn above; pictures: $(DEMO)/eval/grid.png $(DEMO)/edit/strip.png $(DEMO)/sessions.png" \
+		"$(DEMO)/tiny/report.png (training and validation curves) $(DEMO)/tiny/validation/"
 
 test: venv system-deps
 	$(PY) -m pytest -q -m "not slow"

@@ -25,6 +25,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
 from vincie.config import load_config  # noqa: E402
+from vincie.evaluation.validation import Validator  # noqa: E402
 from vincie.training.parallel import init_distributed, shutdown  # noqa: E402
 from vincie.training.train import train  # noqa: E402
 from vincie.training.trainer import Trainer  # noqa: E402
@@ -137,13 +138,15 @@ def main() -> None:
         trainer.save()
     else:
         trainer.resume()
+        validation = Validator(trainer).losses() if cfg.train.eval_every else None  # forward-only, every rank
         batches, data = trainer.make_batches()
         sums = trainer.forward_backward(batches, data["counts"])
         losses = [None] * dist.get_world_size()
         dist.all_gather_object(losses, sums["loss_sum"] / sums["count"] if sums["reporter"] else None)
         grads = gathered_grads(trainer)
         if info.is_main:
-            torch.save({"loss": sum(l for l in losses if l is not None), "grads": grads}, out)
+            torch.save({"loss": sum(l for l in losses if l is not None), "grads": grads, "val_loss": validation},
+                       out)
     shutdown()
 
 

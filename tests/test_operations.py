@@ -158,8 +158,9 @@ def test_prometheus_scrapes_a_two_process_run_and_evaluates_the_dashboard_and_ru
     assert prometheus_bin, "prometheus is missing: apt-get install prometheus (see .ci/run)"
     base = two_free_ports()
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", data,
-                          train={"steps": 100, "log_every": 1, "checkpoint_every": 10}, data={"workers": 0},
-                          metrics={"port": base})
+                          train={"steps": 100, "log_every": 1, "checkpoint_every": 10, "eval_every": 5,
+                                 "eval_sessions": 2, "eval_success_sessions": 1, "eval_sample_steps": 2},
+                          data={"workers": 0, "val_url": data}, metrics={"port": base})
     rules = yaml.safe_load((Path(REPO) / "k8s/monitoring/prometheusrule.yaml").read_text())["spec"]
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
@@ -194,6 +195,15 @@ def test_prometheus_scrapes_a_two_process_run_and_evaluates_the_dashboard_and_ru
         assert all(r["metric"]["job"] == "vincie-it" for r in ranks)
         loss = query(url, 'vincie_train_loss{task="nip"}')["data"]["result"]
         assert len(loss) == 2 and all(0 < float(r["value"][1]) < 100 for r in loss)
+        # validation (train.eval_every): the losses on both ranks, the judged success on rank 0
+        deadline = time.time() + 300
+        while time.time() < deadline and not query(url, "vincie_val_success")["data"]["result"]:
+            time.sleep(1)
+        val_loss = query(url, 'vincie_val_loss{task="nip",turn="1"}')["data"]["result"]
+        assert sorted(r["metric"]["rank"] for r in val_loss) == ["0", "1"]
+        assert all(0 < float(r["value"][1]) < 100 for r in val_loss)
+        success = query(url, "vincie_val_success")["data"]["result"]
+        assert {r["metric"]["rank"] for r in success} == {"0"} and {r["metric"]["turn"] for r in success} >= {"1"}
         for expr in dashboard_queries():
             result = query(url, expr)
             assert result["status"] == "success", (expr, result)

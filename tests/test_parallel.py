@@ -40,8 +40,10 @@ def data(tmp_path_factory):
 
 def reference(root, data, layers: int, model: tuple[str, ...] = ()) -> tuple[str, list[str], dict]:
     """A run directory whose step-0 checkpoint holds random weights, and its single-process loss and gradients."""
-    config = write_config(root / "c.yaml", root / "run", data)
-    overrides = [f"model.num_layers={layers}", "parallel.micro_batch_size=1", *model]
+    config = write_config(root / "c.yaml", root / "run", data, data={"val_url": data})
+    # validation's losses (forward only, sessions over data-parallel ranks) are compared too
+    overrides = [f"model.num_layers={layers}", "parallel.micro_batch_size=1", "train.eval_every=1",
+                 "train.eval_sessions=3", "train.eval_success_sessions=0", *model]
     torchrun(1, config, "-", "init", *overrides)
     torchrun(1, config, str(root / "one.pt"), "grads", *overrides)
     return config, overrides, torch.load(root / "one.pt")
@@ -76,6 +78,11 @@ def lora_adapters(tmp_path_factory, data):
 
 def assert_same_loss_and_gradients(one: dict, split: dict) -> None:
     assert abs(split["loss"] - one["loss"]) <= RTOL * abs(one["loss"]), (one["loss"], split["loss"])
+    assert one["val_loss"] and split["val_loss"].keys() == one["val_loss"].keys()
+    for task, turns in one["val_loss"].items():
+        assert turns.keys() == split["val_loss"][task].keys(), task
+        for turn, value in turns.items():
+            assert abs(split["val_loss"][task][turn] - value) <= RTOL * value, (task, turn)
     assert split["grads"].keys() == one["grads"].keys()
     for name, grad in one["grads"].items():
         other = split["grads"][name]

@@ -65,6 +65,13 @@ class Progress:
         elif self.enabled:
             self.print_line()
 
+    def write(self, line: str) -> None:
+        """A line of its own (validation's figures), above the bar or among the plain lines."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        elif self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
     def print_line(self) -> None:
         now = time.monotonic()
         self.last_line, self.line_n = now, self.n

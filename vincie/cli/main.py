@@ -19,12 +19,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from vincie.evaluation.validation import Validator
     from vincie.training.parallel import shutdown
     from vincie.training.train import train
 
     cfg = config_from_args(args)
     try:
-        summary = train(cfg, progress=not args.no_progress)
+        summary = train(cfg, progress=not args.no_progress, make_validator=Validator)
     finally:
         shutdown()
     if summary and int(os.environ.get("RANK", "0")) == 0:

@@ -86,6 +86,26 @@ def validate_ingest(g: IngestConfig, prefix: str = "ingest.") -> None:
             f"must be a plain name (letters, digits, '_', '-'), got {g.source!r}")
 
 
+def validate_validation(cfg: Config) -> None:
+    t = cfg.train
+    require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: no validation), got {t.eval_every}")
+    if not t.eval_every:
+        return
+    require(cfg.data.val_url != "", "data.val_url", "must name held-out validation sessions when train.eval_every "
+            "> 0 (a split of its own, e.g. vincie data synth --split val)")
+    require(cfg.data.val_url != cfg.data.eval_url, "data.val_url", "must differ from data.eval_url (the sessions "
+            "a run reports on are not the ones it is tuned on)")
+    require(t.eval_sessions >= 1, "train.eval_sessions", f"must be >= 1, got {t.eval_sessions}")
+    require(len(t.eval_timesteps) >= 1 and all(0 < x < 1 for x in t.eval_timesteps), "train.eval_timesteps",
+            f"must be one or more timesteps in (0, 1), got {t.eval_timesteps}")
+    require(0 <= t.eval_success_sessions <= t.eval_sessions, "train.eval_success_sessions",
+            f"must be in 0..train.eval_sessions ({t.eval_sessions}), got {t.eval_success_sessions}")
+    require(t.eval_success_sessions == 0 or cfg.parallel.tensor == cfg.parallel.pipeline == 1,
+            "train.eval_success_sessions", "must be 0 under tensor or pipeline parallelism (the editor runs in one "
+            "process): validation losses still run; score checkpoints with vincie eval --model RUN_DIR")
+    require(t.eval_sample_steps >= 0, "train.eval_sample_steps", f"must be >= 0, got {t.eval_sample_steps}")
+
+
 def validate_parallel(cfg: Config) -> None:
     """The sizes that do not depend on the world size; `check_world` checks the rest once it is known."""
     p, m = cfg.parallel, cfg.model
@@ -228,6 +248,7 @@ def validate(cfg: Config) -> None:
     validate_parallel(cfg)
     validate_precision(cfg)
     validate_data(cfg)
+    validate_validation(cfg)
     st = cfg.storage
     require(st.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
     require(st.read_timeout_s > 0, "storage.read_timeout_s", "must be > 0")

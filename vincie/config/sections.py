@@ -252,7 +252,10 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     train_url: str = "runs/run/data/train"
-    eval_url: str = "runs/run/data/eval"
+    eval_url: str = "runs/run/data/eval"  # held-out sessions `vincie eval` reports on by default (a test split)
+    # held-out sessions validation reads during training (train.eval_every): a validation split, apart from
+    # eval_url's test split, so that what a run is tuned on is not what it reports
+    val_url: str = ""
     mode: Literal["sessions", "pairs"] = "sessions"  # pairs: train on one-turn pairs only (the paper's ablation)
     resolution: int = 64  # side of the 1:1 bucket (buckets share its area); `vincie edit` resizes to it
     # aspect-ratio buckets, "W:H": each session goes to the bucket nearest its aspect ratio, centre-cropped to it
@@ -329,6 +332,17 @@ class TrainConfig:
     # with a checkpoint resumes from that instead); its model section must equal this config's
     init_from: str = ""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # validation every this many steps (and at the last step; 0 = never) on data.val_url's first eval_sessions
+    # sessions (vincie/training/validation.py): the loss per task and turn at each of eval_timesteps, with noise
+    # and context dropout fixed per session (curves compare across steps and runs); then, on the first
+    # eval_success_sessions of them, edits by the EMA weights scored by the synthetic judge (success per turn)
+    # and a sample grid PNG (OUT/validation/step-N.png). Its random streams are its own: the training's are
+    # unchanged.
+    eval_every: int = 0
+    eval_sessions: int = 8
+    eval_timesteps: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    eval_success_sessions: int = 4  # 0: losses only; > 0 needs parallel.tensor = pipeline = 1 (one process edits)
+    eval_sample_steps: int = 0  # sampler steps of those edits; 0: diffusion.sample_steps
 
 
 @dataclass
@@ -385,6 +399,9 @@ class MetricsConfig:
     # an explicit dense peak TFLOP/s per GPU at train.precision, replacing the card's: for a card the table lacks
     # (an H100 PCIe: 756 in bf16); 0 = the card's datasheet figure
     peak_tflops: float = 0.0
+    # also write the training and validation series and the validation sample grids as TensorBoard events
+    # (OUT/tensorboard, rank 0): `tensorboard --logdir OUT/tensorboard`
+    tensorboard: bool = False
 
 
 @dataclass

@@ -89,6 +89,9 @@ class Batch:
     target_task: torch.Tensor  # (N_target,) int: index into TASKS
     target_t: torch.Tensor  # (N_target, 1) float: the timestep of each NOISY latent token
     target_weight: torch.Tensor  # (N_target,) float: loss weight per target token (diffusion.changed_region_weight)
+    # (N_target,) int: the edit turn a target token belongs to: k for the image I_k and the masks of turn k
+    # (1-based); 0 for the session's first image (release mode gives it a target too)
+    target_turn: torch.Tensor
     num_samples: int
     work: Workload  # what the batch's model FLOPs depend on (vincie.model.flops), counted on the host
 
@@ -203,15 +206,18 @@ class SessionEncoder:
                             weights, sources, block_text, m.turn_token, m.rope_time)
 
     def training_sample(self, session: LoadedSession, rng: np.random.Generator,
-                        generator: torch.Generator) -> SampleTokens:
+                        generator: torch.Generator, t: float | None = None) -> SampleTokens:
+        """A training sequence of `session`: context dropout from `rng`, timesteps and noise from `generator`;
+        `t` given: every NOISY block at that timestep (validation's fixed timesteps)."""
         if self.cfg.sequence.mode == "release":
-            return self.release_sample(session, rng, generator)
+            return self.release_sample(session, rng, generator, t)
         elements = self.encode_elements(session)
         texts = self.instruction_features(session)
         grid = self.grid(*session.size)
         blocks = self.fit_blocks(session, rng, [len(t) for t in texts], grid[0] * grid[1])
         d = self.cfg.diffusion
-        t_noisy = sample_timesteps(len(blocks), d.logit_normal_loc, d.logit_normal_scale, generator)
+        t_noisy = (sample_timesteps(len(blocks), d.logit_normal_loc, d.logit_normal_scale, generator) if t is None
+                   else torch.full((len(blocks),), float(t)))
         block_t = torch.where(torch.tensor([b.role == Role.NOISY for b in blocks]), t_noisy, torch.zeros(()))
         text, latents, targets, weights = [], [], [], []
         for j, block in enumerate(blocks):
@@ -236,7 +242,7 @@ class SessionEncoder:
         return self.sample_tokens(blocks, text, latents, targets, block_t, grid, weights, sources, block_text)
 
     def release_sample(self, session: LoadedSession, rng: np.random.Generator,
-                       generator: torch.Generator) -> SampleTokens:
+                       generator: torch.Generator, t: float | None = None) -> SampleTokens:
         """sequence.mode release: the session's images (as many whole turns as data.max_tokens holds) all noised at
         one timestep, each with its velocity target; each image token's input is [noisy, clean or 0, context
         flag] (model.input_layout release: every image but the last is context); then the instructions; every
@@ -252,7 +258,7 @@ class SessionEncoder:
                              f"{self.cfg.data.max_tokens} tokens")
         blocks = release_blocks(turns, self.cfg.sequence, rng)
         d = self.cfg.diffusion
-        t = sample_timesteps(1, d.logit_normal_loc, d.logit_normal_scale, generator)[0]
+        t = sample_timesteps(1, d.logit_normal_loc, d.logit_normal_scale, generator)[0] if t is None else float(t)
         text, latents, targets, weights = [], [], [], []
         for block in blocks:
             if block.type == BlockType.TEXT:
@@ -342,7 +348,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
     work = batch_workload(layouts, T)
     text_index, latent_index, text_tokens, latent_tokens, text_turn = [], [], [], [], []
     turn_slots = any(s.turn_slots for s in samples)
-    targets, select, tasks, target_t, target_weight = [], [], [], [], []
+    targets, select, tasks, target_t, target_weight, target_turn = [], [], [], [], [], []
     with_sources = any(s.sources is not None for s in samples)
     block_text = torch.zeros(B, NB, text_dim) if any(s.block_text is not None for s in samples) else None
     sources = []
@@ -381,6 +387,7 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                 if target is not None:
                     targets.append(target)
                     tasks.append(torch.full((n,), TASKS.index(block.task)))
+                    target_turn.append(torch.full((n,), block.source + (block.type != BlockType.IMAGE)))
                     target_t.append(torch.full((n, 1), float(block_t[b, j])))
                     # on the latents' device: region weights come from masks, which a GPU decoder leaves there
                     target_weight.append(torch.ones(n, device=x.device) if weight is None else weight.to(x.device))
@@ -402,4 +409,5 @@ def collate(samples: list[SampleTokens], device: torch.device, text_dim: int, le
                                                                                      device=device),
                  target_t=torch.cat(target_t).to(device) if target_t else torch.zeros(0, 1, device=device),
                  target_weight=torch.cat(target_weight).to(device) if target_weight else torch.zeros(0, device=device),
+                 target_turn=(torch.cat(target_turn) if target_turn else torch.zeros(0, dtype=torch.int64)).to(device),
                  num_samples=sum(len(row) for row in rows), work=work)

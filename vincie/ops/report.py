@@ -1,6 +1,7 @@
 """`vincie report RUN_DIR`: one PNG of a run's metrics.jsonl, the figures of the Grafana dashboard (k8s/monitoring)
 for a run without Grafana: loss per task, step time, samples/s and tokens/s, model TFLOP/s and MFU, gradient norm,
-learning rate, data wait and skipped sessions by reason."""
+learning rate, data wait and skipped sessions by reason; with validation records (train.eval_every) a third row:
+the validation loss per task, per turn, and the success per turn."""
 
 from __future__ import annotations
 
@@ -34,15 +35,20 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_log(os.path.join(run_dir, "metrics.jsonl"))
+    logged = read_log(os.path.join(run_dir, "metrics.jsonl"))
+    records = [r for r in logged if "val_loss" not in r]
+    validations = [r for r in logged if "val_loss" in r]
+    if not records:
+        raise VincieError(f"{run_dir}/metrics.jsonl holds no training records yet (the run logs every "
+                          "train.log_every steps)")
     steps = [r["step"] for r in records]
 
     def series(key):
         return [r.get(key) if r.get(key) is not None else float("nan") for r in records]
 
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    fig, axes = plt.subplots(3 if validations else 2, 4, figsize=(18, 11 if validations else 7.5))
     fig.suptitle(f"vincie run {os.path.basename(os.path.abspath(run_dir))}: {len(records)} log records, "
-                 f"steps {steps[0]}..{steps[-1]}")
+                 f"steps {steps[0]}..{steps[-1]}" + (f", {len(validations)} validations" if validations else ""))
     ax = axes[0, 0]
     ax.plot(steps, series("loss"), label="all (weighted)", color="black")
     for task in TASKS:
@@ -81,6 +87,8 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     ax.plot(steps, [r.get("data_sessions", 0) for r in records], label="sessions read", color="grey", ls="--")
     ax.set(title="sessions read, skipped by reason (cumulative)", yscale="symlog")
     ax.legend(fontsize=8)
+    if validations:
+        plot_validation(axes[2], validations)
     for ax in axes.flat:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -91,3 +99,31 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     out = out or os.path.join(run_dir, "report.png")
     storage.write_bytes_atomic(out, buffer.getvalue())
     return out
+
+
+def plot_validation(axes, records: list[dict]) -> None:
+    """The validation row: loss per task (mean over turns), loss per turn (the first task's), success per turn."""
+    steps = [r["step"] for r in records]
+    tasks = [t for t in TASKS if any(t in r["val_loss"] for r in records)]
+    ax = axes[0]
+    for task in tasks:
+        ax.plot(steps, [sum(r["val_loss"][task].values()) / len(r["val_loss"][task]) if task in r["val_loss"]
+                        else float("nan") for r in records], marker=".", label=task)
+    ax.set(title="validation loss per task (fixed t, noise)", yscale="log")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    turns = sorted({int(k) for r in records for k in r["val_loss"].get(tasks[0], {})}) if tasks else []
+    for turn in turns:
+        ax.plot(steps, [r["val_loss"][tasks[0]].get(str(turn), float("nan")) for r in records], marker=".",
+                label=f"turn {turn}")
+    ax.set(title=f"validation loss per turn ({tasks[0] if tasks else '-'})", yscale="log")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    judged = [r for r in records if "val_success" in r]
+    for k in range(max((len(r["val_success"]) for r in judged), default=0)):
+        ax.plot([r["step"] for r in judged], [r["val_success"][k] if len(r["val_success"]) > k else float("nan")
+                                             for r in judged], marker=".", label=f"turn {k + 1}")
+    ax.set(title="validation success per turn (synthetic judge)", ylim=(-0.05, 1.05))
+    if judged:
+        ax.legend(fontsize=8)
+    axes[3].axis("off")

@@ -63,6 +63,63 @@ def progress_figures(record: dict) -> dict:
     return figures
 
 
+def validation_line(record: dict) -> str:
+    """A validation record as one line: "val step 200: loss nip 0.0120 (turn 1 0.0100, turn 2 0.0140), success
+    per turn 0.75 0.50, 3.2s (4.1% of the time since the last)"."""
+    parts = []
+    for task, turns in record["val_loss"].items():
+        total = sum(turns.values()) / len(turns)
+        per_turn = ", ".join(f"turn {k} {v:.4f}" for k, v in turns.items())
+        parts.append(f"{task} {total:.4f} ({per_turn})")
+    success = (", success per turn " + " ".join(f"{x:.2f}" for x in record["val_success"])
+               if "val_success" in record else "")
+    return (f"val step {record['step']}: loss {'; '.join(parts)}{success}, {record['val_s']:.1f}s "
+            f"({record['val_share']:.1%} of the time since the last)")
+
+
+class TensorBoardLog:
+    """The training windows' and the validations' figures, and the validation grids, as TensorBoard events
+    (metrics.tensorboard; rank 0). Tags: train/loss, train/loss_<task>, train/<figure>, val/loss_<task>/turn_<k>,
+    val/success/turn_<k>, val/share_of_time (validation's share of the wall time), val/samples (the grid)."""
+
+    TRAIN = ("loss", "lr", "grad_norm", "step_s", "samples_per_s", "tokens_per_s", "data_wait_share", "model_tflops",
+             "mfu")
+
+    def __init__(self, directory: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(directory)
+
+    def train(self, record: dict) -> None:
+        for key in self.TRAIN:
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        for task in TASKS:
+            if record.get(f"loss_{task}") is not None:
+                self.writer.add_scalar(f"train/loss_{task}", record[f"loss_{task}"], record["step"])
+
+    def validation(self, record: dict, grid_png: bytes | None) -> None:
+        step = record["step"]
+        for task, turns in record["val_loss"].items():
+            for turn, value in turns.items():
+                self.writer.add_scalar(f"val/loss_{task}/turn_{turn}", value, step)
+        for k, value in enumerate(record.get("val_success", []), start=1):
+            self.writer.add_scalar(f"val/success/turn_{k}", value, step)
+        self.writer.add_scalar("val/share_of_time", record["val_share"], step)
+        if grid_png is not None:
+            import io
+
+            import numpy as np
+            from PIL import Image
+
+            image = np.asarray(Image.open(io.BytesIO(grid_png)).convert("RGB"))
+            self.writer.add_image("val/samples", image, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def cut_log(path: str, step: int) -> None:
     """Drops the lines of a JSONL log past `step` (the checkpoint a run resumes from; 0 for a fresh start) and a
     torn last line, so the log holds what the resumed run committed and the steps it repeats appear once."""

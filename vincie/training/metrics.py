@@ -20,6 +20,10 @@ are read back for the log anyway).
     vincie_checkpoint_seconds                histogram of checkpoint save time
     vincie_checkpoint_last_step              step of the newest complete checkpoint
     vincie_checkpoint_last_timestamp_seconds Unix time it was completed (alerts compute its age)
+    vincie_val_loss{task,turn}               validation loss at the last validation (train.eval_every), per task
+                                             and edit turn, at fixed timesteps and noise
+    vincie_val_success{turn}                 validation success at turn k (synthetic judge, cumulative; rank 0)
+    vincie_val_seconds                       wall time of the last validation
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ class Metrics:
                                      registry=r)
         self.checkpoint_time = Gauge("vincie_checkpoint_last_timestamp_seconds",
                                      "Unix time the newest complete checkpoint was completed", registry=r)
+        self.val_loss = Gauge("vincie_val_loss", "Validation loss per task and edit turn, at fixed timesteps and "
+                              "noise (train.eval_every)", ["task", "turn"], registry=r)
+        self.val_success = Gauge("vincie_val_success", "Validation success at turn k: share of the judged "
+                                 "sessions whose turns 1..k all succeeded", ["turn"], registry=r)
+        self.val_seconds = Gauge("vincie_val_seconds", "Wall time of the last validation", registry=r)
 
     def step(self, log: dict) -> None:
         """One training step's figures (Trainer.train_step's dict: Python numbers, no tensors)."""
@@ -96,6 +105,15 @@ class Metrics:
             self.model_tflops.set(record["model_tflops"])
         if record.get("mfu") is not None:
             self.mfu.set(record["mfu"])
+
+    def validation(self, record: dict) -> None:
+        """A validation record (vincie.evaluation.validation)."""
+        for task, turns in record["val_loss"].items():
+            for turn, value in turns.items():
+                self.val_loss.labels(task, turn).set(value)
+        for k, value in enumerate(record.get("val_success", []), start=1):
+            self.val_success.labels(str(k)).set(value)
+        self.val_seconds.set(record["val_s"])
 
     def checkpoint(self, step: int, seconds: float | None, when: float) -> None:
         if seconds is not None:

@@ -1,10 +1,16 @@
 """`vincie train`: the training loop around the Trainer (vincie.training.trainer), on one process or each rank of a
 TP/PP/DP layout under torchrun.
 
-Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per train.log_every steps),
-checkpoints/, and with data.record_sessions sessions/rank-NNN.jsonl (the session keys each rank consumed, per
-step). The same figures go to the progress display (vincie.progress: a bar on a terminal, a plain line per log
-window elsewhere) and, with metrics.port, to a Prometheus endpoint per process (vincie.training.metrics).
+Outputs under run.out_dir: config.yaml (resolved), metrics.jsonl (one line per train.log_every steps, and one per
+validation with train.eval_every), checkpoints/, validation/step-N.png (validation's sample grids), with
+metrics.tensorboard tensorboard/ (the same series and grids as TensorBoard events), and with data.record_sessions
+sessions/rank-NNN.jsonl (the session keys each rank consumed, per step). The same figures go to the progress
+display (vincie.progress: a bar on a terminal, a plain line per log window elsewhere) and, with metrics.port, to a
+Prometheus endpoint per process (vincie.training.metrics).
+
+Validation (train.eval_every) is a hook the caller passes (`make_validator`: the Trainer -> an object whose
+run(step) returns the record; `vincie train` passes vincie.evaluation.validation.Validator, which edits and
+judges, a layer above training).
 
 Stopping. SIGTERM (what Kubernetes sends before it kills a pod: preemption, eviction, node drain, a deleted job;
 `kill PID`; `vincie launch local` passes it to its workers) asks the run to stop: every rank finishes the step
@@ -20,6 +26,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +37,15 @@ from vincie.config import Config, to_dict, to_yaml
 from vincie.errors import VincieError
 from vincie.gpus import Card
 from vincie.progress import Progress
-from vincie.training.logs import append_line, cut_log, progress_figures, reduce_logs, window_utilisation
+from vincie.training.logs import (
+    TensorBoardLog,
+    append_line,
+    cut_log,
+    progress_figures,
+    reduce_logs,
+    validation_line,
+    window_utilisation,
+)
 from vincie.training.metrics import mfu_card, serve
 from vincie.training.parallel import DistInfo, init_distributed
 from vincie.training.trainer import Trainer
@@ -75,8 +91,9 @@ def check_run_dir(cfg: Config) -> None:
                               "run.out_dir to start a new run")
 
 
-def train(cfg: Config, progress: bool = True) -> dict:
-    """-> the last log record; with `stopped_at` (the step) and `exit_code` when a stop was requested."""
+def train(cfg: Config, progress: bool = True, make_validator: Callable | None = None) -> dict:
+    """-> the last log record; with `stopped_at` (the step) and `exit_code` when a stop was requested.
+    `make_validator(trainer)`: validation every train.eval_every steps (none without it)."""
     with StopRequest() as stop:
         info = init_distributed(cfg.parallel)
         if info.is_main:
@@ -95,9 +112,14 @@ def train(cfg: Config, progress: bool = True) -> dict:
             port = cfg.metrics.port + info.local_rank
             server = serve(trainer.metrics, port, info.rank)
             print(f"train: rank {info.rank}: metrics at http://{socket.gethostname()}:{port}/metrics", flush=True)
+        validator = make_validator(trainer) if make_validator is not None and cfg.train.eval_every else None
+        board = TensorBoardLog(os.path.join(cfg.run.out_dir, "tensorboard")) \
+            if cfg.metrics.tensorboard and info.is_main else None
         try:
-            last = loop(trainer, cfg, info, card, stop, progress)
+            last = loop(trainer, cfg, info, card, stop, progress, validator, board)
         finally:
+            if board is not None:
+                board.close()
             trainer.loader.close()
             if server is not None:
                 server.shutdown()
@@ -117,7 +139,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     return last
 
 
-def loop(trainer: Trainer, cfg: Config, info: DistInfo, card: Card | None, stop: StopRequest, progress: bool) -> dict:
+def loop(trainer: Trainer, cfg: Config, info: DistInfo, card: Card | None, stop: StopRequest, progress: bool,
+         validator=None, board: TensorBoardLog | None = None) -> dict:
     metrics_path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
     sessions_path = os.path.join(cfg.run.out_dir, "sessions", f"rank-{info.rank:03d}.jsonl")
     if info.is_main:
@@ -128,6 +151,7 @@ def loop(trainer: Trainer, cfg: Config, info: DistInfo, card: Card | None, stop:
     display = Progress(cfg.train.steps, f"train {cfg.run.name}", "step", initial=trainer.step,
                        enabled=progress and info.is_main, interval_s=None)
     window, last = [], {}
+    since = time.perf_counter()  # the end of the last validation (or the start)
     with display:
         while trainer.step < cfg.train.steps:
             log = trainer.train_step()
@@ -147,6 +171,19 @@ def loop(trainer: Trainer, cfg: Config, info: DistInfo, card: Card | None, stop:
                 if info.is_main:
                     append_line(metrics_path, last)
                     display.log(progress_figures(last))
+                    if board is not None:
+                        board.train(last)
+            if validator is not None and not stopping and (trainer.step % cfg.train.eval_every == 0 or end):
+                record = validator.run(trainer.step)
+                # the validation's share of the wall time since the previous one: what it costs the training
+                record["val_share"] = record["val_s"] / (time.perf_counter() - since)
+                since = time.perf_counter()
+                trainer.metrics.validation(record)
+                if info.is_main:
+                    append_line(metrics_path, record)
+                    display.write(validation_line(record))
+                    if board is not None:
+                        board.validation(record, validator.grid)
             if trainer.step % cfg.train.checkpoint_every == 0 or end or stopping:
                 trainer.save()
             if stopping and not end:

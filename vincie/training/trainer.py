@@ -25,7 +25,7 @@ from vincie.config import Config, ConfigError, DataConfig, check_world, to_dict
 from vincie.data.loader import Loader, Skipped
 from vincie.data.order import SKIP_REASONS, SamplerState
 from vincie.errors import VincieError
-from vincie.model.batch import Batch, SessionEncoder, collate, num_tokens, pack_rows
+from vincie.model.batch import Batch, SampleTokens, SessionEncoder, collate, num_tokens, pack_rows
 from vincie.model.components import build_components
 from vincie.model.flops import training_flops
 from vincie.model.sequence import TASKS
@@ -209,9 +209,8 @@ class Trainer:
     def make_batches(self) -> tuple[list[Batch], dict]:
         """This rank's share of the step's global batch, as micro-batches, and what reading it took: sample i of
         the global batch goes to data-parallel rank i % dp_size and draws its randomness from (seed, step, i). A
-        skipped (bad) session leaves its place empty; a rank left with none trains on a sample without loss.
-        Samples are sorted by token count before they are split into micro-batches, so each micro-batch holds
-        similar lengths. Every TP/PP rank of one data-parallel replica builds the same micro-batches."""
+        skipped (bad) session leaves its place empty (micro_batches). Every TP/PP rank of one data-parallel replica
+        builds the same micro-batches."""
         dp = self.info.dp_size
         start = time.perf_counter()
         items = self.loader.next(self.cfg.train.batch_size // dp)
@@ -226,6 +225,14 @@ class Trainer:
             if self.cfg.data.mode == "pairs":
                 session = sub_session(session, int(rng.integers(0, session.turns)), 1)
             samples.append(self.encoder.training_sample(session, rng, generator))
+        batches = self.micro_batches(samples)
+        skipped = [sum(isinstance(x, Skipped) and x.reason == r for x in items) for r in SKIP_REASONS]
+        return batches, {"wait_s": wait_s, "counts": [len(items), *skipped], "keys": [x.key for x in items]}
+
+    def micro_batches(self, samples: list[SampleTokens]) -> list[Batch]:
+        """This rank's samples -> micro-batches (a rank without samples gets one without loss, so that it still
+        takes part in the collectives). Samples are sorted by token count before they are split, so each
+        micro-batch holds similar lengths."""
         real = len(samples)
         samples = sorted(samples, key=num_tokens) or [self.encoder.null_sample()]
         tokens = [num_tokens(s) for s in samples]
@@ -243,8 +250,7 @@ class Trainer:
                            rows=part) for part, n in zip(parts, lengths)]
         if not real:
             batches = [dataclasses.replace(batches[0], num_samples=0)]
-        skipped = [sum(isinstance(x, Skipped) and x.reason == r for x in items) for r in SKIP_REASONS]
-        return batches, {"wait_s": wait_s, "counts": [len(items), *skipped], "keys": [x.key for x in items]}
+        return batches
 
     def make_batch(self) -> Batch:
         """The local batch as one batch (with parallel.micro_batch_size 0)."""
@@ -367,6 +373,46 @@ class Trainer:
             total += r["loss_sum"]
             task_table += r["task_table"]
         return total, task_table, reporter
+
+    @torch.no_grad()
+    def forward_only(self, batches: list[Batch], table) -> tuple[torch.Tensor | None, bool]:
+        """The model's outputs on `batches` without gradients (validation), each turned into a tensor by
+        table(output, batch) and summed over micro-batches -> (the sum, or None on the ranks without the output;
+        whether this rank reports it: the last pipeline stage's TP rank 0). Every rank of the layout must call it
+        (megatron-core's forward-only schedule under TP/PP)."""
+        precision = self.cfg.train.precision
+
+        def autocast():
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+        if not self.megatron:
+            total = None
+            for batch in batches:
+                with autocast():
+                    result = table(self.model(batch.inputs), batch)
+                total = result if total is None else total + result
+            return total, True
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            with autocast():
+                output = model(batch.inputs)
+
+            def loss_func(pred: torch.Tensor):
+                return torch.zeros((), device=pred.device), torch.tensor(1, dtype=torch.int), \
+                    {"table": table(pred, batch)}
+            return output, loss_func
+
+        first = batches[0].inputs.mask.token_block.shape
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.wrapped],
+            model=self.wrapped if len(self.wrapped) > 1 else self.wrapped[0], num_microbatches=len(batches),
+            seq_length=first[1], micro_batch_size=first[0], forward_only=True)
+        reporter = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+            parallel_state.get_tensor_model_parallel_rank() == 0
+        return (sum(r["table"] for r in results) if results else None), reporter
 
     def optimizer_step(self) -> tuple[float, bool]:
         """Clip and step unless the gradient norm is not finite (then the step is skipped and counted)."""
