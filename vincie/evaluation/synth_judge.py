@@ -128,9 +128,9 @@ def background_region(masks_after: np.ndarray) -> np.ndarray:
 
 
 def object_tolerances(turn: TrueTurn) -> np.ndarray:
-    """(M,) the pixel tolerance of each object of the true state: OBJECT_CONTRAST_SHARE of its contrast (the median over its
-    pixels of the largest channel difference from the median background colour within 2 pixels of it, in the
-    truth), clipped to [MIN_OBJECT_TOLERANCE, MAX_OBJECT_TOLERANCE]; the largest when no background touches it."""
+    """(M,) the pixel tolerance of each object of the true state: OBJECT_CONTRAST_SHARE of its contrast (the median
+    over its pixels of the largest channel difference from the median background colour within 2 pixels of it, in
+    the truth), clipped to [MIN_OBJECT_TOLERANCE, MAX_OBJECT_TOLERANCE]; the largest when no background touches it."""
     background = ~turn.masks_after.any(axis=0)
     truth = turn.truth.astype(np.int16)
     tolerances = []
@@ -178,7 +178,7 @@ def judge_turn(output: np.ndarray, turn: TrueTurn) -> TurnVerdict:
 
 
 def true_turns(session: Session) -> list[TrueTurn]:
-    """Every turn of a stored synthetic session with its objects, replayed from the session's metadata
+    """Every turn of a stored synthetic session (or of its first turns) with its objects, replayed from its metadata
     (data_index.synthetic.world.replay_states), their visible pixels rendered at the session's resolution and
     camera offsets."""
     from data_index.synthetic.world import object_px, replay_states, visible_masks
@@ -191,13 +191,14 @@ def true_turns(session: Session) -> list[TrueTurn]:
     except (KeyError, ValueError, StopIteration, TypeError) as exc:
         raise VincieError(f"session {session.key}: its metadata does not replay as a synthetic world session "
                           f"({type(exc).__name__}: {exc}); the synth judge needs sessions of `vincie data synth`")
-    if (session.height, session.width) != (resolution, resolution) or len(states) != len(session.images):
+    if (session.height, session.width) != (resolution, resolution) or len(session.images) > len(states):
         raise VincieError(f"session {session.key}: {len(session.images)} images of {session.width}x{session.height}, "
                           f"its metadata describes {len(states)} states at {resolution}x{resolution}")
-    masks = [visible_masks(objects, resolution, margin, offset) for objects, offset in zip(states, offsets)]
+    masks = [visible_masks(objects, resolution, margin, offset)
+             for objects, offset in zip(states[:session.turns + 1], offsets)]
     most_off = int(MOST_OFF_SHARE_OF_SMALLEST * object_px(0, resolution) ** 2)
     turns = []
-    for k, transition in enumerate(meta["transitions"]):
+    for k, transition in enumerate(meta["transitions"][:session.turns]):
         before, after = states[k], states[k + 1]
         edited_before = None if transition["kind"] == "add" else \
             next(i for i, o in enumerate(before) if o.name == transition["object"])
