@@ -59,7 +59,8 @@ def test_reasons_name_the_check_and_the_object():
     turn = turns[k]
     erased = judge_turn(erased_other(session, k, turn)[0], turn)
     other = next(n for j, n in enumerate(turn.names_after) if j != turn.edited_after)
-    assert erased.reason.startswith("objects: ") and f"untouched {other} are off" in erased.reason
+    expected = rf"objects: \d+ of the \d+ pixels of the untouched {other} are off \(at most \d\)"
+    assert re.fullmatch(expected, erased.reason), erased.reason
     ghosted = judge_turn(ghost(session, k, turn)[0], turn)
     assert not ghosted.success and ghosted.input_share == pytest.approx(0.3, abs=0.01)
     grey = judge_turn(grey_patch(session, k, turn)[0], turn)
