@@ -222,15 +222,15 @@ def demo_held_out(sessions: int) -> list[Session]:
 
 
 def calibrate(sessions: list[Session], cases: dict[str, Case]) -> dict[str, dict]:
-    """Per case: how many outputs were tried and how many pass the new judge and the old one."""
-    table = {name: {"cases": 0, "new": 0, "old": 0} for name in cases}
+    """Per case: how many outputs were tried and how many pass the strict judge and the old one."""
+    table = {name: {"cases": 0, "strict": 0, "old": 0} for name in cases}
     for session in sessions:
         for k, turn in enumerate(true_turns(session)):
             for name, case in cases.items():
                 for output in case(session, k, turn):
                     row = table[name]
                     row["cases"] += 1
-                    row["new"] += judge_turn(output, turn).success
+                    row["strict"] += judge_turn(output, turn).success
                     row["old"] += old_judge_passes(output, session, k)
     return table
 
@@ -248,12 +248,12 @@ def main() -> int:
         chosen = demo_held_out(args.sessions)
     table = calibrate(chosen, MUST_PASS | MUST_FAIL | INFORMATIONAL)
     print(f"{len(chosen)} sessions, {sum(s.turns for s in chosen)} turns")
-    print(f"| {'output':<36} | {'must':<4} | {'cases':>5} | {'old judge passes':>16} | {'new judge passes':>16} |")
-    print(f"|{'-' * 38}|{'-' * 6}|{'-' * 7}|{'-' * 18}|{'-' * 18}|")
+    print(f"| {'output':<36} | {'must':<4} | {'cases':>5} | {'old judge passes':>16} | {'strict judge passes':>19} |")
+    print(f"|{'-' * 38}|{'-' * 6}|{'-' * 7}|{'-' * 18}|{'-' * 21}|")
     for name, row in table.items():
         must = "pass" if name in MUST_PASS else "fail" if name in MUST_FAIL else "-"
-        cells = [f"{row[j]} ({row[j] / max(row['cases'], 1):.0%})" for j in ("old", "new")]
-        print(f"| {name:<36} | {must:<4} | {row['cases']:>5} | {cells[0]:>16} | {cells[1]:>16} |")
+        cells = [f"{row[j]} ({row[j] / max(row['cases'], 1):.0%})" for j in ("old", "strict")]
+        print(f"| {name:<36} | {must:<4} | {row['cases']:>5} | {cells[0]:>16} | {cells[1]:>19} |")
     return 0
 
 

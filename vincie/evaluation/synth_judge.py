@@ -90,10 +90,11 @@ class TrueTurn:
 
 @dataclass
 class TurnVerdict:
+    """One turn's judgement, with the figures of its three checks."""
     success: bool
     reason: str  # empty when the turn passes; else the first failed check, its object and figure
     worst_object: float  # the lowest share of matching pixels over the true state's objects
-    background_mismatch: float  # share of the frame, outside the objects, that does not match
+    background_mismatch: float  # share of the frame that is background (as checked) and off
     input_share: float  # how much of the input the output holds in the changed region (0: none, 1: the input)
 
 
@@ -155,32 +156,31 @@ def judge_turn(output: np.ndarray, turn: TrueTurn) -> TurnVerdict:
     """output (H, W, 3) uint8, the edited image, against the turn's true next state (see the module docstring)."""
     if output.shape != turn.truth.shape:
         raise VincieError(f"an output of shape {output.shape} for a turn whose truth is {turn.truth.shape}")
-    error = np.abs(output.astype(np.int16) - turn.truth.astype(np.int16)).max(axis=-1)
-    match = local_error(output, turn.truth) <= BACKGROUND_TOLERANCE
     reasons = []
-    shares = [float((error[mask] <= tolerance).mean()) for mask, tolerance in zip(turn.masks_after,
-                                                                                  object_tolerances(turn))]
-    for index, (name, mask, share) in enumerate(zip(turn.names_after, turn.masks_after, shares)):
+    error = np.abs(output.astype(np.int16) - turn.truth.astype(np.int16)).max(axis=-1)  # (H, W)
+    shares = []
+    for index, (name, mask, tolerance) in enumerate(zip(turn.names_after, turn.masks_after, object_tolerances(turn))):
         pixels = int(mask.sum())
-        wrong = round((1 - share) * pixels)
+        off = int((error[mask] > tolerance).sum())
+        shares.append(1 - off / max(pixels, 1))
         allowed = min(turn.most_off, max(SMALL_OBJECT_OFF, int((1 - OBJECT_MATCH_MIN) * pixels)))
-        if wrong > allowed:
+        if off > allowed:
             role = "edited" if index == turn.edited_after else "untouched"
-            reasons.append(f"objects: {wrong} of the {pixels} pixels of the {role} {name} are off (at most {allowed})")
-    wrong = background_region(turn.masks_after) & ~match
-    mismatch = float(wrong.sum() / wrong.size)
-    if wrong.sum() > turn.most_off:
-        vacated = [(int((wrong & mask).sum()), name) for name, mask in zip(turn.names_before, turn.masks_before)]
+            reasons.append(f"objects: {off} of the {pixels} pixels of the {role} {name} are off (at most {allowed})")
+    off_background = background_region(turn.masks_after) & (local_error(output, turn.truth) > BACKGROUND_TOLERANCE)
+    if off_background.sum() > turn.most_off:
+        vacated = [(int((off_background & mask).sum()), name) for name, mask in zip(turn.names_before,
+                                                                                    turn.masks_before)]
         count, name = max(vacated, default=(0, ""))
         where = f", {count} of them where the {name} was in the input" if count else ""
-        reasons.append(f"background: {int(wrong.sum())} pixels outside the objects differ ({mismatch:.1%} of the "
-                       f"frame; at most {turn.most_off} pixels){where}")
+        reasons.append(f"background: {int(off_background.sum())} pixels outside the objects differ "
+                       f"({off_background.mean():.1%} of the frame; at most {turn.most_off} pixels){where}")
     share_of_input = input_share(output, turn)
     if share_of_input > INPUT_SHARE_MAX:
         reasons.append(f"ghost: the changed region holds {share_of_input:.0%} of the input "
                        f"(at most {INPUT_SHARE_MAX:.0%})")
-    return TurnVerdict(not reasons, reasons[0] if reasons else "", min(shares, default=1.0), mismatch,
-                       share_of_input)
+    return TurnVerdict(not reasons, reasons[0] if reasons else "", min(shares, default=1.0),
+                       float(off_background.mean()), share_of_input)
 
 
 def true_turns(session: Session) -> list[TrueTurn]:
