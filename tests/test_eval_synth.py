@@ -61,6 +61,8 @@ def test_predictions_are_scored_without_a_model(tmp_path, held_out, capsys):
     model_row = next(line for line in table.splitlines() if line.startswith("model "))
     assert [float(v) for v in model_row.split()[1:]] == pytest.approx(result["success"], abs=0.005)
     assert format_table(report).splitlines()[1] == model_row
+    failures = next(line for line in table.splitlines() if line.startswith("failed turns by first failed check: "))
+    assert sum(int(part.split()[-1]) for part in failures.split(": ", 1)[1].split(", ")) == 2  # the two wrong turns
 
 
 def test_bad_predictions_get_one_line_errors(tmp_path, held_out, capsys):
