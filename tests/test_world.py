@@ -4,7 +4,8 @@
 import numpy as np
 import pytest
 
-from data_index.synthetic.world import COLOURS, GRID_WHERE, SIZE_NAMES, generate_session, object_px
+from data_index.synthetic.world import (COLOURS, GRID_WHERE, SIZE_NAMES, generate_session, object_px, replay_states,
+                                        visible_masks)
 from vincie.config import SynthConfig
 from vincie.sessions.shards import write_shard
 
@@ -58,6 +59,37 @@ def test_masks_equal_the_pixels_that_changed(seed):
                 assert np.array_equal(cur, nxt)
                 assert np.array_equal(cur, changed & shows_colour(before, colour_of(t["object"])))
     assert kinds_seen == {"move", "recolour", "resize", "add", "remove"}
+
+
+@pytest.mark.parametrize("jitter", [0, 3])
+def test_states_replay_from_the_metadata(jitter):
+    """The strict judge's object lists and masks: replayed from what a stored session holds, every object shows its
+    colour on its visible pixels in the clean frame, nothing else does, and the edited object's pixels are the
+    turn's masks."""
+    cfg = SynthConfig(image_format="png", jitter_px=jitter)
+    for index in range(30):
+        item = generate_session(cfg, "test", 0, index)
+        meta = item.session.meta
+        states = replay_states(meta)
+        assert len(states) == len(item.clean_frames)
+        masks = [visible_masks(objects, cfg.resolution, jitter, tuple(offset))
+                 for objects, offset in zip(states, meta["camera_offsets"])]
+        for frame, objects, visible in zip(item.clean_frames, states, masks):
+            for obj, mask in zip(objects, visible):
+                assert mask.any() and shows_colour(frame, obj.colour)[mask].all(), (item.session.key, obj)
+            some_colour = np.any([shows_colour(frame, c) for c in COLOURS], axis=0)
+            assert not (some_colour & ~visible.any(axis=0)).any()
+        for k, t in enumerate(meta["transitions"]):
+            names_before, names_after = [o.name for o in states[k]], [o.name for o in states[k + 1]]
+            if t["kind"] == "add":
+                assert np.array_equal(item.session.next_masks[k], masks[k + 1][-1])
+            elif t["kind"] == "remove":
+                assert np.array_equal(item.session.cur_masks[k], masks[k][names_before.index(t["object"])])
+                assert t["object"] not in names_after
+            else:
+                edited = names_before.index(t["object"])
+                assert np.array_equal(item.session.cur_masks[k], masks[k][edited])
+                assert np.array_equal(item.session.next_masks[k], masks[k + 1][edited])
 
 
 def test_instructions_name_the_edited_object():

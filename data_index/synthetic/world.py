@@ -375,3 +375,48 @@ def generate_session(cfg: SynthConfig, split: str, seed: int, index: int) -> Syn
     session = Session(key=key, images=images, instructions=instructions, cur_masks=cur_masks,
                       next_masks=next_masks, meta=meta)
     return SynthSession(session=session, clean_frames=clean, offsets=offsets)
+
+
+def replay_states(meta: dict) -> list[list[SceneObject]]:
+    """The objects of every state I0..IK of a stored synthetic session, in drawing order, replayed from its
+    metadata (`initial_objects` and the `transitions` with their parameters, which determine each edit exactly:
+    see propose_edit). Raises KeyError or ValueError on metadata that is not a synthetic session's."""
+    resolution = int(meta["resolution"][0])
+    objects = [SceneObject(**o) for o in meta["initial_objects"]]
+    states = [objects]
+    for transition in meta["transitions"]:
+        objects = copy.deepcopy(objects)
+        kind = transition["kind"]
+        if kind == "add":
+            colour, shape = transition["object"].split(" ", 1)
+            row, col = next((r, c) for r, names in enumerate(GRID_WHERE) for c, where in enumerate(names)
+                            if where == transition["where"])
+            objects.append(SceneObject(colour, shape, SIZE_NAMES.index(transition["size"]),
+                                       ninth_centre(col, resolution), ninth_centre(row, resolution)))
+        else:
+            target = next(o for o in objects if o.name == transition["object"])
+            if kind == "remove":
+                objects.remove(target)
+            elif kind == "move":
+                dx, dy = DIRECTIONS[transition["direction"]]
+                target.cx += dx * transition["pixels"]
+                target.cy += dy * transition["pixels"]
+            elif kind == "recolour":
+                target.colour = transition["colour"]
+            elif kind == "resize":
+                target.size += 1 if transition["direction"] == "bigger" else -1
+            else:
+                raise ValueError(f"unknown transition kind {kind!r}")
+        states.append(objects)
+    return states
+
+
+def visible_masks(objects: list[SceneObject], resolution: int, margin: int, offset: tuple[int, int]) -> np.ndarray:
+    """(N, resolution, resolution) bool: the pixels where each of the N objects is visible (not covered by a later
+    one) in a frame taken with camera offset `offset` (dx, dy) from a canvas with jitter margin `margin`."""
+    canvas = resolution + 2 * margin
+    ids = np.full((canvas, canvas), -1, dtype=np.int16)
+    for index, obj in enumerate(objects):
+        ids[footprint(obj, resolution, canvas, margin)[0]] = index
+    ids = crop(ids, margin, offset, resolution)
+    return ids[None] == np.arange(len(objects), dtype=np.int16)[:, None, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
 import os
 import sys
 
@@ -160,6 +161,9 @@ def cmd_convert_release(args: argparse.Namespace) -> int:
     return 0 if all(ok for *_, ok in results) else 1
 
 
+MODEL_OPTIONS = ("steps", "cfg", "chain_masks", "given_truth", "raw_weights", "save_predictions")  # eval, model only
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from vincie.inference.editor import Editor, load_config
 
@@ -167,21 +171,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.judge_url or args.clip_model or args.dino_model:
             raise VincieError("--bench synth is scored by its exact judge; --judge-url, --clip-model and "
                               "--dino-model apply to mse-bench and magicbrush")
-    elif args.given_truth:
-        raise VincieError("--given-truth applies to --bench synth only (its sessions hold every turn's true image)")
-    elif not args.data:
-        raise VincieError(f"--bench {args.bench} needs --data DIR (a local copy of the benchmark)")
+        if bool(args.model) == bool(args.predictions):
+            raise VincieError("--bench synth scores either a model's edits (--model DIR) or saved ones "
+                              "(--predictions DIR): give exactly one")
+        if args.predictions:
+            given = [f"--{name.replace('_', '-')}" for name in MODEL_OPTIONS if getattr(args, name)]
+            if given:
+                raise VincieError(f"{', '.join(given)} need --model; --predictions scores saved edits")
+            if not args.data:
+                raise VincieError("--predictions needs --data URL (the held-out sessions the edits were made from)")
+    else:
+        if args.predictions or args.save_predictions or args.json:
+            raise VincieError("--predictions, --save-predictions and --json apply to --bench synth only")
+        if not args.model:
+            raise VincieError(f"--bench {args.bench} needs --model DIR")
+        if args.given_truth:
+            raise VincieError("--given-truth applies to --bench synth only (its sessions hold every turn's true image)")
+        if not args.data:
+            raise VincieError(f"--bench {args.bench} needs --data DIR (a local copy of the benchmark)")
     if args.judge_url and not args.judge_model:
         raise VincieError("--judge-url needs --judge-model (the model name the endpoint serves)")
-    load_config(args.model)  # a bad --model fails before anything loads
-    editor = Editor.load(args.model, raw_weights=args.raw_weights)
+    editor = None
+    if args.model:
+        load_config(args.model)  # a bad --model fails before anything loads
+        editor = Editor.load(args.model, raw_weights=args.raw_weights)
     if args.bench == "synth":
         from vincie.evaluation.evaluate import evaluate_synth, format_table
 
-        data = args.data or editor.cfg.data.eval_url
-        report = evaluate_synth(editor, data, args.out, sessions=args.sessions or 32, turns=args.turns,
-                                steps=args.steps, cfg_scale=args.cfg, seed=args.seed, chain_masks=args.chain_masks,
-                                given_truth=args.given_truth)
+        report = evaluate_synth(editor, args.data or editor.cfg.data.eval_url, args.out,
+                                sessions=args.sessions or 32, turns=args.turns, steps=args.steps, cfg_scale=args.cfg,
+                                seed=args.seed, chain_masks=args.chain_masks, given_truth=args.given_truth,
+                                predictions=args.predictions or "", save_predictions_to=args.save_predictions or "",
+                                storage_cfg=editor.cfg.storage if editor else None)
+        if args.json:
+            print(json.dumps({"bench": "synth", "sessions": report["sessions"], "turns": report["turns"],
+                              "success": report["success"]["model"], "ground_truth": report["success"]["ground_truth"],
+                              "copy_input": report["success"]["copy_input"],
+                              "report": os.path.join(args.out, "report.json")}))
+            return 0
         print(format_table(report))
     else:
         from vincie.evaluation.evaluate import evaluate_benchmark, format_benchmark_table
@@ -338,15 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="multi-turn editing benchmarks",
                               description="Edit benchmark sessions turn by turn (each output is the next turn's "
-                                          "input) and score them. synth: held-out synthetic sessions and an exact "
-                                          "judge (vincie/evaluation/evaluate.py). mse-bench (5 turns) and magicbrush "
+                                          "input) and score them. synth: held-out synthetic sessions and a strict "
+                                          "judge that checks every object of the world's true next state, the "
+                                          "background and the edited region (vincie/evaluation/synth_judge.py); its "
+                                          "edits come from --model or from saved images (--predictions), so any "
+                                          "editor is scored by the same judge. mse-bench (5 turns) and magicbrush "
                                           "(up to 3): local copies in their published formats "
                                           "(vincie/evaluation/eval_sets.py); L1 against ground truth where there is "
                                           "one, CLIP-I / DINO / CLIP-T with local transformers model directories, and "
                                           "MSE-Bench's rule with a VLM judge behind any OpenAI-compatible chat "
                                           "endpoint (vincie/evaluation/judge.py). Prints a per-turn table; writes "
                                           "report.json and grid.png.")
-    evaluate.add_argument("--model", required=True, metavar="DIR", help="an exported model or a training run directory")
+    evaluate.add_argument("--model", metavar="DIR", help="an exported model or a training run directory (needed "
+                                                           "unless --bench synth --predictions)")
+    evaluate.add_argument("--predictions", metavar="DIR",
+                          help="synth, without a model: score saved edits DIR/<session key>/turn-01.png .. "
+                               "turn-K.png, each at the session's own resolution (needs --data)")
+    evaluate.add_argument("--save-predictions", metavar="DIR",
+                          help="synth, with --model: also write the model's edits in the --predictions layout")
+    evaluate.add_argument("--json", action="store_true",
+                          help="synth: print one JSON object instead of the table; its success is the list of "
+                               "cumulative success per turn (the table's model row)")
     evaluate.add_argument("--bench", default="synth", choices=["synth", "mse-bench", "magicbrush"],
                           help="benchmark (default synth)")
     evaluate.add_argument("--data", metavar="URL|DIR",

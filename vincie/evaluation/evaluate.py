@@ -1,23 +1,10 @@
-"""`vincie eval`: multi-turn editing benchmarks. `--bench synth` (below): held-out synthetic sessions, scored by an
-exact judge. `--bench mse-bench|magicbrush` (`evaluate_benchmark`, at the end): local copies of the public
+"""`vincie eval`: multi-turn editing benchmarks. `--bench synth` (below): held-out synthetic sessions, scored by the
+strict judge of vincie/evaluation/synth_judge.py, which checks every object of the world's true next state, the
+background and the edited region (its module docstring gives the checks and the reasons for their thresholds).
+The edits come from a model or from a directory of saved images (`read_predictions`), so any editor is scored by
+the same judge. `--bench mse-bench|magicbrush` (`evaluate_benchmark`, at the end): local copies of the public
 benchmarks (vincie.evaluation.eval_sets), with L1 / CLIP-I / DINO / CLIP-T (vincie.evaluation.similarity) and a
 VLM judge applying MSE-Bench's rule (vincie.evaluation.judge).
-
-The synth judge mirrors MSE-Bench's two criteria with ground truth in place of a GPT judge. For turn k it compares
-the edited image with the true image I_{k+1} pixel by pixel (a pixel *matches* when its mean absolute error over
-RGB is at most 24 of 255):
-- instruction followed: >= 80 % of the pixels inside the true changed region (cur | next masks) match;
-- consistency: >= 95 % of the pixels outside it match.
-A turn succeeds when both hold; success is cumulative (a session stops counting at its first failed turn).
-
-Why these thresholds (fixed before any model was scored): 24/255 tolerates compression-level error and a
-slightly off shading, and is far below the difference between an object and the background or between two object
-colours (> 60), so a wrong colour or a missing object never matches. Copying the input passes consistency but fails the region
-test, because a moved or resized object changes most of its region (a move of resolution/8 leaves at most about
-half of the old and new footprint overlapping, a resize changes at least half). 80 % leaves room for a soft
-edge; 95 % outside allows a few stray pixels, not a visibly changed second object (a small object covers about
-3 % of the frame). Every report also scores the ground truth (must be 1.0) and "return the input unchanged"
-(must be near 0) with the same judge.
 """
 
 from __future__ import annotations
@@ -25,63 +12,86 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from vincie import storage
+from vincie.config import StorageConfig
 from vincie.errors import VincieError
-from vincie.model.batch import tensor_to_image
+from vincie.evaluation.synth_judge import (BACKGROUND_TOLERANCE, INPUT_SHARE_MAX, MAX_OBJECT_TOLERANCE,
+                                           MIN_OBJECT_TOLERANCE, MOST_OFF_SHARE_OF_SMALLEST, OBJECT_CONTRAST_SHARE,
+                                           OBJECT_MATCH_MIN, TurnVerdict, cumulative_success, judge_session)
 from vincie.progress import track
-from vincie.sessions.loaded import LoadedSession
 from vincie.sessions.session import Session
 
-PIXEL_TOLERANCE = 24.0
-FOLLOW_MIN = 0.80
-CONSISTENCY_MIN = 0.95
+PREDICTION_NAME = "turn-{:02d}.png"  # DIR/<session key>/turn-01.png ...: one edited image per turn
 
 
-@dataclass
-class TurnScore:
-    followed: float  # share of matching pixels inside the changed region
-    consistent: float  # share of matching pixels outside it
+def held_out_sessions(data_url: str, turns: int, count: int, cfg: StorageConfig | None = None) -> list[Session]:
+    """The first `count` sessions of `data_url` (shard order) with at least `turns` turns and masks, cut to their
+    first `turns` turns, at their own resolution."""
+    from vincie.sessions.shards import iter_sessions
 
-    @property
-    def success(self) -> bool:
-        return self.followed >= FOLLOW_MIN and self.consistent >= CONSISTENCY_MIN
-
-
-def judge_turn(edited: np.ndarray, truth: np.ndarray, region: np.ndarray) -> TurnScore:
-    """edited, truth (H, W, 3) uint8; region (H, W) bool: the true changed region."""
-    match = np.abs(edited.astype(np.float32) - truth.astype(np.float32)).mean(axis=-1) <= PIXEL_TOLERANCE
-    inside = float(match[region].mean()) if region.any() else 1.0
-    outside = float(match[~region].mean()) if (~region).any() else 1.0
-    return TurnScore(inside, outside)
-
-
-def to_session(s: LoadedSession) -> Session:
-    """Decoded pixels back to uint8 images (exact where no resize happened) and numpy masks, for the judge."""
-    masks = lambda m: [x.numpy() for x in m] if s.has_masks else None  # noqa: E731
-    return Session(key=s.key, images=[tensor_to_image(x) for x in s.images], instructions=s.instructions,
-                   cur_masks=masks(s.cur_masks), next_masks=masks(s.next_masks), meta=s.meta)
+    chosen = []
+    for session in iter_sessions(data_url, cfg):
+        if len(chosen) == count:
+            break
+        if session.turns >= turns and session.has_masks:
+            chosen.append(Session(session.key, session.images[:turns + 1], session.instructions[:turns],
+                                  session.cur_masks[:turns], session.next_masks[:turns], session.meta))
+    if not chosen:
+        raise VincieError(f"{data_url}: no sessions with {turns} turns and masks to evaluate "
+                          f"(make them with: vincie data synth --split test --min-turns {turns} --turns {turns})")
+    return chosen
 
 
-def judge_session(session: Session, outputs: list[np.ndarray]) -> list[TurnScore]:
-    return [judge_turn(out, session.images[k + 1], session.cur_masks[k] | session.next_masks[k])
-            for k, out in enumerate(outputs)]
+def prediction_url(directory: str, key: str, turn: int) -> str:
+    """turn: 1-based."""
+    return storage.join(directory, key, PREDICTION_NAME.format(turn))
 
 
-def cumulative_success(scores: list[list[TurnScore]], turns: int) -> list[float]:
-    """Share of sessions whose turns 1..k all succeeded, for k = 1..turns."""
-    rates = []
-    for k in range(turns):
-        rates.append(float(np.mean([all(s.success for s in session[:k + 1]) for session in scores])))
-    return rates
+def read_predictions(directory: str, sessions: list[Session], cfg: StorageConfig | None = None) \
+        -> list[list[np.ndarray]]:
+    """Saved edits DIR/<session key>/turn-01.png .. turn-K.png -> per session K x (H, W, 3) uint8, each at the
+    session's resolution (any mode PIL reads is converted to RGB)."""
+    if not storage.exists(directory, cfg):
+        raise VincieError(f"--predictions {directory}: no such directory")
+    outputs = []
+    for session in sessions:
+        edits = []
+        for turn in range(1, session.turns + 1):
+            url = prediction_url(directory, session.key, turn)
+            if not storage.exists(url, cfg):
+                raise VincieError(f"{url}: missing (expected {PREDICTION_NAME.format(1)} .. "
+                                  f"{PREDICTION_NAME.format(session.turns)} in {directory}/<session key>/ for each of "
+                                  f"the {len(sessions)} sessions)")
+            try:
+                image = Image.open(io.BytesIO(storage.read_bytes(url, cfg)))
+                image.load()
+            except (OSError, Image.DecompressionBombError) as exc:
+                raise VincieError(f"{url}: not a readable image ({exc})") from None
+            if image.size != (session.width, session.height):
+                raise VincieError(f"{url}: {image.size[0]}x{image.size[1]}, expected {session.width}x"
+                                  f"{session.height} (the session's resolution)")
+            edits.append(np.asarray(image.convert("RGB")))
+        outputs.append(edits)
+    return outputs
 
 
-def success_by_kind(sessions: list[Session], scores: list[list[TurnScore]]) -> dict[str, dict]:
+def save_predictions(directory: str, sessions: list[Session], outputs: list[list[np.ndarray]],
+                     cfg: StorageConfig | None = None) -> None:
+    """The layout read_predictions reads; each file written atomically."""
+    for session, edits in zip(sessions, outputs):
+        storage.makedirs(storage.join(directory, session.key), cfg)
+        for turn, image in enumerate(edits, start=1):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            storage.write_bytes_atomic(prediction_url(directory, session.key, turn), buffer.getvalue(), cfg)
+
+
+def success_by_kind(sessions: list[Session], scores: list[list[TurnVerdict]]) -> dict[str, dict]:
     """Per transition kind (move, recolour, ...): how many turns of that kind were edited and the share that
     succeeded on their own (not cumulative), so a report shows which edits a model has learned."""
     table: dict[str, list[bool]] = {}
@@ -163,57 +173,89 @@ def grid_png(truths: list[list[np.ndarray]], outputs: list[list[np.ndarray]], su
     return buf.getvalue()
 
 
+def at_size(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3), bicubic; the image itself when it already has that size."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def edit_synth(editor, chosen: list[Session], given: bool, steps: int | None, cfg_scale: float | None, seed: int,
+               batch: int, chain_masks: bool, progress: bool) -> list[list[np.ndarray]]:
+    """Each session edited turn by turn from its source (given: from the true previous image, teacher forcing) at
+    the model's resolution; every edit brought back to the session's (H, W, 3)."""
+    from vincie.inference.editor import restore_size
+
+    size, outputs = editor.resolution, []
+    desc = "eval, true context" if given else "eval"
+    for start in track(range(0, len(chosen), batch), desc=desc, unit="batch", enabled=progress):
+        part = chosen[start:start + batch]
+        results = editor.edit([at_size(s.images[0], size) for s in part], [s.instructions for s in part],
+                              steps=steps, cfg_scale=cfg_scale, seed=seed + start, chain_masks=chain_masks,
+                              given_images=[[at_size(x, size) for x in s.images] for s in part] if given else None)
+        outputs += [[np.asarray(restore_size(r.image, (s.width, s.height))) if s.width != size else r.image
+                     for r in turns] for s, turns in zip(part, results)]
+    return outputs
+
+
+def verdict_fields(verdict: TurnVerdict) -> dict:
+    return {"success": verdict.success, "reason": verdict.reason, "worst_object": round(verdict.worst_object, 4),
+            "background_mismatch": round(verdict.background_mismatch, 4),
+            "input_share": round(verdict.input_share, 4)}
+
+
 def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turns: int = 5, steps: int | None = None,
                    cfg_scale: float | None = None, seed: int = 0, batch: int = 16, progress: bool = True,
-                   chain_masks: bool = False, given_truth: bool = False) -> dict:
-    """Edits held-out sessions turn by turn from their sources and judges every turn against the ground truth.
-    given_truth: also edit each turn from the true previous image (teacher forcing) and report that per-turn
-    success, which separates what the model can do at a turn from the drift of its own earlier edits."""
-    from vincie.data.loader import load_sessions
-
-    chosen = [to_session(s) for s in load_sessions(editor.cfg, data_url, max_turns=turns)
-              if s.turns == turns and s.has_masks][:sessions]
-    if not chosen:
-        raise VincieError(f"{data_url}: no sessions with {turns} turns and masks to evaluate "
-                          f"(make them with: vincie data synth --split test --min-turns {turns} --turns {turns})")
-
-    def edit_all(given: bool, desc: str) -> list[list[np.ndarray]]:
-        outputs = []
-        for start in track(range(0, len(chosen), batch), desc=desc, unit="batch", enabled=progress):
-            part = chosen[start:start + batch]
-            results = editor.edit([s.images[0] for s in part], [s.instructions for s in part], steps=steps,
-                                  cfg_scale=cfg_scale, seed=seed + start, chain_masks=chain_masks,
-                                  given_images=[s.images for s in part] if given else None)
-            outputs += [[r.image for r in session] for session in results]
-        return outputs
-
-    outputs = edit_all(False, "eval")
-    model_scores = [judge_session(s, out) for s, out in zip(chosen, outputs)]
-    truth_scores = [judge_session(s, s.images[1:]) for s in chosen]
-    copy_scores = [judge_session(s, [s.images[0]] * turns) for s in chosen]
+                   chain_masks: bool = False, given_truth: bool = False, predictions: str = "",
+                   save_predictions_to: str = "", storage_cfg: StorageConfig | None = None) -> dict:
+    """Judges the edits of held-out sessions turn by turn against the world's true states (synth_judge). The edits
+    come from `editor`, each session edited turn by turn from its source, or, when editor is None, from the saved
+    images in the directory `predictions` (read_predictions). save_predictions_to: also write the model's edits in
+    that layout. given_truth (model only): also edit each turn from the true previous image (teacher forcing) and
+    report that per-turn success, which separates what the model can do at a turn from the drift of its own
+    earlier edits."""
+    chosen = held_out_sessions(data_url, turns, sessions, storage_cfg)
+    if editor is None:
+        outputs = read_predictions(predictions, chosen, storage_cfg)
+    else:
+        outputs = edit_synth(editor, chosen, False, steps, cfg_scale, seed, batch, chain_masks, progress)
+        if save_predictions_to:
+            save_predictions(save_predictions_to, chosen, outputs, storage_cfg)
+    model_verdicts = [judge_session(s, out) for s, out in zip(chosen, outputs)]
+    truth_verdicts = [judge_session(s, s.images[1:]) for s in chosen]
+    copy_verdicts = [judge_session(s, [s.images[0]] * turns) for s in chosen]
     report = {
         "bench": "synth",
         "data": data_url,
+        "predictions": predictions if editor is None else None,  # where the edits came from; None: the model
+        "chain_masks": chain_masks,
         "sessions": len(chosen),
         "turns": turns,
-        "chain_masks": chain_masks,
-        "judge": {"pixel_tolerance": PIXEL_TOLERANCE, "follow_min": FOLLOW_MIN, "consistency_min": CONSISTENCY_MIN},
-        "success": {"model": cumulative_success(model_scores, turns),
-                    "ground_truth": cumulative_success(truth_scores, turns),
-                    "copy_input": cumulative_success(copy_scores, turns)},
-        "per_turn_mean": {"followed": [float(np.mean([s[k].followed for s in model_scores])) for k in range(turns)],
-                          "consistent": [float(np.mean([s[k].consistent for s in model_scores]))
-                                         for k in range(turns)]},
-        "by_kind": {"model": success_by_kind(chosen, model_scores), "copy_input": success_by_kind(chosen, copy_scores)},
-        "denoising": denoising_probe(editor, chosen, seed),
+        "judge": {"object_contrast_share": OBJECT_CONTRAST_SHARE, "min_object_tolerance": MIN_OBJECT_TOLERANCE,
+                  "max_object_tolerance": MAX_OBJECT_TOLERANCE, "object_match_min": OBJECT_MATCH_MIN,
+                  "background_tolerance": BACKGROUND_TOLERANCE,
+                  "most_off_share_of_smallest": MOST_OFF_SHARE_OF_SMALLEST, "input_share_max": INPUT_SHARE_MAX},
+        "success": {"model": cumulative_success(model_verdicts, turns),
+                    "ground_truth": cumulative_success(truth_verdicts, turns),
+                    "copy_input": cumulative_success(copy_verdicts, turns)},
+        "by_kind": {"model": success_by_kind(chosen, model_verdicts),
+                    "copy_input": success_by_kind(chosen, copy_verdicts)},
+        "session_results": [{"id": s.key, "instructions": s.instructions,
+                             "turns": [verdict_fields(v) for v in verdicts]}
+                            for s, verdicts in zip(chosen, model_verdicts)],
     }
+    if editor is not None:
+        report["denoising"] = denoising_probe(editor, [Session(s.key, [at_size(x, editor.resolution)
+                                                                       for x in s.images[:2]], s.instructions)
+                                                       for s in chosen], seed)
     if given_truth:  # each turn on its own, from the true previous image: not cumulative
-        given = [judge_session(s, out) for s, out in zip(chosen, edit_all(True, "eval, true context"))]
+        given = [judge_session(s, out) for s, out in
+                 zip(chosen, edit_synth(editor, chosen, True, steps, cfg_scale, seed, batch, chain_masks, progress))]
         report["success_given_truth"] = [float(np.mean([s[k].success for s in given])) for k in range(turns)]
     os.makedirs(out_dir, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
     storage.write_bytes_atomic(os.path.join(out_dir, "grid.png"), grid_png(
-        [s.images for s in chosen[:8]], outputs[:8], [[t.success for t in s] for s in model_scores[:8]],
+        [s.images for s in chosen[:8]], outputs[:8], [[t.success for t in s] for s in model_verdicts[:8]],
         [s.instructions for s in chosen[:8]]))
     return report
 
@@ -226,15 +268,22 @@ def format_table(report: dict) -> str:
     if "success_given_truth" in report:
         lines.append(f"{'given truth':16s}" + "".join(f"{v:7.2f}" for v in report["success_given_truth"])
                      + "   (model, each turn alone from the true previous image)")
-    probe = report["denoising"]
-    lines.append("turn-1 x0 error by noise level t: " + ", ".join(f"t={t} {v:.4f}" for t, v in probe["x0_mse"].items())
-                 + f" (copy-input {probe['copy_input']:.4f}, mean {probe['mean']:.4f})")
-    lines.append("turn-1 x0 change when the instruction is swapped: "
-                 + ", ".join(f"t={t} {v:.1e}" for t, v in probe["text_swap_change"].items())
-                 + " (about copy-input when the instruction is followed, near 0 when it is ignored)")
+    if "denoising" in report:
+        probe = report["denoising"]
+        lines.append("turn-1 x0 error by noise level t: "
+                     + ", ".join(f"t={t} {v:.4f}" for t, v in probe["x0_mse"].items())
+                     + f" (copy-input {probe['copy_input']:.4f}, mean {probe['mean']:.4f})")
+        lines.append("turn-1 x0 change when the instruction is swapped: "
+                     + ", ".join(f"t={t} {v:.1e}" for t, v in probe["text_swap_change"].items())
+                     + " (about copy-input when the instruction is followed, near 0 when it is ignored)")
     kinds = report["by_kind"]["model"]
     lines.append("success per edit kind, over all turns (turns): "
                  + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
+    failed = [turn["reason"].split(":")[0] for session in report["session_results"] for turn in session["turns"]
+              if not turn["success"]]
+    if failed:
+        lines.append("failed turns by first failed check: "
+                     + ", ".join(f"{check} {failed.count(check)}" for check in sorted(set(failed))))
     return "\n".join(lines)
 
 
