@@ -7,9 +7,10 @@ sessions (data.val_url, a validation split apart from data.eval_url's test split
   the forward runs through the trainer's own layout (megatron-core's forward-only schedule under TP/PP) and one
   all-reduce sums the tables.
 - **Success per turn**: rank 0 edits the first train.eval_success_sessions sessions turn by turn with the EMA
-  weights (what `vincie export` writes), in a plain copy of the model, and the synthetic judge scores each turn;
-  the success at turn k is the share of sessions whose turns 1..k all succeeded (sessions with fewer turns do not
-  count). A sample grid (truth and edits, framed by the judge's verdict) goes to OUT/validation/step-N.png.
+  weights (what `vincie export` writes), in a plain copy of the model, and the strict synthetic judge
+  (vincie.evaluation.synth_judge) scores each turn; the success at turn k is the share of sessions whose turns
+  1..k all succeeded. A sample grid (truth and edits, framed by the judge's verdict) goes to
+  OUT/validation/step-N.png.
 
 Nothing here draws from the training's random streams (they are seeded by step and sample), so a run's losses
 are the same with and without validation (tests/test_validation.py).
@@ -26,7 +27,8 @@ import torch.distributed as dist
 
 from vincie import storage
 from vincie.data.loader import load_sessions
-from vincie.evaluation.evaluate import grid_png, judge_session, to_session
+from vincie.evaluation.evaluate import edit_synth, grid_png, held_out_sessions
+from vincie.evaluation.synth_judge import cumulative_success, judge_session
 from vincie.inference.editor import Editor
 from vincie.model.sequence import TASKS
 from vincie.sessions.loaded import truncate
@@ -43,8 +45,10 @@ class Validator:
         self.turns = cfg.data.max_turns
         sessions = load_sessions(cfg, cfg.data.val_url, max_turns=self.turns, count=cfg.train.eval_sessions)
         self.sessions = [truncate(s, self.turns) for s in sessions]
-        # the judge needs the true masks of the synthetic world's sessions
-        self.judged = [s for s in self.sessions[:cfg.train.eval_success_sessions] if s.has_masks]
+        # the judge replays the synthetic world's sessions at their own resolution, all cut to one turn count
+        count = cfg.train.eval_success_sessions
+        self.judged_turns = min([s.turns for s in self.sessions[:count]], default=0)
+        self.judged = held_out_sessions(cfg.data.val_url, self.judged_turns, count, cfg.storage) if count else []
         self.grid_dir = os.path.join(cfg.run.out_dir, "validation")
 
     def samples(self) -> list:
@@ -92,22 +96,15 @@ class Validator:
 
     def success(self, step: int) -> list[float]:
         """Success per turn of the judged sessions (rank 0), and their sample grid."""
-        editor = self.editor()
-        steps = self.cfg.train.eval_sample_steps or None
-        sessions = [to_session(s) for s in self.judged]
-        outputs: list = [None] * len(sessions)
-        for turns in sorted({len(s.instructions) for s in sessions}):  # the editor takes one turn count at a time
-            group = [i for i, s in enumerate(sessions) if len(s.instructions) == turns]
-            edited = editor.edit([sessions[i].images[0] for i in group], [sessions[i].instructions for i in group],
-                                 steps=steps, seed=self.cfg.run.seed + turns)
-            for i, results in zip(group, edited):
-                outputs[i] = [r.image for r in results]
-        verdicts = [[turn.success for turn in judge_session(s, out)] for s, out in zip(sessions, outputs)]
+        sessions = self.judged
+        outputs = edit_synth(self.editor(), sessions, False, self.cfg.train.eval_sample_steps or None, None,
+                             self.cfg.run.seed, len(sessions), False, False)
+        verdicts = [judge_session(s, out) for s, out in zip(sessions, outputs)]
         os.makedirs(self.grid_dir, exist_ok=True)
-        self.grid = grid_png([s.images for s in sessions], outputs, verdicts, [s.instructions for s in sessions])
+        self.grid = grid_png([s.images for s in sessions], outputs, [[v.success for v in s] for s in verdicts],
+                             [s.instructions for s in sessions])
         storage.write_bytes_atomic(os.path.join(self.grid_dir, f"step-{step:07d}.png"), self.grid)
-        return [float(np.mean([all(v[:k + 1]) for v in verdicts if len(v) > k]))
-                for k in range(max(map(len, verdicts)))]
+        return cumulative_success(verdicts, self.judged_turns)
 
     def run(self, step: int) -> dict:
         """Every rank calls it; -> the metrics.jsonl record (rank 0's has the success and the grid)."""
