@@ -52,6 +52,8 @@ def test_predictions_are_scored_without_a_model(tmp_path, held_out, capsys):
     result = scored(capsys, held_out, mixed, tmp_path / "c")
     assert result["success"] == pytest.approx([1.0, 5 / 6, 4 / 6]) and result["sessions"] == 6
     assert result["ground_truth"] == [1.0] * TURNS and result["copy_input"] == [0.0] * TURNS
+    # 95 % Wilson intervals over the 6 sessions: 6/6 -> [0.61, 1], 5/6 -> [0.44, 0.97], 4/6 -> [0.30, 0.90]
+    assert result["interval"] == [[0.61, 1.0], [0.436, 0.97], [0.3, 0.903]]
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["predictions"] == mixed and "denoising" not in report
     first = report["session_results"][0]["turns"]
@@ -61,6 +63,7 @@ def test_predictions_are_scored_without_a_model(tmp_path, held_out, capsys):
     model_row = next(line for line in table.splitlines() if line.startswith("model "))
     assert [float(v) for v in model_row.split()[1:]] == pytest.approx(result["success"], abs=0.005)
     assert format_table(report).splitlines()[1] == model_row
+    assert "model, 95 % Wilson score interval over sessions (6): turn 1 0.61-1.00, turn 2 0.44-0.97" in table
     failures = next(line for line in table.splitlines() if line.startswith("failed turns by first failed check: "))
     assert sum(int(part.split()[-1]) for part in failures.split(": ", 1)[1].split(", ")) == 2  # the two wrong turns
 

@@ -205,7 +205,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 storage_cfg=editor.cfg.storage if editor else None)
         if args.json:
             print(json.dumps({"bench": "synth", "sessions": report["sessions"], "turns": report["turns"],
-                              "success": report["success"]["model"], "ground_truth": report["success"]["ground_truth"],
+                              "success": report["success"]["model"], "interval": report["success_interval"]["model"],
+                              "ground_truth": report["success"]["ground_truth"],
                               "copy_input": report["success"]["copy_input"],
                               "report": os.path.join(args.out, "report.json")}))
             return 0

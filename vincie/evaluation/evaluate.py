@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -198,6 +199,15 @@ def edit_synth(editor, chosen: list[Session], given: bool, steps: int | None, cf
     return outputs
 
 
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95 % Wilson score interval of a success rate over n sessions (the unit a cumulative success counts):
+    [low, high], rounded to 3 places. Unlike rate +- z sqrt(rate (1 - rate) / n) it stays inside [0, 1] and is not
+    empty at 0 or 1 (0 of 64 sessions: [0, 0.057])."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 3), round(min(1.0, centre + half), 3)]
+
+
 def verdict_fields(verdict: TurnVerdict) -> dict:
     return {"success": verdict.success, "reason": verdict.reason, "worst_object": round(verdict.worst_object, 4),
             "background_mismatch": round(verdict.background_mismatch, 4),
@@ -238,12 +248,15 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
         "success": {"model": cumulative_success(model_verdicts, turns),
                     "ground_truth": cumulative_success(truth_verdicts, turns),
                     "copy_input": cumulative_success(copy_verdicts, turns)},
+        "interval": "95 % Wilson score interval over sessions",
         "by_kind": {"model": success_by_kind(chosen, model_verdicts),
                     "copy_input": success_by_kind(chosen, copy_verdicts)},
         "session_results": [{"id": s.key, "instructions": s.instructions,
                              "turns": [verdict_fields(v) for v in verdicts]}
                             for s, verdicts in zip(chosen, model_verdicts)],
     }
+    report["success_interval"] = {name: [wilson_interval(rate, len(chosen)) for rate in rates]
+                                  for name, rates in report["success"].items()}
     if editor is not None:
         report["denoising"] = denoising_probe(editor, [Session(s.key, [at_size(x, editor.resolution)
                                                                        for x in s.images[:2]], s.instructions)
@@ -265,6 +278,10 @@ def format_table(report: dict) -> str:
     lines = ["turn            " + "".join(f"{k + 1:>7d}" for k in range(turns))]
     for name in ("model", "copy_input", "ground_truth"):
         lines.append(f"{name:16s}" + "".join(f"{v:7.2f}" for v in report["success"][name]))
+    if "success_interval" in report:
+        lines.append(f"model, {report['interval']} ({report['sessions']}): "
+                     + ", ".join(f"turn {k + 1} {lo:.2f}-{hi:.2f}"
+                                 for k, (lo, hi) in enumerate(report["success_interval"]["model"])))
     if "success_given_truth" in report:
         lines.append(f"{'given truth':16s}" + "".join(f"{v:7.2f}" for v in report["success_given_truth"])
                      + "   (model, each turn alone from the true previous image)")
