@@ -120,3 +120,25 @@ def test_save_predictions_writes_the_layout_predictions_reads(tmp_path, held_out
     files_report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert model_report["session_results"] == files_report["session_results"]
     assert set(model_report["denoising"]["x0_mse"]) == {"0.9", "0.5", "0.2", "0.05"}
+
+
+def test_current_image_context_edits_each_turn_as_a_session_of_its_own(tmp_path, held_out):
+    """--context current (the paper's context ablation): turn k sees the current image and instruction k only. With
+    the true previous images given, another first instruction leaves turn 2's edit unchanged in that mode, and
+    changes it with the whole session as context (the model reads instruction 1 there)."""
+    import dataclasses
+
+    from vincie.evaluation.evaluate import edit_synth
+    from vincie.inference.editor import Editor
+
+    editor = Editor.load(make_plain_run(tmp_path))
+    sessions = held_out_sessions(held_out, 2, 2)
+    other = [dataclasses.replace(s, instructions=["paint everything purple", *s.instructions[1:]])
+             for s in sessions]
+
+    def turn_two(chosen, context):
+        outputs = edit_synth(editor, chosen, True, 2, None, 0, 2, False, False, context)
+        return [turns[1] for turns in outputs]
+
+    assert all(np.array_equal(a, b) for a, b in zip(turn_two(sessions, "current"), turn_two(other, "current")))
+    assert not all(np.array_equal(a, b) for a, b in zip(turn_two(sessions, "session"), turn_two(other, "session")))

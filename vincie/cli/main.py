@@ -161,7 +161,8 @@ def cmd_convert_release(args: argparse.Namespace) -> int:
     return 0 if all(ok for *_, ok in results) else 1
 
 
-MODEL_OPTIONS = ("steps", "cfg", "chain_masks", "given_truth", "raw_weights", "save_predictions")  # eval, model only
+# `vincie eval` options that need a model (not --predictions)
+MODEL_OPTIONS = ("steps", "cfg", "chain_masks", "given_truth", "raw_weights", "save_predictions", "context")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -187,6 +188,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise VincieError(f"--bench {args.bench} needs --model DIR")
         if args.given_truth:
             raise VincieError("--given-truth applies to --bench synth only (its sessions hold every turn's true image)")
+        if args.context:
+            raise VincieError("--context applies to --bench synth only")
         if not args.data:
             raise VincieError(f"--bench {args.bench} needs --data DIR (a local copy of the benchmark)")
     if args.judge_url and not args.judge_model:
@@ -202,7 +205,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 sessions=args.sessions or 32, turns=args.turns, steps=args.steps, cfg_scale=args.cfg,
                                 seed=args.seed, chain_masks=args.chain_masks, given_truth=args.given_truth,
                                 predictions=args.predictions or "", save_predictions_to=args.save_predictions or "",
-                                storage_cfg=editor.cfg.storage if editor else None)
+                                storage_cfg=editor.cfg.storage if editor else None,
+                                context=args.context or "session")
         if args.json:
             print(json.dumps({"bench": "synth", "sessions": report["sessions"], "turns": report["turns"],
                               "success": report["success"]["model"], "interval": report["success_interval"]["model"],
@@ -400,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--chain-masks", action="store_true",
                           help="each turn generates its current mask, next mask, then the image (CS -> NS -> I)")
+    evaluate.add_argument("--context", choices=["session", "current"],
+                          help="synth: what each turn sees: the whole session so far (default), or the current "
+                               "image and the turn's instruction only (the paper's context ablation)")
     evaluate.add_argument("--given-truth", action="store_true",
                           help="synth: also edit each turn from the true previous image (teacher forcing, as in "
                                "training) and print that per-turn success: what the model does at a turn, without "

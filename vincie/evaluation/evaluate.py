@@ -181,19 +181,41 @@ def at_size(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
+CONTEXTS = ("session", "current")
+
+
 def edit_synth(editor, chosen: list[Session], given: bool, steps: int | None, cfg_scale: float | None, seed: int,
-               batch: int, chain_masks: bool, progress: bool) -> list[list[np.ndarray]]:
+               batch: int, chain_masks: bool, progress: bool, context: str = "session") -> list[list[np.ndarray]]:
     """Each session edited turn by turn from its source (given: from the true previous image, teacher forcing) at
-    the model's resolution; every edit brought back to the session's (H, W, 3)."""
+    the model's resolution; every edit brought back to the session's (H, W, 3). context "session": each turn sees
+    the whole session so far (its images and instructions); "current": each turn is a session of its own, the
+    current image and the turn's instruction only (the paper's context ablation)."""
     from vincie.inference.editor import restore_size
 
+    if context not in CONTEXTS:
+        raise VincieError(f"--context {context}: expected one of {', '.join(CONTEXTS)}")
     size, outputs = editor.resolution, []
     desc = "eval, true context" if given else "eval"
+
+    def edit(sources, instructions, given_images, offset):
+        if context == "session":
+            return editor.edit(sources, instructions, steps=steps, cfg_scale=cfg_scale, seed=seed + offset,
+                               chain_masks=chain_masks, given_images=given_images)
+        results, current = [[] for _ in sources], list(sources)
+        for k in range(len(instructions[0])):  # one-turn sessions, each from the previous turn's edit (or truth)
+            if k and given_images is not None:
+                current = [images[k] for images in given_images]
+            turn = editor.edit(current, [[texts[k]] for texts in instructions], steps=steps, cfg_scale=cfg_scale,
+                               seed=seed + offset + 1000 * k, chain_masks=chain_masks)
+            for session, (result,) in zip(results, turn):
+                session.append(result)
+            current = [r[-1].image for r in results]
+        return results
+
     for start in track(range(0, len(chosen), batch), desc=desc, unit="batch", enabled=progress):
         part = chosen[start:start + batch]
-        results = editor.edit([at_size(s.images[0], size) for s in part], [s.instructions for s in part],
-                              steps=steps, cfg_scale=cfg_scale, seed=seed + start, chain_masks=chain_masks,
-                              given_images=[[at_size(x, size) for x in s.images] for s in part] if given else None)
+        results = edit([at_size(s.images[0], size) for s in part], [s.instructions for s in part],
+                       [[at_size(x, size) for x in s.images] for s in part] if given else None, start)
         outputs += [[np.asarray(restore_size(r.image, (s.width, s.height))) if s.width != size else r.image
                      for r in turns] for s, turns in zip(part, results)]
     return outputs
@@ -217,7 +239,8 @@ def verdict_fields(verdict: TurnVerdict) -> dict:
 def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turns: int = 5, steps: int | None = None,
                    cfg_scale: float | None = None, seed: int = 0, batch: int = 16, progress: bool = True,
                    chain_masks: bool = False, given_truth: bool = False, predictions: str = "",
-                   save_predictions_to: str = "", storage_cfg: StorageConfig | None = None) -> dict:
+                   save_predictions_to: str = "", storage_cfg: StorageConfig | None = None,
+                   context: str = "session") -> dict:
     """Judges the edits of held-out sessions turn by turn against the world's true states (synth_judge). The edits
     come from `editor`, each session edited turn by turn from its source, or, when editor is None, from the saved
     images in the directory `predictions` (read_predictions). save_predictions_to: also write the model's edits in
@@ -228,7 +251,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
     if editor is None:
         outputs = read_predictions(predictions, chosen, storage_cfg)
     else:
-        outputs = edit_synth(editor, chosen, False, steps, cfg_scale, seed, batch, chain_masks, progress)
+        outputs = edit_synth(editor, chosen, False, steps, cfg_scale, seed, batch, chain_masks, progress, context)
         if save_predictions_to:
             save_predictions(save_predictions_to, chosen, outputs, storage_cfg)
     model_verdicts = [judge_session(s, out) for s, out in zip(chosen, outputs)]
@@ -239,6 +262,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
         "data": data_url,
         "predictions": predictions if editor is None else None,  # where the edits came from; None: the model
         "chain_masks": chain_masks,
+        "context": context,
         "sessions": len(chosen),
         "turns": turns,
         "judge": {"object_contrast_share": OBJECT_CONTRAST_SHARE, "min_object_tolerance": MIN_OBJECT_TOLERANCE,
@@ -263,7 +287,8 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
                                                        for s in chosen], seed)
     if given_truth:  # each turn on its own, from the true previous image: not cumulative
         given = [judge_session(s, out) for s, out in
-                 zip(chosen, edit_synth(editor, chosen, True, steps, cfg_scale, seed, batch, chain_masks, progress))]
+                 zip(chosen, edit_synth(editor, chosen, True, steps, cfg_scale, seed, batch, chain_masks, progress,
+                                        context))]
         report["success_given_truth"] = [float(np.mean([s[k].success for s in given])) for k in range(turns)]
     os.makedirs(out_dir, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
