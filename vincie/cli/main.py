@@ -89,6 +89,17 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from vincie.ops.ablate import Runner, format_results
+
+    runner = Runner(args.name, args.out or os.path.join("runs", "ablate"), args.config, args.overrides, args.seeds,
+                    args.steps, args.sessions, args.nproc, args.test_sessions, args.turns)
+    results = runner.run()
+    print(format_results(results))
+    print(f"ablate {args.name}: results {runner.out}/{args.name}/results.json, plot {runner.out}/{args.name}/ablation.png")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from vincie.ops.report import write_report
 
@@ -479,6 +490,30 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_arguments(parser_)
         parser_.set_defaults(func=cmd_k8s)
 
+    from vincie.ops.ablate import ABLATIONS
+
+    ablate = sub.add_parser(
+        "ablate", help="the paper's ablations on the synthetic world",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the arms of one of the paper's ablations on the synthetic world (several seeds each), "
+                    "evaluate them on the same held-out test sessions with the strict judge, and print and plot "
+                    "success per turn with intervals, and whether the paper's ordering reproduces "
+                    "(docs/ablations.md).\n\nFinished arms are kept under --out: rerunning the command resumes "
+                    "(an interrupted training from its checkpoint), so results build up over several runs. Each "
+                    "arm's whole training config is written to OUT/NAME/configs/ first, the file that trains the "
+                    "same arm on a GPU cluster (vincie k8s submit --config FILE).\n\nablations:\n"
+                    + "\n".join(f"  {name:13s} {a.question}" for name, a in ABLATIONS.items()))
+    ablate.add_argument("name", choices=sorted(ABLATIONS), metavar="NAME", help=", ".join(ABLATIONS))
+    ablate.add_argument("--out", metavar="DIR", help="where data, runs and results are kept (default runs/ablate)")
+    ablate.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    ablate.add_argument("--steps", type=int, help="training steps per arm (default: the config's train.steps)")
+    ablate.add_argument("--sessions", type=int, default=8192,
+                        help="distinct training sessions of the arms that do not set their own (default 8192)")
+    ablate.add_argument("--nproc", type=int, default=2, help="training processes per arm (default 2)")
+    ablate.add_argument("--test-sessions", type=int, default=64, help="held-out test sessions (default 64)")
+    ablate.add_argument("--turns", type=int, default=5, help="turns per test session (default 5)")
+    add_config_arguments(ablate, default="tiny")
+    ablate.set_defaults(func=cmd_ablate)
     report = sub.add_parser("report", help="a PNG report of a run's metrics",
                             description="Plot a run's metrics.jsonl (loss per task, step time, throughput, "
                                         "utilisation, gradient norm, learning rate, data wait and skips) into one "

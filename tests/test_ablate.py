@@ -1,0 +1,70 @@
+"""`vincie ablate` (vincie/ops/ablate.py): arms trained and evaluated, kept, resumed; the table, the plot, the
+orderings; the arms' configs. Real trainings of the micro model, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_vincie
+from helpers import write_config
+from vincie.config import load_config
+from vincie.ops.ablate import ABLATIONS, ordering
+
+
+def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
+    config = write_config(tmp_path / "micro.yaml", tmp_path / "unused", "unused", train={"steps": 2})
+    out = tmp_path / "ablate"
+    args = ["ablate", "pairs", "diffusion.sample_steps=2", "--out", str(out), "--config", config, "--seeds", "1",
+            "--sessions", "16", "--nproc", "1", "--test-sessions", "2", "--turns", "2"]
+    first = run_vincie(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "training n16-s0" in first.stdout and "training n16-modepairs-s0" in first.stdout
+    table = first.stdout
+    assert "ablation pairs: multi-turn sessions against" in table
+    assert "sessions - pairs: " in table and "the paper's order" in table
+    results = json.loads((out / "pairs" / "results.json").read_text())
+    assert list(results["arms"]) == ["sessions", "pairs"] and results["steps"] == 2
+    for arm in results["arms"].values():
+        assert len(arm["success"]) == 2 and arm["outcomes"] == 2
+        assert all(lo <= s <= hi for s, (lo, hi) in zip(arm["success"], arm["interval"]))
+    assert (out / "pairs" / "ablation.png").stat().st_size > 0
+    for slug in ("n16-s0", "n16-modepairs-s0"):  # each arm's whole config, which trains it anywhere
+        cfg = load_config(str(out / "pairs" / "configs" / f"{slug}.yaml"))
+        assert cfg.train.steps == 2 and cfg.run.out_dir == str(out / "runs" / slug)
+    assert load_config(str(out / "pairs" / "configs" / "n16-modepairs-s0.yaml")).data.mode == "pairs"
+
+    again = run_vincie(*args)  # finished arms are kept: nothing trains or evaluates again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ablate pairs: training" not in again.stdout and "ablate pairs: evaluating" not in again.stdout
+    assert json.loads((out / "pairs" / "results.json").read_text()) == results
+
+    # the context ablation shares the base recipe's run: only its pairs-trained arm trains
+    context = run_vincie(*[a if a != "pairs" else "context" for a in args])
+    assert context.returncode == 0, context.stderr[-3000:]
+    assert "ablate context: training n16-s0" not in context.stdout
+    assert "ablate context: training n16-modepairs-s0" not in context.stdout  # that run is shared too
+    assert "ablate context: evaluating current-image seed 0" in context.stdout
+
+
+def test_orderings_say_whether_the_paper_holds():
+    arms = {"a": {"success": [0.9, 0.5], "interval": [[0.8, 0.95], [0.4, 0.6]]},
+            "b": {"success": [0.5, 0.5], "interval": [[0.4, 0.6], [0.4, 0.6]]}}
+    assert ordering(arms, "a", "b") == {"better": "a", "worse": "b", "mean_difference": pytest.approx(0.2),
+                                        "difference": pytest.approx([0.4, 0.0]), "turns_apart": [1], "holds": True}
+    assert not ordering(arms, "b", "a")["holds"]
+
+
+def test_every_ablation_names_arms_it_has():
+    for name, ablation in ABLATIONS.items():
+        names = [arm.name for arm in ablation.arms]
+        assert len(set(names)) == len(names) >= 2, name
+        assert all(better in names and worse in names for better, worse in ablation.paper), name
+
+
+def test_an_unknown_ablation_is_refused(tmp_path):
+    result = run_vincie("ablate", "nonsense", "--out", str(tmp_path))
+    assert result.returncode != 0 and "invalid choice: 'nonsense'" in result.stderr
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,245 @@
+"""`vincie ablate NAME`: the paper's ablations on the synthetic world, one command each (docs/ablations.md).
+
+Each ablation is a few arms. An arm is a training recipe (how many distinct training sessions, config overrides)
+and how it is evaluated (each turn with the whole session as context or the current image only; CS -> NS -> I
+chained or direct). Every arm trains with several seeds (run.seed and the training data's seed), then edits the
+same held-out test sessions (split test, 5 turns) and is scored by the strict synthetic judge.
+
+Everything is kept under --out, so a rerun (or a run of another ablation sharing a recipe) resumes:
+
+    OUT/data/test, OUT/data/train-N-sS          sessions (vincie data synth; resumable itself)
+    OUT/runs/RECIPE-sS/                          a training run (its config.yaml, checkpoints, metrics.jsonl);
+                                                 an interrupted one resumes from its checkpoint
+    OUT/NAME/configs/RECIPE-sS.yaml              the arm's whole training config: the same file trains it on a GPU
+                                                 cluster (vincie k8s submit --config FILE)
+    OUT/NAME/arms/ARM-sS/report.json             the arm's evaluation (vincie eval's report); present = finished
+    OUT/NAME/results.json, OUT/NAME/ablation.png the table and the plot
+
+An arm's success per turn is the mean over its seeds; its interval is the 95 % Wilson interval over all
+(seed, session) outcomes pooled, which treats the seeds' sessions as independent samples (they are the same test
+sessions, so the interval is narrower than one over independent sessions would be, and says how precisely the
+arm's mean is known, not how much another test set would move it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from vincie import storage
+from vincie.config import load_config, to_yaml
+from vincie.errors import VincieError
+
+TEST_SESSIONS = 64
+TURNS = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training: `sessions` distinct training sessions (None: --sessions) and config overrides."""
+    sessions: int | None = None
+    overrides: tuple[str, ...] = ()
+
+    def slug(self, sessions: int) -> str:
+        return "-".join([f"n{self.sessions or sessions}", *(o.split(".")[-1].replace("=", "") for o in self.overrides)])
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    recipe: Recipe
+    context: str = "session"  # vincie eval --context
+    chain_masks: bool = False  # vincie eval --chain-masks
+
+
+@dataclass(frozen=True)
+class Ablation:
+    question: str
+    arms: tuple[Arm, ...]
+    paper: tuple[tuple[str, str], ...]  # (better arm, worse arm): the paper's ordering
+    paper_says: str
+
+
+BASE = Recipe()
+PAIRS = Recipe(overrides=("data.mode=pairs",))
+MASKS = Recipe(overrides=("sequence.masks_present=0.8",))
+ABLATIONS = {
+    "data-scale": Ablation(
+        "the same steps on 1k, 4k and 16k distinct training sessions",
+        (Arm("1k", Recipe(1024)), Arm("4k", Recipe(4096)), Arm("16k", Recipe(16384))),
+        (("16k", "4k"), ("4k", "1k")), "more distinct sessions edit better (the paper's data-scale study)"),
+    "pairs": Ablation(
+        "multi-turn sessions against the same transitions cut into one-turn pairs (data.mode pairs)",
+        (Arm("sessions", BASE), Arm("pairs", PAIRS)),
+        (("sessions", "pairs"),), "training on sessions beats training on pairs, most at later turns"),
+    "segmentation": Ablation(
+        "the segmentation tasks (CSP/NSP, masks at the paper's rate 0.8) against none, and at inference CS -> NS -> I "
+        "chained against direct",
+        (Arm("masks", MASKS), Arm("masks-chained", MASKS, chain_masks=True),
+         Arm("no-masks", Recipe(overrides=("sequence.masks_present=0.0",)))),
+        (("masks", "no-masks"), ("masks-chained", "masks")),
+        "the segmentation tasks help, and chained mask prediction helps more"),
+    "context": Ablation(
+        "each turn edited with the whole session as context against the current image only, at inference and for a "
+        "model trained on one-turn pairs",
+        (Arm("session", BASE), Arm("current-image", BASE, context="current"),
+         Arm("pairs-current-image", PAIRS, context="current")),
+        (("session", "current-image"), ("session", "pairs-current-image")),
+        "the session context improves multi-turn editing"),
+}
+
+
+def wilson(successes: int, n: int) -> list[float]:
+    from vincie.evaluation.evaluate import wilson_interval
+
+    return wilson_interval(successes / n, n)
+
+
+class Runner:
+    def __init__(self, name: str, out: str, config: str, overrides: list[str], seeds: int, steps: int | None,
+                 sessions: int, nproc: int, test_sessions: int = TEST_SESSIONS, turns: int = TURNS):
+        if name not in ABLATIONS:
+            raise VincieError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+        self.name, self.ablation, self.out = name, ABLATIONS[name], os.path.abspath(out)
+        self.config, self.overrides, self.seeds, self.steps = config, overrides, seeds, steps
+        self.sessions, self.nproc, self.test_sessions, self.turns = sessions, nproc, test_sessions, turns
+        load_config(config, overrides)  # a bad config fails before anything runs
+        self.resolution = load_config(config, overrides).data.resolution
+
+    def log(self, line: str) -> None:
+        print(f"ablate {self.name}: {line}", flush=True)
+
+    def synth(self, path: str, sessions: int, split: str, seed: int, turns: tuple[int, int]) -> str:
+        from data_index.synthetic.synth import SynthJob, run_synth
+        from vincie.config import StorageConfig, SynthConfig
+
+        job = SynthJob(out=path, sessions=sessions, split=split, seed=seed,
+                       synth=SynthConfig(resolution=self.resolution, min_turns=turns[0], max_turns=turns[1],
+                                         image_format="png"))
+        run_synth(job, StorageConfig(), progress=False)  # resumes, and checks the settings of what is there
+        return path
+
+    def train(self, recipe: Recipe, seed: int) -> str:
+        """The recipe's run for `seed`: trained (or resumed) unless finished. -> the run directory."""
+        sessions = recipe.sessions or self.sessions
+        slug = f"{recipe.slug(self.sessions)}-s{seed}"
+        run_dir = os.path.join(self.out, "runs", slug)
+        data = self.synth(os.path.join(self.out, "data", f"train-{sessions}-s{seed}"), sessions, "train", seed,
+                          (2, 6))
+        overrides = [*self.overrides, f"run.out_dir={run_dir}", f"run.seed={seed}", f"data.train_url={data}",
+                     f"data.eval_url={self.test_data}", *recipe.overrides,
+                     *([f"train.steps={self.steps}"] if self.steps else [])]
+        cfg = load_config(self.config, overrides)
+        config_path = os.path.join(self.out, self.name, "configs", f"{slug}.yaml")
+        os.makedirs(os.path.dirname(config_path), exist_ok=True)
+        storage.write_bytes_atomic(config_path, to_yaml(cfg).encode())
+        from vincie.training import checkpoint
+
+        latest = checkpoint.latest(run_dir)
+        if latest is not None and os.path.basename(latest) == checkpoint.step_name(cfg.train.steps):
+            return run_dir  # finished
+        self.log(f"training {slug} ({cfg.train.steps} steps, {sessions} sessions, {self.nproc} processes; log "
+                 f"{run_dir}.log)")
+        os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+        with open(run_dir + ".log", "a") as log:
+            code = subprocess.call([sys.executable, "-m", "vincie", "launch", "local", "--nproc", str(self.nproc),
+                                    "--no-progress", "--config", config_path], stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise VincieError(f"ablate {self.name}: training {slug} failed (exit {code}); see {run_dir}.log "
+                              "(rerunning the command resumes it)")
+        return run_dir
+
+    def evaluate(self, arm: Arm, seed: int) -> dict:
+        path = os.path.join(self.out, self.name, "arms", f"{arm.name}-s{seed}")
+        report = os.path.join(path, "report.json")
+        if os.path.exists(report):
+            return json.load(open(report))
+        run_dir = self.train(arm.recipe, seed)
+        from vincie.evaluation.evaluate import evaluate_synth
+        from vincie.inference.editor import Editor
+
+        self.log(f"evaluating {arm.name} seed {seed} ({self.test_sessions} sessions x {self.turns} turns"
+                 f"{', context: current image' if arm.context == 'current' else ''}"
+                 f"{', CS -> NS -> I' if arm.chain_masks else ''})")
+        return evaluate_synth(Editor.load(run_dir), self.test_data, path, sessions=self.test_sessions,
+                              turns=self.turns, progress=False, chain_masks=arm.chain_masks, context=arm.context)
+
+    def run(self) -> dict:
+        self.test_data = self.synth(os.path.join(self.out, "data", "test"), self.test_sessions, "test", 0,
+                                    (self.turns, self.turns))
+        arms = {}
+        for arm in self.ablation.arms:
+            reports = [self.evaluate(arm, seed) for seed in range(self.seeds)]
+            n = sum(r["sessions"] for r in reports)
+            success = [sum(r["success"]["model"][k] * r["sessions"] for r in reports) / n for k in range(self.turns)]
+            arms[arm.name] = {"success": success,
+                              "interval": [wilson(round(s * n), n) for s in success],
+                              "per_seed": [r["success"]["model"] for r in reports], "outcomes": n}
+        results = {"ablation": self.name, "question": self.ablation.question, "seeds": self.seeds,
+                   "test_sessions": self.test_sessions, "turns": self.turns,
+                   "steps": load_config(self.config, self.overrides).train.steps if not self.steps else self.steps,
+                   "arms": arms, "paper": self.ablation.paper_says,
+                   "orderings": [ordering(arms, better, worse) for better, worse in self.ablation.paper]}
+        directory = os.path.join(self.out, self.name)
+        storage.write_bytes_atomic(os.path.join(directory, "results.json"), json.dumps(results, indent=1).encode())
+        storage.write_bytes_atomic(os.path.join(directory, "ablation.png"), plot(results))
+        return results
+
+
+def ordering(arms: dict, better: str, worse: str) -> dict:
+    """Whether `better` beat `worse` as the paper says: the mean difference over turns and where their intervals
+    do not overlap."""
+    a, b = arms[better], arms[worse]
+    diffs = [x - y for x, y in zip(a["success"], b["success"])]
+    separated = [lo_a > hi_b or hi_a < lo_b for (lo_a, hi_a), (lo_b, hi_b) in zip(a["interval"], b["interval"])]
+    return {"better": better, "worse": worse, "mean_difference": sum(diffs) / len(diffs), "difference": diffs,
+            "turns_apart": [k + 1 for k, s in enumerate(separated) if s],
+            "holds": sum(diffs) > 0}
+
+
+def format_results(results: dict) -> str:
+    turns = results["turns"]
+    lines = [f"ablation {results['ablation']}: {results['question']}",
+             f"({results['seeds']} seeds x {results['test_sessions']} test sessions, {results['steps']} steps; "
+             "success per turn, mean over seeds, 95 % Wilson interval over the pooled outcomes)",
+             f"{'arm':22s}" + "".join(f"{'turn ' + str(k + 1):>18s}" for k in range(turns))]
+    for name, arm in results["arms"].items():
+        lines.append(f"{name:22s}" + "".join(f"{s:6.2f} [{lo:.2f},{hi:.2f}]"
+                                             for s, (lo, hi) in zip(arm["success"], arm["interval"])))
+    lines.append(f"the paper: {results['paper']}")
+    for o in results["orderings"]:
+        apart = f"; intervals apart at turns {', '.join(map(str, o['turns_apart']))}" if o["turns_apart"] else \
+            "; the intervals overlap at every turn"
+        lines.append(f"  {o['better']} - {o['worse']}: {o['mean_difference']:+.3f} mean over turns "
+                     f"({', '.join(f'{d:+.2f}' for d in o['difference'])}): the paper's order "
+                     f"{'holds' if o['holds'] else 'does not hold'}{apart}")
+    return "\n".join(lines)
+
+
+def plot(results: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    turns = list(range(1, results["turns"] + 1))
+    for k, (name, arm) in enumerate(results["arms"].items()):
+        x = [t + 0.06 * (k - (len(results["arms"]) - 1) / 2) for t in turns]
+        low = [s - lo for s, (lo, _) in zip(arm["success"], arm["interval"])]
+        high = [hi - s for s, (_, hi) in zip(arm["success"], arm["interval"])]
+        ax.errorbar(x, arm["success"], yerr=[low, high], marker="o", capsize=3, label=name)
+    ax.set(title=f"vincie ablate {results['ablation']} ({results['seeds']} seeds, {results['steps']} steps)",
+           xlabel="turn", ylabel="success (cumulative)", ylim=(-0.02, 1.02), xticks=turns)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
