@@ -184,3 +184,14 @@ def test_bench_inference_reports_both_ways(capsys):
     assert len(report["cache_s"]) == len(report["recompute_s"]) == 1 and report["speedup"] > 0
     assert report["max_pixel_difference"] <= 1
     assert all(peak is None or peak > 0 for peak in report["peak_memory_mib"].values())
+
+
+@pytest.mark.slow
+def test_bench_train_compares_eager_and_compiled_steps(capsys):
+    """A smoke test of `vincie bench train` (no timing is asserted): both modes ran every pass, and the compiled
+    forward computes what the eager one does."""
+    result = run_main(capsys, "bench", "train", "--json", "--batches", "1", "--repeats", "1", "data.resolution=32",
+                      "train.batch_size=2", *MICRO_OVERRIDES, check=True)
+    report = json.loads(result.stdout)
+    assert report["batches"] == 1 and all(len(s) == 1 for s in report["seconds"].values())
+    assert report["speedup"] > 0 and report["relative_output_difference"] < 1e-4

@@ -459,6 +459,69 @@ def bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_train(args: argparse.Namespace) -> int:
+    """Training steps (forward, backward, AdamW) of the config's model on synthetic sessions, eager against
+    torch.compile'd (the MM-DiT's forward, dynamic shapes), in alternating blocks of the same batches."""
+    import statistics
+
+    import torch
+
+    from vincie.model.batch import collate
+    from vincie.training.loss import flow_loss_sums
+    from vincie.training.parallel import init_distributed
+
+    cfg = config_from_args(args)
+    init_distributed()
+    batch = cfg.train.batch_size
+    model, samples = training_samples(cfg, args.batches * batch, args.seed)
+    batches = [collate(samples[k:k + batch], torch.device("cpu"), cfg.model.text_dim)
+               for k in range(0, len(samples), batch)]
+    for b in batches:  # made once, used every pass: the text features leave the encoder's graph (its table's
+        b.inputs.text_tokens = b.inputs.text_tokens.detach()  # gradient is not part of the step measured)
+    tokens = sum(int(b.inputs.mask.token_block.numel()) for b in batches)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    d = cfg.diffusion
+    eager = model.dit.forward
+    forwards = {"eager": eager, "compiled": torch.compile(eager, dynamic=True)}
+
+    def run_all() -> float:
+        start = time.perf_counter()
+        for b in batches:
+            loss, _ = flow_loss_sums(model(b.inputs), b, d.loss_weights, d.prediction, d.loss_space)
+            (loss / max(1, b.target.shape[0])).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    first = {}
+    for mode, forward in forwards.items():  # warm-up: the compiled forward compiles for these shapes here
+        model.dit.forward = forward
+        first[mode] = run_all()
+    seconds = {mode: [] for mode in forwards}
+    for repeat in range(args.repeats):
+        for mode in (forwards if repeat % 2 == 0 else reversed(list(forwards))):
+            model.dit.forward = forwards[mode]
+            seconds[mode].append(run_all())
+    with torch.no_grad():  # the compiled forward computes what the eager one does
+        outputs = {mode: forward(batches[0].inputs) for mode, forward in forwards.items()}
+    model.dit.forward = eager
+    difference = float((outputs["compiled"] - outputs["eager"]).abs().max() / outputs["eager"].abs().max())
+    rate = {mode: tokens / statistics.median(s) for mode, s in seconds.items()}
+    result = {"config": args.config, "batches": len(batches), "batch_size": batch, "tokens_per_pass": tokens,
+              "threads": torch.get_num_threads(), "tokens_per_s": rate, "speedup": rate["compiled"] / rate["eager"],
+              "first_pass_s": first, "seconds": seconds, "relative_output_difference": difference}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"training steps of {args.config}'s model: {len(batches)} batches of {batch} sessions ({tokens} token "
+          f"slots per pass), {args.repeats} alternating passes each, {torch.get_num_threads()} threads, CPU")
+    for mode in forwards:
+        print(f"{mode:9s} {rate[mode]:10.0f} tokens/s (median pass {statistics.median(seconds[mode]):.2f} s; "
+              f"first pass {first[mode]:.1f} s)")
+    print(f"compiled / eager: {result['speedup']:.2f}x; outputs differ by {difference:.1e} (relative)")
+    return 0
+
+
 def packed_session_rows(cfg, rows: int) -> tuple[list, list[int]]:
     """Rows of data.max_tokens tokens filled as training packs them (vincie.model.batch.pack_rows) with sessions of
     the config's shape: the first bucket at data.resolution, instructions of text_encoder.max_tokens tokens,
@@ -634,6 +697,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config_arguments(p)
     p.set_defaults(func=bench_memory)
+
+    p = sub.add_parser("train", help="training step speed: eager against torch.compile",
+                       description="Training steps (forward, backward, AdamW) of --config's model on --batches "
+                                   "batches of train.batch_size synthetic sessions, with the MM-DiT's forward eager "
+                                   "and torch.compile'd (dynamic shapes), in alternating passes over the same "
+                                   "batches after one warm-up pass each (the compiled one compiles there): tokens/s "
+                                   "of each (median pass) and their ratio. One process on the CPU.")
+    p.add_argument("--batches", type=int, default=8, help="batches per pass (default 8)")
+    p.add_argument("--repeats", type=int, default=4, help="measured passes per mode (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_config_arguments(p)
+    p.set_defaults(func=bench_train)
 
     p = sub.add_parser("blockmask", help="flex attention's BlockMask: built from tiles against create_block_mask",
                        description="Build flex attention's BlockMask for --rows rows of data.max_tokens tokens "
