@@ -96,7 +96,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                     args.steps, args.sessions, args.nproc, args.test_sessions, args.turns)
     results = runner.run()
     print(format_results(results))
-    print(f"ablate {args.name}: results {runner.out}/{args.name}/results.json, plot {runner.out}/{args.name}/ablation.png")
+    where = os.path.join(runner.out, args.name)
+    print(f"ablate {args.name}: results {where}/results.json, plot {where}/ablation.png")
     return 0
 
 
@@ -323,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         "release", help="the released VINCIE DiT -> a vincie model directory",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert the released VINCIE DiT (ByteDance-Seed/VINCIE: its dit.pth and its YAML config; "
-                    "its VAE with --vae) into a vincie model directory (model.safetensors, config.json, README.md: what `vincie export` "
-                    "writes), read without unpickling code. Every release key must find its place and every "
-                    "vincie parameter must be given, or it stops naming the key.\n\n"
+                    "its VAE with --vae) into a vincie model directory (model.safetensors, config.json, "
+                    "README.md: what `vincie export` writes), read without unpickling code. Every release key "
+                    "must find its place and every vincie parameter must be given, or it stops naming the key.\n\n"
                     "The model section comes from the release's config; the text encoder, resolution and "
                     "sampler from --config and its overrides (default: the 3b preset), and so does the VAE unless "
                     "--vae converts the release's.\n\n"
