@@ -325,8 +325,7 @@ class Trainer:
         task_table = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=self.info.device)
         for k, batch in enumerate(batches):
             sync = contextlib.nullcontext() if k == len(batches) - 1 or model is self.model else model.no_sync()
-            with sync, torch.autocast(self.info.device.type, dtype=torch.bfloat16,
-                                      enabled=self.cfg.train.precision == "bf16"):
+            with sync, self.autocast():
                 weighted_sum, per_task = flow_loss_sums(model(batch.inputs), batch, self.cfg.diffusion.loss_weights,
                                                         self.cfg.diffusion.prediction, self.cfg.diffusion.loss_space)
                 (weighted_sum * self.info.dp_size / count.clamp(min=1) + zero_terms(self.model.text_encoder)).backward()
@@ -339,15 +338,11 @@ class Trainer:
         the counts over micro-batches and data-parallel ranks and divides the gradients by the total
         (calculate_per_token_loss). -> (loss sum, per-task table, reporter), the sums as device tensors (zero on
         the stages without the loss)."""
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         weights = self.cfg.diffusion.loss_weights
-        precision = self.cfg.train.precision
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with self.autocast():
                 output = model(batch.inputs)
 
             def loss_func(pred: torch.Tensor):
@@ -360,13 +355,7 @@ class Trainer:
         for w in self.wrapped:
             w.zero_grad_buffer()
         self.optimizer.zero_grad()
-        first = batches[0].inputs.mask.token_block.shape
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.wrapped],
-            model=self.wrapped if len(self.wrapped) > 1 else self.wrapped[0], num_microbatches=len(batches),
-            seq_length=first[1], micro_batch_size=first[0], forward_only=False)
-        reporter = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-            parallel_state.get_tensor_model_parallel_rank() == 0
+        results, reporter = self.megatron_schedule(batches, forward_step, forward_only=False)
         total = torch.zeros((), dtype=torch.float64, device=self.info.device)
         task_table = torch.zeros(len(TASKS), 2, dtype=torch.float64, device=self.info.device)
         for r in results:  # one per micro-batch, on the last stage only
@@ -380,24 +369,17 @@ class Trainer:
         table(output, batch) and summed over micro-batches -> (the sum, or None on the ranks without the output;
         whether this rank reports it: the last pipeline stage's TP rank 0). Every rank of the layout must call it
         (megatron-core's forward-only schedule under TP/PP)."""
-        precision = self.cfg.train.precision
-
-        def autocast():
-            return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
         if not self.megatron:
             total = None
             for batch in batches:
-                with autocast():
+                with self.autocast():
                     result = table(self.model(batch.inputs), batch)
                 total = result if total is None else total + result
             return total, True
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            with autocast():
+            with self.autocast():
                 output = model(batch.inputs)
 
             def loss_func(pred: torch.Tensor):
@@ -405,14 +387,27 @@ class Trainer:
                     {"table": table(pred, batch)}
             return output, loss_func
 
+        results, reporter = self.megatron_schedule(batches, forward_step, forward_only=True)
+        return (sum(r["table"] for r in results) if results else None), reporter
+
+    def autocast(self):
+        """The forward's autocast: bf16 with train.precision bf16, off otherwise."""
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+    def megatron_schedule(self, batches: list[Batch], forward_step, forward_only: bool) -> tuple[list, bool]:
+        """megatron-core's schedule for this layout over `batches` -> (the loss functions' dicts, one per
+        micro-batch on the last stage; whether this rank reports them: the last stage's TP rank 0)."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         first = batches[0].inputs.mask.token_block.shape
         results = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=[iter(batches) for _ in self.wrapped],
             model=self.wrapped if len(self.wrapped) > 1 else self.wrapped[0], num_microbatches=len(batches),
-            seq_length=first[1], micro_batch_size=first[0], forward_only=True)
+            seq_length=first[1], micro_batch_size=first[0], forward_only=forward_only)
         reporter = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
             parallel_state.get_tensor_model_parallel_rank() == 0
-        return (sum(r["table"] for r in results) if results else None), reporter
+        return results, reporter
 
     def optimizer_step(self) -> tuple[float, bool]:
         """Clip and step unless the gradient norm is not finite (then the step is skipped and counted)."""
