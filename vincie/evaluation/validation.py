@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from vincie import storage
 from vincie.data.loader import load_sessions
+from vincie.errors import VincieError
 from vincie.evaluation.evaluate import edit_synth, grid_png, held_out_sessions
 from vincie.evaluation.synth_judge import cumulative_success, judge_session
 from vincie.inference.editor import Editor
@@ -45,10 +46,15 @@ class Validator:
         self.turns = cfg.data.max_turns
         sessions = load_sessions(cfg, cfg.data.val_url, max_turns=self.turns, count=cfg.train.eval_sessions)
         self.sessions = [truncate(s, self.turns) for s in sessions]
-        # the judge replays the synthetic world's sessions at their own resolution, all cut to one turn count
-        count = cfg.train.eval_success_sessions
+        # the judge replays the synthetic world's sessions at their own resolution, all cut to one turn count;
+        # rank 0 edits them
+        count = cfg.train.eval_success_sessions if trainer.info.is_main else 0
         self.judged_turns = min([s.turns for s in self.sessions[:count]], default=0)
-        self.judged = held_out_sessions(cfg.data.val_url, self.judged_turns, count, cfg.storage) if count else []
+        try:
+            self.judged = held_out_sessions(cfg.data.val_url, self.judged_turns, count, cfg.storage) if count else []
+        except VincieError as exc:
+            raise VincieError(f"train.eval_success_sessions: {exc}; validation sessions the synthetic judge cannot "
+                              "score need train.eval_success_sessions=0 (losses only)") from None
         self.grid_dir = os.path.join(cfg.run.out_dir, "validation")
 
     def samples(self) -> list:
