@@ -333,7 +333,7 @@ class TrainConfig:
     init_from: str = ""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # validation every this many steps (and at the last step; 0 = never) on data.val_url's first eval_sessions
-    # sessions (vincie/training/validation.py): the loss per task and turn at each of eval_timesteps, with noise
+    # sessions (vincie/evaluation/validation.py): the loss per task and turn at each of eval_timesteps, with noise
     # and context dropout fixed per session (curves compare across steps and runs); then, on the first
     # eval_success_sessions of them, edits by the EMA weights scored by the synthetic judge (success per turn)
     # and a sample grid PNG (OUT/validation/step-N.png). Its random streams are its own: the training's are

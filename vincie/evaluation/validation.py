@@ -103,8 +103,9 @@ class Validator:
     def success(self, step: int) -> list[float]:
         """Success per turn of the judged sessions (rank 0), and their sample grid."""
         sessions = self.judged
-        outputs = edit_synth(self.editor(), sessions, False, self.cfg.train.eval_sample_steps or None, None,
-                             self.cfg.run.seed, len(sessions), False, False)
+        outputs = edit_synth(self.editor(), sessions, given=False, steps=self.cfg.train.eval_sample_steps or None,
+                             cfg_scale=None, seed=self.cfg.run.seed, batch=len(sessions), chain_masks=False,
+                             progress=False)
         verdicts = [judge_session(s, out) for s, out in zip(sessions, outputs)]
         os.makedirs(self.grid_dir, exist_ok=True)
         self.grid = grid_png([s.images for s in sessions], outputs, [[v.success for v in s] for s in verdicts],

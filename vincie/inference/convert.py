@@ -455,6 +455,7 @@ def convert_release(dit: str, release_config: str, base: Config, out_dir: str | 
     cfg = dataclasses.replace(base, model=model_cfg, sequence=dataclasses.replace(base.sequence, mode="release"))
     write_vae = None
     if vae is not None:
+        from vincie.model.model_dir import RELEASE_VAE_DIR
         from vincie.model.release_vae import ReleaseVAE, save_release_vae
 
         spec, vae_weights = convert_vae(load_release_weights(vae), *vae_scaling(release, release_config))
@@ -464,8 +465,8 @@ def convert_release(dit: str, release_config: str, base: Config, out_dir: str | 
         converted = ReleaseVAE(spec).eval()
         converted.load_state_dict(vae_weights, strict=True)
         results += check_vae_fixture(converted, check, tolerance) if check else []
-        cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, kind="release", path=os.path.abspath(vae),
-                                                               factor=spec.factor))
+        cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, kind="release", path=RELEASE_VAE_DIR,
+                                                               factor=spec.factor))  # written into the directory
         write_vae = functools.partial(save_release_vae, spec, vae_weights)
     if out_dir is None:
         return None, results

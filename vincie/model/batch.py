@@ -95,6 +95,14 @@ class Batch:
     num_samples: int
     work: Workload  # what the batch's model FLOPs depend on (vincie.model.flops), counted on the host
 
+    def without_targets(self) -> "Batch":
+        """The same inputs carrying no loss (no target tokens, no samples): what fills a schedule's micro-batch
+        groups with the shape of the others."""
+        return dataclasses.replace(self, target=self.target[:0], target_select=torch.zeros_like(self.target_select),
+                                   target_index=self.target_index[:0], target_task=self.target_task[:0],
+                                   target_t=self.target_t[:0], target_weight=self.target_weight[:0],
+                                   target_turn=self.target_turn[:0], num_samples=0)
+
     @property
     def target_inputs(self) -> torch.Tensor:
         """(N_target, P): the noisy latents x_t of the target tokens (the first P values of each token's input,

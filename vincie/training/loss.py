@@ -41,7 +41,7 @@ def token_errors(output: torch.Tensor, batch: Batch, prediction: str, loss_space
 def task_turn_sums(output: torch.Tensor, batch: Batch, prediction: str, loss_space: str,
                    turns: int) -> torch.Tensor:
     """(len(TASKS), turns + 1, 2) float64: per task and edit turn (Batch.target_turn) the error sum and token
-    count of this batch's target tokens (validation: vincie.training.validation)."""
+    count of this batch's target tokens (validation: vincie.evaluation.validation)."""
     err = token_errors(output, batch, prediction, loss_space).double()
     cell = batch.target_task * (turns + 1) + batch.target_turn.clamp(max=turns)
     table = torch.zeros(len(TASKS) * (turns + 1), 2, dtype=torch.float64, device=err.device)

@@ -391,13 +391,7 @@ class Trainer:
         if self.cfg.parallel.virtual_pipeline > 1 and len(batches) % pipeline:
             # the interleaved schedule runs micro-batches in groups of the pipeline size: pad with ones that
             # carry no target (their table is zero)
-            empty = dataclasses.replace(batches[-1], target=batches[-1].target[:0],
-                                        target_select=torch.zeros_like(batches[-1].target_select),
-                                        target_index=batches[-1].target_index[:0],
-                                        target_task=batches[-1].target_task[:0], target_t=batches[-1].target_t[:0],
-                                        target_weight=batches[-1].target_weight[:0],
-                                        target_turn=batches[-1].target_turn[:0], num_samples=0)
-            batches = batches + [empty] * (pipeline - len(batches) % pipeline)
+            batches = batches + [batches[-1].without_targets()] * (pipeline - len(batches) % pipeline)
         results, reporter = self.megatron_schedule(batches, forward_step, forward_only=True)
         return (sum(r["table"] for r in results) if results else None), reporter
 
