@@ -26,7 +26,7 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
     assert "ablation pairs: multi-turn sessions against" in table
     assert "sessions - pairs: " in table and "the paper's order" in table
     results = json.loads((out / "pairs" / "results.json").read_text())
-    assert list(results["arms"]) == ["sessions", "pairs"] and results["steps"] == 2
+    assert list(results["arms"]) == ["sessions", "pairs"] and results["steps"] == [2]
     for arm in results["arms"].values():
         assert len(arm["success"]) == 2 and arm["outcomes"] == 2
         assert all(lo <= s <= hi for s, (lo, hi) in zip(arm["success"], arm["interval"]))
@@ -47,6 +47,33 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
     assert "ablate context: training n16-s0" not in context.stdout
     assert "ablate context: training n16-modepairs-s0" not in context.stdout  # that run is shared too
     assert "ablate context: evaluating current-image seed 0" in context.stdout
+
+
+def test_compute_budgets_continue_one_run_and_are_evaluated_in_order(tmp_path, monkeypatch):
+    from vincie.ops import ablate
+
+    monkeypatch.setitem(ablate.ABLATIONS, "compute", ablate.Ablation(
+        "budgets", (ablate.Arm("short", ablate.Recipe(steps=2)), ablate.Arm("long", ablate.Recipe(steps=4))),
+        (("long", "short"),), "longer training edits better"))
+    config = write_config(tmp_path / "micro.yaml", tmp_path / "unused", "unused",
+                          train={"steps": 9, "checkpoint_every": 1, "log_every": 1})
+    out = tmp_path / "ablate"
+    runner = ablate.Runner("compute", str(out), config, ["diffusion.sample_steps=2"], seeds=1, steps=None,
+                           sessions=16, nproc=1, test_sessions=2, turns=2)
+    results = runner.run()
+    assert [arm["steps"] for arm in results["arms"].values()] == [2, 4] and results["steps"] == [2, 4]
+    short, long = results["arms"]["short"]["train_minutes"], results["arms"]["long"]["train_minutes"]
+    assert 0 < short < long
+    records = [json.loads(line) for line in (out / "runs" / "n16-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step_s" in r] == [1, 2, 3, 4]  # one run, continued from step 2
+    assert "short" in ablate.format_results(results) and "   2" in ablate.format_results(results)
+
+    # a budget shorter than the run has gone is refused (its checkpoint is gone), not silently evaluated late
+    import shutil
+
+    shutil.rmtree(out / "compute" / "arms" / "short-s0")
+    with pytest.raises(ablate.VincieError, match="is past 2 steps .at 4."):
+        runner.run()
 
 
 def test_orderings_say_whether_the_paper_holds():

@@ -39,9 +39,12 @@ TURNS = 5
 
 @dataclass(frozen=True)
 class Recipe:
-    """One training: `sessions` distinct training sessions (None: --sessions) and config overrides."""
+    """One training: `sessions` distinct training sessions (None: --sessions), config overrides, and `steps` (None:
+    --steps, else the config's train.steps). Recipes that differ only in steps share one run: a longer one continues
+    the shorter one's (the compute ablation's budgets)."""
     sessions: int | None = None
     overrides: tuple[str, ...] = ()
+    steps: int | None = None
 
     def slug(self, sessions: int) -> str:
         return "-".join([f"n{self.sessions or sessions}", *(o.split(".")[-1].replace("=", "") for o in self.overrides)])
@@ -66,7 +69,16 @@ class Ablation:
 BASE = Recipe()
 PAIRS = Recipe(overrides=("data.mode=pairs",))
 MASKS = Recipe(overrides=("sequence.masks_present=0.8",))
+# the tiny preset's steps in about 12, 30, 60 and 120 minutes with 2 processes on the 2-core EPYC: 3200 steps (its
+# train.steps; 13 min measured), then 0.56 s a step on 5-turn sequences (data.turn_curriculum); the arms report the
+# minutes their run took
+BUDGETS = {"12min": 3200, "30min": 5000, "60min": 8200, "120min": 14600}
 ABLATIONS = {
+    "compute": Ablation(
+        "success against training compute: one run of the config evaluated at about 12, 30, 60 and 120 minutes of "
+        "the tiny preset on the 2-core machine (" + ", ".join(f"{s} steps" for s in BUDGETS.values()) + ")",
+        tuple(Arm(name, Recipe(steps=steps)) for name, steps in BUDGETS.items()),
+        (("30min", "12min"), ("60min", "30min"), ("120min", "60min")), "longer training edits better"),
     "data-scale": Ablation(
         "the same steps on 1k, 4k and 16k distinct training sessions",
         (Arm("1k", Recipe(1024)), Arm("4k", Recipe(4096)), Arm("16k", Recipe(16384))),
@@ -122,16 +134,23 @@ class Runner:
         run_synth(job, StorageConfig(), progress=False)  # resumes, and checks the settings of what is there
         return path
 
+    def run_dir(self, recipe: Recipe, seed: int) -> str:
+        return os.path.join(self.out, "runs", f"{recipe.slug(self.sessions)}-s{seed}")
+
+    def arm_steps(self, recipe: Recipe) -> int:
+        return recipe.steps or self.steps or load_config(self.config, self.overrides).train.steps
+
     def train(self, recipe: Recipe, seed: int) -> str:
         """The recipe's run for `seed`: trained (or resumed) unless finished. -> the run directory."""
         sessions = recipe.sessions or self.sessions
+        steps = recipe.steps or self.steps
         slug = f"{recipe.slug(self.sessions)}-s{seed}"
-        run_dir = os.path.join(self.out, "runs", slug)
+        run_dir = self.run_dir(recipe, seed)
         data = self.synth(os.path.join(self.out, "data", f"train-{sessions}-s{seed}"), sessions, "train", seed,
                           (2, 6))
         overrides = [*self.overrides, f"run.out_dir={run_dir}", f"run.seed={seed}", f"data.train_url={data}",
                      f"data.eval_url={self.test_data}", *recipe.overrides,
-                     *([f"train.steps={self.steps}"] if self.steps else [])]
+                     *([f"train.steps={steps}"] if steps else [])]
         cfg = load_config(self.config, overrides)
         config_path = os.path.join(self.out, self.name, "configs", f"{slug}.yaml")
         os.makedirs(os.path.dirname(config_path), exist_ok=True)
@@ -139,8 +158,13 @@ class Runner:
         from vincie.training import checkpoint
 
         latest = checkpoint.latest(run_dir)
-        if latest is not None and os.path.basename(latest) == checkpoint.step_name(cfg.train.steps):
+        done = checkpoint.step_of(latest) if latest else 0
+        if done == cfg.train.steps:
             return run_dir  # finished
+        if done > cfg.train.steps:
+            raise VincieError(f"ablate {self.name}: run {run_dir} is past {cfg.train.steps} steps (at {done}), so its "
+                              f"checkpoint at {cfg.train.steps} is gone: a shorter budget is evaluated before a "
+                              "longer one continues the run")
         self.log(f"training {slug} ({cfg.train.steps} steps, {sessions} sessions, {self.nproc} processes; log "
                  f"{run_dir}.log)")
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
@@ -175,18 +199,36 @@ class Runner:
             reports = [self.evaluate(arm, seed) for seed in range(self.seeds)]
             n = sum(r["sessions"] for r in reports)
             success = [sum(r["success"]["model"][k] * r["sessions"] for r in reports) / n for k in range(self.turns)]
+            steps = self.arm_steps(arm.recipe)
+            minutes = [training_minutes(self.run_dir(arm.recipe, seed), steps) for seed in range(self.seeds)]
             arms[arm.name] = {"success": success,
                               "interval": [wilson(round(s * n), n) for s in success],
-                              "per_seed": [r["success"]["model"] for r in reports], "outcomes": n}
+                              "per_seed": [r["success"]["model"] for r in reports], "outcomes": n,
+                              "steps": steps, "train_minutes": sum(minutes) / len(minutes)}
         results = {"ablation": self.name, "question": self.ablation.question, "seeds": self.seeds,
                    "test_sessions": self.test_sessions, "turns": self.turns,
-                   "steps": load_config(self.config, self.overrides).train.steps if not self.steps else self.steps,
-                   "arms": arms, "paper": self.ablation.paper_says,
+                   "steps": sorted({arm["steps"] for arm in arms.values()}), "arms": arms, "paper": self.ablation.paper_says,
                    "orderings": [ordering(arms, better, worse) for better, worse in self.ablation.paper]}
         directory = os.path.join(self.out, self.name)
         storage.write_bytes_atomic(os.path.join(directory, "results.json"), json.dumps(results, indent=1).encode())
         storage.write_bytes_atomic(os.path.join(directory, "ablation.png"), plot(results))
         return results
+
+
+def training_minutes(run_dir: str, steps: int) -> float:
+    """The minutes a run's steps up to `steps` took, from its metrics.jsonl (each training record's step time times
+    the steps since the record before; a step logged twice, by a run resumed from before it, counts once)."""
+    step_s = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "step_s" in record and record["step"] <= steps:
+                step_s[record["step"]] = record["step_s"]
+    previous, seconds = 0, 0.0
+    for step in sorted(step_s):
+        seconds += step_s[step] * (step - previous)
+        previous = step
+    return seconds / 60
 
 
 def ordering(arms: dict, better: str, worse: str) -> dict:
@@ -203,12 +245,12 @@ def ordering(arms: dict, better: str, worse: str) -> dict:
 def format_results(results: dict) -> str:
     turns = results["turns"]
     lines = [f"ablation {results['ablation']}: {results['question']}",
-             f"({results['seeds']} seeds x {results['test_sessions']} test sessions, {results['steps']} steps; "
-             "success per turn, mean over seeds, 95 % Wilson interval over the pooled outcomes)",
-             f"{'arm':22s}" + "".join(f"{'turn ' + str(k + 1):>18s}" for k in range(turns))]
+             f"({results['seeds']} seeds x {results['test_sessions']} test sessions; success per turn, mean over "
+             "seeds, 95 % Wilson interval over the pooled outcomes; the arm's training steps and minutes)",
+             f"{'arm':22s}{'steps':>7s}{'min':>6s}" + "".join(f"{'turn ' + str(k + 1):>18s}" for k in range(turns))]
     for name, arm in results["arms"].items():
-        lines.append(f"{name:22s}" + "".join(f"{s:6.2f} [{lo:.2f},{hi:.2f}]"
-                                             for s, (lo, hi) in zip(arm["success"], arm["interval"])))
+        lines.append(f"{name:22s}{arm['steps']:7d}{arm['train_minutes']:6.1f}"
+                     + "".join(f"{s:6.2f} [{lo:.2f},{hi:.2f}]" for s, (lo, hi) in zip(arm["success"], arm["interval"])))
     lines.append(f"the paper: {results['paper']}")
     for o in results["orderings"]:
         apart = f"; intervals apart at turns {', '.join(map(str, o['turns_apart']))}" if o["turns_apart"] else \
@@ -233,8 +275,10 @@ def plot(results: dict) -> bytes:
         x = [t + 0.06 * (k - (len(results["arms"]) - 1) / 2) for t in turns]
         low = [s - lo for s, (lo, _) in zip(arm["success"], arm["interval"])]
         high = [hi - s for s, (_, hi) in zip(arm["success"], arm["interval"])]
-        ax.errorbar(x, arm["success"], yerr=[low, high], marker="o", capsize=3, label=name)
-    ax.set(title=f"vincie ablate {results['ablation']} ({results['seeds']} seeds, {results['steps']} steps)",
+        ax.errorbar(x, arm["success"], yerr=[low, high], marker="o", capsize=3,
+                    label=f"{name} ({arm['steps']} steps, {arm['train_minutes']:.0f} min)")
+    steps = "/".join(map(str, results["steps"]))
+    ax.set(title=f"vincie ablate {results['ablation']} ({results['seeds']} seeds, {steps} steps)",
            xlabel="turn", ylabel="success (cumulative)", ylim=(-0.02, 1.02), xticks=turns)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

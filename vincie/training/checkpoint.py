@@ -41,6 +41,11 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def step_of(path: str) -> int:
+    """A checkpoint directory (step_name) -> its step."""
+    return int(os.path.basename(path.rstrip("/")).removeprefix("step-"))
+
+
 def publish(root: str, tmp: str, final: str, keep: int) -> str:
     """A complete checkpoint in `tmp` -> `final`, then the `latest` pointer, then old checkpoints pruned."""
     if os.path.exists(final):
