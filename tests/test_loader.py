@@ -5,6 +5,8 @@ bad-share stop, and precomputed features giving the same batches."""
 import collections
 import gc
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -311,6 +313,35 @@ def test_loader_processes_never_free_the_parents_decoders(tmp_path):
     finally:
         COLLECT_AFTER_FORK.clear()
         loader.close()
+
+
+def test_the_pil_decoder_reads_the_sessions_dali_reads_without_loading_dali(tmp_path):
+    """data.decoder=pil (machines without DALI, e.g. the lent GPU image): the loader's processes decode with PIL,
+    the reference DALI is tested against, and give the same sessions; nothing imports nvidia.dali."""
+    root = write_dataset(tmp_path / "data", [synth_samples(6, image_format="png")])
+    code = f"""
+import sys, torch
+from vincie.config import load_config
+from vincie.data.loader import Loader
+cfg = load_config("tiny", ["data.train_url={root}", "data.max_turns=6", "data.workers=1", "data.decoder=pil"])
+loader = Loader(cfg, device=torch.device("cpu"))
+items = loader.next(6)
+loader.close()
+torch.save([(i.key, i.images) for i in items], sys.argv[1])
+assert not any(name.startswith("nvidia.dali") for name in sys.modules), "DALI was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pil.pt")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pil = torch.load(tmp_path / "pil.pt")
+    loader = Loader(loader_config(root, "data.workers=0"))
+    dali = [(item.key, item.images) for item in loader.next(6)]
+    loader.close()
+    assert [key for key, _ in pil] == [key for key, _ in dali]
+    for (_, a), (_, b) in zip(pil, dali):
+        # PNG: the same 8-bit pixels (test_decode); their float scaling may round apart in the last bit
+        assert torch.equal(((a + 1) * 127.5).round(), ((b + 1) * 127.5).round())
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_bad_features_are_skipped_and_counted(tmp_path):

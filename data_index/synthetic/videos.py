@@ -13,7 +13,6 @@ import json
 import os
 import tempfile
 
-import av
 import numpy as np
 
 from data_index.synthetic.world import SynthSession, quantize
@@ -38,6 +37,8 @@ def video_frames(item: SynthSession, hold: int, noise_std: float, seed: int) -> 
 
 
 def encode_video(frames: list[np.ndarray], path: str, codec: str, fps: int) -> None:
+    import av  # PyAV (FFmpeg) only where videos are written: sessions alone need none
+
     _, codec_name, pix_fmt, options = CODECS[codec]
     height, width = frames[0].shape[:2]
     with av.open(path, mode="w") as container:

@@ -284,7 +284,9 @@ class DataConfig:
     # each epoch, 0 = none; sources not listed keep 1.0
     source_weights: dict[str, float] = field(default_factory=dict)
     workers: int = 1  # loader processes per rank that read and decode sessions ahead (0: in the training process)
-    decode_threads: int = 1  # DALI threads per decoding process
+    # dali: NVIDIA DALI (nvJPEG on a GPU); pil: PIL, the reference it is tested against, for machines without DALI
+    decoder: Literal["dali", "pil"] = "dali"
+    decode_threads: int = 1  # threads per decoding process
     read_batch: int = 4  # sessions a loader process reads and decodes together (one DALI run)
     prefetch_steps: int = 2  # steps' worth of sessions the loader processes read ahead, together
     # a run stops when more than this share of the sessions it read were bad (skipped), once it read bad_min_sessions

@@ -76,9 +76,10 @@ class SessionReader:
     in the process that uses them (a forked worker makes its own)."""
 
     def __init__(self, cfg: Config, root: str, max_turns: int, device_id: int | None = None,
-                 decoder: str = "dali"):
+                 decoder: str | None = None):
+        """`decoder`: dali or pil (None: data.decoder)."""
         self.cfg, self.root, self.max_turns = cfg, root, max_turns
-        self.device_id, self.decoder_kind = device_id, decoder
+        self.device_id, self.decoder_kind = device_id, decoder or cfg.data.decoder
         self.shapes = bucket_shapes(cfg)
         self.vae, self.text_encoder = features.vae_id(cfg), features.text_encoder_id(cfg)
         self.pid = None
@@ -283,14 +284,15 @@ class Loader:
     """This rank's sessions, in order, from a stream position that `state` reads and `seek` sets."""
 
     def __init__(self, cfg: Config, dp_rank: int = 0, dp_size: int = 1, device: torch.device | None = None,
-                 on_skip: Callable[[str], None] | None = None, decoder: str = "dali"):
+                 on_skip: Callable[[str], None] | None = None, decoder: str | None = None):
         """`on_skip(reason)`: called once per skipped session (the trainer counts them in its metrics)."""
         url = cfg.data.train_url
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.order = SessionOrder(read_index(url, cfg.storage), cfg.data, cfg.run.seed, url)
         gpu = device is not None and device.type == "cuda"
         self.reader = SessionReader(cfg, url, cfg.data.max_turns, device.index if gpu else None, decoder)
-        self.decode_in_workers = not gpu
+        # on a GPU, DALI decodes in this process (nvJPEG on the device); PIL decodes ahead in the loader processes
+        self.decode_in_workers = not gpu or self.reader.decoder_kind == "pil"
         self.on_skip = on_skip or (lambda reason: None)
         self.position = 0  # stream positions consumed by all ranks together
         self.iterator = None
