@@ -18,9 +18,10 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
     config = write_config(tmp_path / "micro.yaml", tmp_path / "unused", "unused", train={"steps": 2})
     out = tmp_path / "ablate"
     args = ["ablate", "pairs", "diffusion.sample_steps=2", "--out", str(out), "--config", config, "--seeds", "1",
-            "--sessions", "16", "--nproc", "1", "--test-sessions", "2", "--turns", "2"]
-    first = run_vincie(*args)
+            "--sessions", "16", "--nproc", "1", "--test-sessions", "2", "--turns", "2", "--parallel", "2"]
+    first = run_vincie(*args)  # its two runs side by side
     assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "pairs" / "arms" / "pairs-s0.log").exists()  # each evaluation's log beside its report
     assert "training n16-s0" in first.stdout and "training n16-modepairs-s0" in first.stdout
     table = first.stdout
     assert "ablation pairs: multi-turn sessions against" in table

@@ -93,7 +93,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from vincie.ops.ablate import Runner, format_results
 
     runner = Runner(args.name, args.out or os.path.join("runs", "ablate"), args.config, args.overrides, args.seeds,
-                    args.steps, args.sessions, args.nproc, args.test_sessions, args.turns)
+                    args.steps, args.sessions, args.nproc, args.test_sessions, args.turns, args.parallel)
     results = runner.run()
     print(format_results(results))
     where = os.path.join(runner.out, args.name)
@@ -507,10 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("name", choices=sorted(ABLATIONS), metavar="NAME", help=", ".join(ABLATIONS))
     ablate.add_argument("--out", metavar="DIR", help="where data, runs and results are kept (default runs/ablate)")
     ablate.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
-    ablate.add_argument("--steps", type=int, help="training steps per arm (default: the config's train.steps)")
+    ablate.add_argument("--steps", type=int, help="training steps per arm (default: the config's train.steps; the "
+                                                   "compute ablation's arms set their own)")
     ablate.add_argument("--sessions", type=int, default=8192,
                         help="distinct training sessions of the arms that do not set their own (default 8192)")
     ablate.add_argument("--nproc", type=int, default=2, help="training processes per arm (default 2)")
+    ablate.add_argument("--parallel", type=int, default=1,
+                        help="runs trained and evaluated side by side (default 1; on a GPU several small runs share "
+                             "the card, each with --nproc processes)")
     ablate.add_argument("--test-sessions", type=int, default=64, help="held-out test sessions (default 64)")
     ablate.add_argument("--turns", type=int, default=5, help="turns per test session (default 5)")
     add_config_arguments(ablate, default="tiny")

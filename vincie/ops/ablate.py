@@ -5,7 +5,9 @@ and how it is evaluated (each turn with the whole session as context or the curr
 chained or direct). Every arm trains with several seeds (run.seed and the training data's seed), then edits the
 same held-out test sessions (split test, 5 turns) and is scored by the strict synthetic judge.
 
-Everything is kept under --out, so a rerun (or a run of another ablation sharing a recipe) resumes:
+Training (`vincie launch local`) and evaluation (`vincie eval --bench synth`) run as subprocesses, logged beside
+their outputs; with --parallel N, N runs at a time (a run's arms stay in order). Everything is kept under --out,
+so a rerun (or a run of another ablation sharing a recipe) resumes:
 
     OUT/data/test, OUT/data/train-N-sS          sessions (vincie data synth; resumable itself)
     OUT/runs/RECIPE-sS/                          a training run (its config.yaml, checkpoints, metrics.jsonl);
@@ -27,6 +29,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from vincie import storage
@@ -112,12 +116,15 @@ def wilson(successes: int, n: int) -> list[float]:
 
 class Runner:
     def __init__(self, name: str, out: str, config: str, overrides: list[str], seeds: int, steps: int | None,
-                 sessions: int, nproc: int, test_sessions: int = TEST_SESSIONS, turns: int = TURNS):
+                 sessions: int, nproc: int, test_sessions: int = TEST_SESSIONS, turns: int = TURNS,
+                 parallel: int = 1):
         if name not in ABLATIONS:
             raise VincieError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
         self.name, self.ablation, self.out = name, ABLATIONS[name], os.path.abspath(out)
         self.config, self.overrides, self.seeds, self.steps = config, overrides, seeds, steps
         self.sessions, self.nproc, self.test_sessions, self.turns = sessions, nproc, test_sessions, turns
+        self.parallel = parallel  # runs trained and evaluated at once
+        self.synth_lock = threading.Lock()
         load_config(config, overrides)  # a bad config fails before anything runs
         self.resolution = load_config(config, overrides).data.resolution
 
@@ -131,8 +138,13 @@ class Runner:
         job = SynthJob(out=path, sessions=sessions, split=split, seed=seed,
                        synth=SynthConfig(resolution=self.resolution, min_turns=turns[0], max_turns=turns[1],
                                          image_format="png"))
-        run_synth(job, StorageConfig(), progress=False)  # resumes, and checks the settings of what is there
+        with self.synth_lock:  # runs side by side may share a dataset: one writes it, the next finds it done
+            run_synth(job, StorageConfig(), progress=False)  # resumes, and checks the settings of what is there
         return path
+
+    def train_data(self, recipe: Recipe, seed: int) -> str:
+        sessions = recipe.sessions or self.sessions
+        return self.synth(os.path.join(self.out, "data", f"train-{sessions}-s{seed}"), sessions, "train", seed, (2, 6))
 
     def run_dir(self, recipe: Recipe, seed: int) -> str:
         return os.path.join(self.out, "runs", f"{recipe.slug(self.sessions)}-s{seed}")
@@ -146,8 +158,7 @@ class Runner:
         steps = recipe.steps or self.steps
         slug = f"{recipe.slug(self.sessions)}-s{seed}"
         run_dir = self.run_dir(recipe, seed)
-        data = self.synth(os.path.join(self.out, "data", f"train-{sessions}-s{seed}"), sessions, "train", seed,
-                          (2, 6))
+        data = self.train_data(recipe, seed)
         overrides = [*self.overrides, f"run.out_dir={run_dir}", f"run.seed={seed}", f"data.train_url={data}",
                      f"data.eval_url={self.test_data}", *recipe.overrides,
                      *([f"train.steps={steps}"] if steps else [])]
@@ -167,33 +178,46 @@ class Runner:
                               "longer one continues the run")
         self.log(f"training {slug} ({cfg.train.steps} steps, {sessions} sessions, {self.nproc} processes; log "
                  f"{run_dir}.log)")
-        os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-        with open(run_dir + ".log", "a") as log:
-            code = subprocess.call([sys.executable, "-m", "vincie", "launch", "local", "--nproc", str(self.nproc),
-                                    "--no-progress", "--config", config_path], stdout=log, stderr=subprocess.STDOUT)
-        if code != 0:
-            raise VincieError(f"ablate {self.name}: training {slug} failed (exit {code}); see {run_dir}.log "
-                              "(rerunning the command resumes it)")
+        self.vincie(["launch", "local", "--nproc", str(self.nproc), "--no-progress", "--config", config_path],
+                    run_dir + ".log", f"training {slug}")
         return run_dir
 
     def evaluate(self, arm: Arm, seed: int) -> dict:
+        """The arm's report for `seed`: kept, or its run trained (continued) and its edits judged."""
         path = os.path.join(self.out, self.name, "arms", f"{arm.name}-s{seed}")
         report = os.path.join(path, "report.json")
-        if os.path.exists(report):
-            return json.load(open(report))
-        run_dir = self.train(arm.recipe, seed)
-        from vincie.evaluation.evaluate import evaluate_synth
-        from vincie.inference.editor import Editor
+        if not os.path.exists(report):
+            run_dir = self.train(arm.recipe, seed)
+            self.log(f"evaluating {arm.name} seed {seed} ({self.test_sessions} sessions x {self.turns} turns"
+                     f"{', context: current image' if arm.context == 'current' else ''}"
+                     f"{', CS -> NS -> I' if arm.chain_masks else ''})")
+            self.vincie(["eval", "--bench", "synth", "--model", run_dir, "--data", self.test_data, "--out", path,
+                         "--sessions", str(self.test_sessions), "--turns", str(self.turns), "--context", arm.context,
+                         "--json", *(["--chain-masks"] if arm.chain_masks else [])], path + ".log",
+                         f"evaluating {arm.name} seed {seed}")
+        return json.load(open(report))
 
-        self.log(f"evaluating {arm.name} seed {seed} ({self.test_sessions} sessions x {self.turns} turns"
-                 f"{', context: current image' if arm.context == 'current' else ''}"
-                 f"{', CS -> NS -> I' if arm.chain_masks else ''})")
-        return evaluate_synth(Editor.load(run_dir), self.test_data, path, sessions=self.test_sessions,
-                              turns=self.turns, progress=False, chain_masks=arm.chain_masks, context=arm.context)
+    def vincie(self, args: list[str], log_path: str, what: str) -> None:
+        """Runs `vincie ARGS` with its output appended to `log_path`; a failure names the log."""
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "a") as log:
+            code = subprocess.call([sys.executable, "-m", "vincie", *args], stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise VincieError(f"ablate {self.name}: {what} failed (exit {code}); see {log_path} (rerunning the command "
+                              "resumes)")
 
     def run(self) -> dict:
         self.test_data = self.synth(os.path.join(self.out, "data", "test"), self.test_sessions, "test", 0,
                                     (self.turns, self.turns))
+        # the arms of one run in order (a longer budget continues a shorter one's run); runs side by side
+        chains: dict[str, list[tuple[Arm, int]]] = {}
+        for arm in self.ablation.arms:
+            for seed in range(self.seeds):
+                chains.setdefault(self.run_dir(arm.recipe, seed), []).append((arm, seed))
+        with ThreadPoolExecutor(self.parallel) as pool:
+            for done in [pool.submit(lambda chain: [self.evaluate(*item) for item in chain], chain)
+                         for chain in chains.values()]:
+                done.result()
         arms = {}
         for arm in self.ablation.arms:
             reports = [self.evaluate(arm, seed) for seed in range(self.seeds)]
