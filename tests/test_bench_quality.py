@@ -16,7 +16,8 @@ def test_quality_probe_trains_stops_and_scores_its_arms(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu", "quality.py"), "--out",
                              str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--arms", "h64,h64-b32-c800",
-                             "--max-steps", "2", "--sessions", "16", "--test-sessions", "2"],
+                             "--max-steps", "2", "--sessions", "16", "--test-sessions", "2",
+                             "--budget-s", "3000"],  # the runs end by their steps, never by the clock
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "quality.json").read_text())
