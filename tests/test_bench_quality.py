@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_quality_probe_trains_stops_and_scores_its_arms(tmp_path):
+def test_quality_probe_trains_its_arms_side_by_side_and_scores_them(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu", "quality.py"), "--out",
                              str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--arms", "h64,h64-b32-c800",
