@@ -1,4 +1,4 @@
-"""bench/gpu/quality.py on the CPU: arms train side by side (PIL decoding, SDPA), stop, are scored by the strict
+"""bench/gpu/quality.py on the CPU: arms train side by side (PIL decoding, SDPA) to their steps, are scored by the strict
 judge, and the table and quality.json say what each reached (no meaningful figures: two steps)."""
 
 import json
