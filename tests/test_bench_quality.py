@@ -1,5 +1,5 @@
-"""bench/gpu/quality.py on the CPU: arms train side by side (PIL decoding, SDPA) to their steps, are scored by the strict
-judge, and the table and quality.json say what each reached (no meaningful figures: two steps)."""
+"""bench/gpu/quality.py on the CPU: arms train side by side (PIL decoding, SDPA) to their steps, are scored by the
+strict judge, and the table and quality.json say what each reached (no meaningful figures: two steps)."""
 
 import json
 import os
