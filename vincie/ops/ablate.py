@@ -231,7 +231,8 @@ class Runner:
                               "steps": steps, "train_minutes": sum(minutes) / len(minutes)}
         results = {"ablation": self.name, "question": self.ablation.question, "seeds": self.seeds,
                    "test_sessions": self.test_sessions, "turns": self.turns,
-                   "steps": sorted({arm["steps"] for arm in arms.values()}), "arms": arms, "paper": self.ablation.paper_says,
+                   "steps": sorted({arm["steps"] for arm in arms.values()}), "arms": arms,
+                   "paper": self.ablation.paper_says,
                    "orderings": [ordering(arms, better, worse) for better, worse in self.ablation.paper]}
         directory = os.path.join(self.out, self.name)
         storage.write_bytes_atomic(os.path.join(directory, "results.json"), json.dumps(results, indent=1).encode())
