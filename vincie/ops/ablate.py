@@ -155,13 +155,12 @@ class Runner:
     def train(self, recipe: Recipe, seed: int) -> str:
         """The recipe's run for `seed`: trained (or resumed) unless finished. -> the run directory."""
         sessions = recipe.sessions or self.sessions
-        steps = recipe.steps or self.steps
         slug = f"{recipe.slug(self.sessions)}-s{seed}"
         run_dir = self.run_dir(recipe, seed)
         data = self.train_data(recipe, seed)
         overrides = [*self.overrides, f"run.out_dir={run_dir}", f"run.seed={seed}", f"data.train_url={data}",
                      f"data.eval_url={self.test_data}", *recipe.overrides,
-                     *([f"train.steps={steps}"] if steps else [])]
+                     f"train.steps={self.arm_steps(recipe)}"]
         cfg = load_config(self.config, overrides)
         config_path = os.path.join(self.out, self.name, "configs", f"{slug}.yaml")
         os.makedirs(os.path.dirname(config_path), exist_ok=True)
