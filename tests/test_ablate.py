@@ -77,6 +77,17 @@ def test_compute_budgets_continue_one_run_and_are_evaluated_in_order(tmp_path, m
         runner.run()
 
 
+def test_training_minutes_count_each_logged_step_once_and_skip_validation_records(tmp_path):
+    from vincie.ops.ablate import training_minutes
+
+    records = [{"step": 20, "step_s": 0.5}, {"step": 40, "step_s": 1.0}, {"step": 40, "val_loss": {}, "val_s": 99.0},
+               {"step": 60, "step_s": 2.0},  # then stopped, resumed from step 40: steps 41-60 logged again
+               {"step": 60, "step_s": 3.0}, {"step": 80, "step_s": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert training_minutes(str(tmp_path), 80) == pytest.approx((20 * 0.5 + 20 * 1.0 + 20 * 3.0 + 20 * 1.5) / 60)
+    assert training_minutes(str(tmp_path), 40) == pytest.approx((20 * 0.5 + 20 * 1.0) / 60)
+
+
 def test_orderings_say_whether_the_paper_holds():
     arms = {"a": {"success": [0.9, 0.5], "interval": [[0.8, 0.95], [0.4, 0.6]]},
             "b": {"success": [0.5, 0.5], "interval": [[0.4, 0.6], [0.4, 0.6]]}}

@@ -125,8 +125,8 @@ class Runner:
         self.sessions, self.nproc, self.test_sessions, self.turns = sessions, nproc, test_sessions, turns
         self.parallel = parallel  # runs trained and evaluated at once
         self.synth_lock = threading.Lock()
-        load_config(config, overrides)  # a bad config fails before anything runs
-        self.resolution = load_config(config, overrides).data.resolution
+        base = load_config(config, overrides)  # a bad config fails before anything runs
+        self.resolution, self.config_steps = base.data.resolution, base.train.steps
 
     def log(self, line: str) -> None:
         print(f"ablate {self.name}: {line}", flush=True)
@@ -150,13 +150,13 @@ class Runner:
         return os.path.join(self.out, "runs", f"{recipe.slug(self.sessions)}-s{seed}")
 
     def arm_steps(self, recipe: Recipe) -> int:
-        return recipe.steps or self.steps or load_config(self.config, self.overrides).train.steps
+        return recipe.steps or self.steps or self.config_steps
 
     def train(self, recipe: Recipe, seed: int) -> str:
         """The recipe's run for `seed`: trained (or resumed) unless finished. -> the run directory."""
         sessions = recipe.sessions or self.sessions
-        slug = f"{recipe.slug(self.sessions)}-s{seed}"
         run_dir = self.run_dir(recipe, seed)
+        slug = os.path.basename(run_dir)
         data = self.train_data(recipe, seed)
         overrides = [*self.overrides, f"run.out_dir={run_dir}", f"run.seed={seed}", f"data.train_url={data}",
                      f"data.eval_url={self.test_data}", *recipe.overrides,
@@ -177,7 +177,7 @@ class Runner:
                               "longer one continues the run")
         self.log(f"training {slug} ({cfg.train.steps} steps, {sessions} sessions, {self.nproc} processes; log "
                  f"{run_dir}.log)")
-        self.vincie(["launch", "local", "--nproc", str(self.nproc), "--no-progress", "--config", config_path],
+        self.subcommand(["launch", "local", "--nproc", str(self.nproc), "--no-progress", "--config", config_path],
                     run_dir + ".log", f"training {slug}")
         return run_dir
 
@@ -190,13 +190,13 @@ class Runner:
             self.log(f"evaluating {arm.name} seed {seed} ({self.test_sessions} sessions x {self.turns} turns"
                      f"{', context: current image' if arm.context == 'current' else ''}"
                      f"{', CS -> NS -> I' if arm.chain_masks else ''})")
-            self.vincie(["eval", "--bench", "synth", "--model", run_dir, "--data", self.test_data, "--out", path,
+            self.subcommand(["eval", "--bench", "synth", "--model", run_dir, "--data", self.test_data, "--out", path,
                          "--sessions", str(self.test_sessions), "--turns", str(self.turns), "--context", arm.context,
                          "--json", *(["--chain-masks"] if arm.chain_masks else [])], path + ".log",
                          f"evaluating {arm.name} seed {seed}")
         return json.load(open(report))
 
-    def vincie(self, args: list[str], log_path: str, what: str) -> None:
+    def subcommand(self, args: list[str], log_path: str, what: str) -> None:
         """Runs `vincie ARGS` with its output appended to `log_path`; a failure names the log."""
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "a") as log:
@@ -214,12 +214,12 @@ class Runner:
             for seed in range(self.seeds):
                 chains.setdefault(self.run_dir(arm.recipe, seed), []).append((arm, seed))
         with ThreadPoolExecutor(self.parallel) as pool:
-            for done in [pool.submit(lambda chain: [self.evaluate(*item) for item in chain], chain)
-                         for chain in chains.values()]:
-                done.result()
+            done = pool.map(lambda chain: [((arm.name, seed), self.evaluate(arm, seed)) for arm, seed in chain],
+                            chains.values())
+            report_of = dict(pair for chain in done for pair in chain)
         arms = {}
         for arm in self.ablation.arms:
-            reports = [self.evaluate(arm, seed) for seed in range(self.seeds)]
+            reports = [report_of[arm.name, seed] for seed in range(self.seeds)]
             n = sum(r["sessions"] for r in reports)
             success = [sum(r["success"]["model"][k] * r["sessions"] for r in reports) / n for k in range(self.turns)]
             steps = self.arm_steps(arm.recipe)
