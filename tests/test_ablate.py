@@ -21,7 +21,7 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
             "--sessions", "16", "--nproc", "1", "--test-sessions", "2", "--turns", "2", "--parallel", "2"]
     first = run_vincie(*args)  # its two runs side by side
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (out / "pairs" / "arms" / "pairs-s0.log").exists()  # each evaluation's log beside its report
+    assert (out / "evals" / "n16-modepairs-s0-step2.log").exists()  # each evaluation's log beside its report
     assert "training n16-s0" in first.stdout and "training n16-modepairs-s0" in first.stdout
     table = first.stdout
     assert "ablation pairs: multi-turn sessions against" in table
@@ -48,6 +48,7 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
     assert "ablate context: training n16-s0" not in context.stdout
     assert "ablate context: training n16-modepairs-s0" not in context.stdout  # that run is shared too
     assert "ablate context: evaluating current-image seed 0" in context.stdout
+    assert "ablate context: evaluating session seed 0" not in context.stdout  # pairs' sessions arm: the same eval
 
 
 def test_compute_budgets_continue_one_run_and_are_evaluated_in_order(tmp_path, monkeypatch):
@@ -72,9 +73,22 @@ def test_compute_budgets_continue_one_run_and_are_evaluated_in_order(tmp_path, m
     # a budget shorter than the run has gone is refused (its checkpoint is gone), not silently evaluated late
     import shutil
 
-    shutil.rmtree(out / "compute" / "arms" / "short-s0")
+    shutil.rmtree(out / "evals" / "n16-s0-step2")
     with pytest.raises(ablate.VincieError, match="is past 2 steps .at 4."):
         runner.run()
+
+
+def test_a_recipe_that_changes_nothing_trains_the_configs_own_run(tmp_path):
+    from vincie.ops import ablate
+
+    config = write_config(tmp_path / "micro.yaml", tmp_path / "unused", "unused", sequence={"masks_present": 0.0})
+    runner = ablate.Runner("segmentation", str(tmp_path), config, [], seeds=1, steps=None, sessions=16, nproc=1)
+    assert runner.run_dir(ablate.Recipe(overrides=("sequence.masks_present=0.0",)), 0) == str(tmp_path / "runs" / "n16-s0")
+    assert runner.run_dir(ablate.MASKS, 1) == str(tmp_path / "runs" / "n16-masks_present0.8-s1")
+    with_masks = ablate.Runner("segmentation", str(tmp_path), config, ["sequence.masks_present=0.8"], seeds=1,
+                               steps=None, sessions=16, nproc=1)
+    assert with_masks.run_dir(ablate.MASKS, 0) == str(tmp_path / "runs" / "n16-s0")
+    assert with_masks.run_dir(ablate.Recipe(overrides=("sequence.masks_present=0.0",)), 0).endswith("n16-masks_present0.0-s0")
 
 
 def test_training_minutes_count_each_logged_step_once_and_skip_validation_records(tmp_path):

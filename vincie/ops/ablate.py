@@ -10,11 +10,14 @@ their outputs; with --parallel N, N runs at a time (a run's arms stay in order).
 so a rerun (or a run of another ablation sharing a recipe) resumes:
 
     OUT/data/test, OUT/data/train-N-sS          sessions (vincie data synth; resumable itself)
-    OUT/runs/RECIPE-sS/                          a training run (its config.yaml, checkpoints, metrics.jsonl);
-                                                 an interrupted one resumes from its checkpoint
-    OUT/NAME/configs/RECIPE-sS.yaml              the arm's whole training config: the same file trains it on a GPU
+    OUT/runs/RUN/                                a training run (its config.yaml, checkpoints, metrics.jsonl);
+                                                 an interrupted one resumes from its checkpoint. RUN names what the
+                                                 recipe changes in the config, and the seed: n8192-modepairs-s0
+    OUT/NAME/configs/RUN.yaml                    the arm's whole training config: the same file trains it on a GPU
                                                  cluster (vincie k8s submit --config FILE)
-    OUT/NAME/arms/ARM-sS/report.json             the arm's evaluation (vincie eval's report); present = finished
+    OUT/evals/RUN-stepN[-current][-chained]/     an evaluation of RUN at N steps (vincie eval's report.json);
+                                                 present = finished. Arms of any ablation that evaluate the same run
+                                                 the same way share it
     OUT/NAME/results.json, OUT/NAME/ablation.png the table and the plot
 
 An arm's success per turn is the mean over its seeds; its interval is the 95 % Wilson interval over all
@@ -49,9 +52,6 @@ class Recipe:
     sessions: int | None = None
     overrides: tuple[str, ...] = ()
     steps: int | None = None
-
-    def slug(self, sessions: int) -> str:
-        return "-".join([f"n{self.sessions or sessions}", *(o.split(".")[-1].replace("=", "") for o in self.overrides)])
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,14 @@ class Runner:
         self.synth_lock = threading.Lock()
         base = load_config(config, overrides)  # a bad config fails before anything runs
         self.resolution, self.config_steps = base.data.resolution, base.train.steps
+        self.run_names = {arm.recipe: self.run_name(arm.recipe, to_yaml(base)) for arm in self.ablation.arms}
+
+    def run_name(self, recipe: Recipe, base_yaml: str) -> str:
+        """n{sessions}, then each override of the recipe that changes the config (its last key and value): a recipe
+        asking for what the config already has trains the config's own run (no masks on a preset without them)."""
+        changes = [o for o in recipe.overrides if to_yaml(load_config(self.config, [*self.overrides, o])) != base_yaml]
+        return "-".join([f"n{recipe.sessions or self.sessions}",
+                         *(key.split(".")[-1] + value for key, value in (o.split("=", 1) for o in changes))])
 
     def log(self, line: str) -> None:
         print(f"ablate {self.name}: {line}", flush=True)
@@ -147,7 +155,7 @@ class Runner:
         return self.synth(os.path.join(self.out, "data", f"train-{sessions}-s{seed}"), sessions, "train", seed, (2, 6))
 
     def run_dir(self, recipe: Recipe, seed: int) -> str:
-        return os.path.join(self.out, "runs", f"{recipe.slug(self.sessions)}-s{seed}")
+        return os.path.join(self.out, "runs", f"{self.run_names[recipe]}-s{seed}")
 
     def arm_steps(self, recipe: Recipe) -> int:
         return recipe.steps or self.steps or self.config_steps
@@ -156,13 +164,13 @@ class Runner:
         """The recipe's run for `seed`: trained (or resumed) unless finished. -> the run directory."""
         sessions = recipe.sessions or self.sessions
         run_dir = self.run_dir(recipe, seed)
-        slug = os.path.basename(run_dir)
+        run = os.path.basename(run_dir)
         data = self.train_data(recipe, seed)
         overrides = [*self.overrides, f"run.out_dir={run_dir}", f"run.seed={seed}", f"data.train_url={data}",
                      f"data.eval_url={self.test_data}", *recipe.overrides,
                      f"train.steps={self.arm_steps(recipe)}"]
         cfg = load_config(self.config, overrides)
-        config_path = os.path.join(self.out, self.name, "configs", f"{slug}.yaml")
+        config_path = os.path.join(self.out, self.name, "configs", f"{run}.yaml")
         os.makedirs(os.path.dirname(config_path), exist_ok=True)
         storage.write_bytes_atomic(config_path, to_yaml(cfg).encode())
         from vincie.training import checkpoint
@@ -175,15 +183,17 @@ class Runner:
             raise VincieError(f"ablate {self.name}: run {run_dir} is past {cfg.train.steps} steps (at {done}), so its "
                               f"checkpoint at {cfg.train.steps} is gone: a shorter budget is evaluated before a "
                               "longer one continues the run")
-        self.log(f"training {slug} ({cfg.train.steps} steps, {sessions} sessions, {self.nproc} processes; log "
+        self.log(f"training {run} ({cfg.train.steps} steps, {sessions} sessions, {self.nproc} processes; log "
                  f"{run_dir}.log)")
         self.subcommand(["launch", "local", "--nproc", str(self.nproc), "--no-progress", "--config", config_path],
-                    run_dir + ".log", f"training {slug}")
+                        run_dir + ".log", f"training {run}")
         return run_dir
 
     def evaluate(self, arm: Arm, seed: int) -> dict:
         """The arm's report for `seed`: kept, or its run trained (continued) and its edits judged."""
-        path = os.path.join(self.out, self.name, "arms", f"{arm.name}-s{seed}")
+        run = os.path.basename(self.run_dir(arm.recipe, seed))
+        path = os.path.join(self.out, "evals", f"{run}-step{self.arm_steps(arm.recipe)}"
+                            f"{'-current' if arm.context == 'current' else ''}{'-chained' if arm.chain_masks else ''}")
         report = os.path.join(path, "report.json")
         if not os.path.exists(report):
             run_dir = self.train(arm.recipe, seed)
