@@ -276,10 +276,14 @@ def ordering(arms: dict, better: str, worse: str) -> dict:
             "holds": sum(diffs) > 0}
 
 
+def seed_count(results: dict) -> str:
+    return f"{results['seeds']} seed{'s' if results['seeds'] != 1 else ''}"
+
+
 def format_results(results: dict) -> str:
     turns = results["turns"]
     lines = [f"ablation {results['ablation']}: {results['question']}",
-             f"({results['seeds']} seeds x {results['test_sessions']} test sessions; success per turn, mean over "
+             f"({seed_count(results)} x {results['test_sessions']} test sessions; success per turn, mean over "
              "seeds, 95 % Wilson interval over the pooled outcomes; the arm's training steps and minutes)",
              f"{'arm':22s}{'steps':>7s}{'min':>6s}" + "".join(f"{'turn ' + str(k + 1):>18s}" for k in range(turns))]
     for name, arm in results["arms"].items():
@@ -312,7 +316,7 @@ def plot(results: dict) -> bytes:
         ax.errorbar(x, arm["success"], yerr=[low, high], marker="o", capsize=3,
                     label=f"{name} ({arm['steps']} steps, {arm['train_minutes']:.0f} min)")
     steps = "/".join(map(str, results["steps"]))
-    ax.set(title=f"vincie ablate {results['ablation']} ({results['seeds']} seeds, {steps} steps)",
+    ax.set(title=f"vincie ablate {results['ablation']} ({seed_count(results)}, {steps} steps)",
            xlabel="turn", ylabel="success (cumulative)", ylim=(-0.02, 1.02), xticks=turns)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
