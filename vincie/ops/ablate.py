@@ -127,7 +127,8 @@ class Runner:
         self.synth_lock = threading.Lock()
         base = load_config(config, overrides)  # a bad config fails before anything runs
         self.resolution, self.config_steps = base.data.resolution, base.train.steps
-        self.run_names = {arm.recipe: self.run_name(arm.recipe, to_yaml(base)) for arm in self.ablation.arms}
+        base_yaml = to_yaml(base)
+        self.run_names = {arm.recipe: self.run_name(arm.recipe, base_yaml) for arm in self.ablation.arms}
 
     def run_name(self, recipe: Recipe, base_yaml: str) -> str:
         """n{sessions}, then each override of the recipe that changes the config (its last key and value): a recipe
@@ -201,9 +202,9 @@ class Runner:
                      f"{', context: current image' if arm.context == 'current' else ''}"
                      f"{', CS -> NS -> I' if arm.chain_masks else ''})")
             self.subcommand(["eval", "--bench", "synth", "--model", run_dir, "--data", self.test_data, "--out", path,
-                         "--sessions", str(self.test_sessions), "--turns", str(self.turns), "--context", arm.context,
-                         "--json", *(["--chain-masks"] if arm.chain_masks else [])], path + ".log",
-                         f"evaluating {arm.name} seed {seed}")
+                             "--sessions", str(self.test_sessions), "--turns", str(self.turns), "--context",
+                             arm.context, "--json", *(["--chain-masks"] if arm.chain_masks else [])], path + ".log",
+                            f"evaluating {arm.name} seed {seed}")
         return json.load(open(report))
 
     def subcommand(self, args: list[str], log_path: str, what: str) -> None:
