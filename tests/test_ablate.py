@@ -26,6 +26,7 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
     table = first.stdout
     assert "ablation pairs: multi-turn sessions against" in table
     assert "sessions - pairs: " in table and "the paper's order" in table
+    assert "each edit kind on its own" in table
     results = json.loads((out / "pairs" / "results.json").read_text())
     assert list(results["arms"]) == ["sessions", "pairs"] and results["steps"] == [2]
     for arm in results["arms"].values():
@@ -90,6 +91,23 @@ def test_a_recipe_that_changes_nothing_trains_the_configs_own_run(tmp_path):
                                steps=None, sessions=16, nproc=1)
     assert with_masks.run_dir(ablate.MASKS, 0) == str(tmp_path / "runs" / "n16-s0")
     assert with_masks.run_dir(no_masks, 0) == str(tmp_path / "runs" / "n16-masks_present0.0-s0")
+
+
+def test_the_history_ablation_trains_and_tests_on_a_world_with_undo_turns(tmp_path):
+    from vincie.ops import ablate
+    from vincie.sessions.shards import iter_sessions
+
+    config = write_config(tmp_path / "micro.yaml", tmp_path / "unused", "unused")
+    history = ablate.Runner("history", str(tmp_path), config, [], seeds=1, steps=None, sessions=16, nproc=1,
+                            test_sessions=16)
+    assert history.run_dir(ablate.BASE, 0) == str(tmp_path / "runs" / "n16-undo-s0")  # not the context ablation's
+    assert history.run_dir(ablate.PAIRS, 0) == str(tmp_path / "runs" / "n16-undo-modepairs-s0")
+    for data in (history.make_test_data(), history.train_data(ablate.BASE, 0)):
+        assert os.path.basename(data) in ("test-undo", "train-16-undo-s0")
+        assert any(t.get("undo") for s in iter_sessions(data) for t in s.meta["transitions"])
+    context = ablate.Runner("context", str(tmp_path), config, [], seeds=1, steps=None, sessions=16, nproc=1)
+    assert context.run_dir(ablate.BASE, 0) == str(tmp_path / "runs" / "n16-s0")
+    assert context.test_data == str(tmp_path / "data" / "test")
 
 
 def test_training_minutes_count_each_logged_step_once_and_skip_validation_records(tmp_path):

@@ -36,6 +36,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("synth.pairs=1", ["synth.pairs", "bool"]),
     ("synth.image_format=gif", ["synth.image_format", "'jpg'", "'png'"]),
     ("synth.transitions=[move, fly]", ["synth.transitions[1]", "'move'"]),
+    ("synth.transitions=[undo]", ["synth.transitions", "besides undo"]),
     ("synth.min_turns=5", None),  # valid alone
     ("synth.max_turns=1", ["synth.max_turns", "min_turns"]),
     ("synth.resolution=30", ["synth.resolution", "multiple of 8"]),

@@ -6,8 +6,10 @@ import pytest
 
 from data_index.synthetic.world import (COLOURS, GRID_WHERE, SIZE_NAMES, generate_session, object_px, replay_states,
                                         visible_masks)
-from vincie.config import SynthConfig
+from vincie.config import TRANSITIONS, SynthConfig
 from vincie.sessions.shards import write_shard
+
+WITH_UNDO = [*TRANSITIONS, "undo"]
 
 
 def changed_pixels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -28,9 +30,9 @@ def colour_of(object_name: str) -> str:
     return object_name.split()[0]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_masks_equal_the_pixels_that_changed(seed):
-    cfg = SynthConfig(image_format="png")
+@pytest.mark.parametrize("seed, transitions", [(0, TRANSITIONS), (1, TRANSITIONS), (0, WITH_UNDO)])
+def test_masks_equal_the_pixels_that_changed(seed, transitions):
+    cfg = SynthConfig(image_format="png", transitions=list(transitions))
     kinds_seen = set()
     for index in range(60):
         item = generate_session(cfg, "train", seed, index)
@@ -61,12 +63,12 @@ def test_masks_equal_the_pixels_that_changed(seed):
     assert kinds_seen == {"move", "recolour", "resize", "add", "remove"}
 
 
-@pytest.mark.parametrize("jitter", [0, 3])
-def test_states_replay_from_the_metadata(jitter):
+@pytest.mark.parametrize("jitter, transitions", [(0, TRANSITIONS), (3, TRANSITIONS), (3, WITH_UNDO)])
+def test_states_replay_from_the_metadata(jitter, transitions):
     """The strict judge's object lists and masks: replayed from what a stored session holds, every object shows its
     colour on its visible pixels in the clean frame, nothing else does, and the edited object's pixels are the
     turn's masks."""
-    cfg = SynthConfig(image_format="png", jitter_px=jitter)
+    cfg = SynthConfig(image_format="png", jitter_px=jitter, transitions=list(transitions))
     for index in range(30):
         item = generate_session(cfg, "test", 0, index)
         meta = item.session.meta
@@ -90,6 +92,52 @@ def test_states_replay_from_the_metadata(jitter):
                 edited = names_before.index(t["object"])
                 assert np.array_equal(item.session.cur_masks[k], masks[k][edited])
                 assert np.array_equal(item.session.next_masks[k], masks[k + 1][edited])
+
+
+def attributes(obj) -> tuple:
+    return obj.cx, obj.cy, obj.colour, obj.size
+
+
+def test_an_undo_restores_what_only_the_sessions_history_shows():
+    """Each undo turn, checked on the replayed states (not the generator's bookkeeping): an object goes back to the
+    value of the changed attribute it had before its last change of it, a value the state before the turn does not
+    show; a removed object comes back exactly as it was. Every kind of undo occurs, never at turn 1."""
+    cfg = SynthConfig(image_format="png", transitions=WITH_UNDO)
+    undone = set()
+    for index in range(150):
+        meta = generate_session(cfg, "train", 0, index).session.meta
+        states, transitions = replay_states(meta), meta["transitions"]
+        for k, t in enumerate(transitions):
+            if not t.get("undo"):
+                continue
+            assert k > 0
+            undone.add(t["kind"])
+            before, after = states[k], states[k + 1]
+            if t["kind"] == "add":
+                back = after[-1]
+                assert back.name not in [o.name for o in before]
+                assert any(u["kind"] == "remove" and u["object"] == back.name and attributes(back) in
+                           [attributes(o) for o in states[j]] for j, u in enumerate(transitions[:k]))
+                continue
+            index_now = [o.name for o in before].index(t["object"])
+            changed = [a for a in range(4) if attributes(before[index_now])[a] != attributes(after[index_now])[a]]
+            value = [attributes(after[index_now])[a] for a in changed]
+            # follow the object back through the earlier states (a removal before it shifts its index) to the last
+            # state where the changed attribute differed from now: the value it had before its last change
+            i, found = index_now, None
+            for j in range(k - 1, -1, -1):
+                u = transitions[j]
+                if u["kind"] == "add" and i == len(states[j + 1]) - 1:
+                    break  # the object was added at turn j
+                if u["kind"] == "remove":
+                    removed_at = [o.name for o in states[j]].index(u["object"])
+                    i += i >= removed_at
+                earlier = [attributes(states[j][i])[a] for a in changed]
+                if earlier != [attributes(before[index_now])[a] for a in changed]:
+                    found = earlier
+                    break
+            assert found == value, (meta["scene"], k, t)
+    assert undone == {"move", "recolour", "resize", "add"}
 
 
 def test_instructions_name_the_edited_object():

@@ -10,6 +10,12 @@ added object has the named size and sits at the centre of the named ninth of the
     next (N_i): where in frame i+1 the edit's result is: the edited object's visible pixels in frame i+1
                 (for `remove`: where the removed object was)
 
+The `undo` transition (not drawn unless synth.transitions names it) refers back to the session's history: it puts
+an object back where it was before its last move, gives it back the colour or size it had before its last change
+of that, or brings back a removed object as it was (an undone change is not undone again). The current image alone
+does not say what to do; the session's earlier images do. It is stored as the edit it makes (move, recolour,
+resize, add) with "undo": true.
+
 Objects are shaded (brightness grows along the diagonal from their top-left corner), so a moved or resized object
 changes every pixel it covers in either frame. With that, the union C_i | N_i equals the set of pixels that differ
 between the two clean frames exactly; the generator rejects any sampled edit for which that does not hold
@@ -59,6 +65,17 @@ TEMPLATES = {
             "draw {a_obj} {where}"),
     "remove": ("remove the {obj}", "delete the {obj}", "take away the {obj}", "the {obj} disappears",
                "erase the {obj}"),
+}
+UNDO_TEMPLATES = {  # by the kind of edit the undo makes
+    "move": ("put the {obj} back where it was", "move the {obj} back", "return the {obj} to where it was",
+             "the {obj} goes back to where it was", "move the {obj} back to its old place"),
+    "recolour": ("make the {obj} the colour it was", "change the {obj} back to its old colour",
+                 "give the {obj} its old colour back", "the {obj} gets its old colour back",
+                 "recolour the {obj} as it was before"),
+    "resize": ("make the {obj} its old size", "return the {obj} to its old size", "resize the {obj} back",
+               "the {obj} goes back to its old size", "give the {obj} its old size back"),
+    "add": ("bring back the {obj}", "put the {obj} back", "the {obj} comes back", "restore the {obj}",
+            "bring the {obj} back where it was"),
 }
 DIR_TO = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 DIR_ADV = {"left": "left", "right": "right", "up": "upwards", "down": "downwards"}
@@ -231,8 +248,77 @@ class Edit:
     params: dict
 
 
-def propose_edit(rng: np.random.Generator, scene: Scene, kind: str, resolution: int) -> Edit | None:
-    """One random edit of `kind`, or None when this kind cannot apply to the scene."""
+@dataclass
+class History:
+    """What the session's earlier states know and its current image does not: for each object of the scene (in its
+    order) the position, colour and size it had before its last change of each, and the objects removed so far (the
+    last one of each name)."""
+    earlier: list[dict]  # per object: {"position": (cx, cy), "colour": str, "size": int}, the changed ones only
+    removed: list[SceneObject]
+
+    @classmethod
+    def of(cls, scene: Scene) -> "History":
+        return cls([{} for _ in scene.objects], [])
+
+    def record(self, before: Scene, edit: Edit) -> None:
+        """Takes note of `edit`, made on the scene `before`."""
+        if edit.kind == "add":
+            self.earlier.append({})
+            self.removed = [o for o in self.removed if o.name != edit.params["object"]]
+            return
+        obj = before.objects[edit.target]
+        if edit.kind == "remove":
+            self.removed = [o for o in self.removed if o.name != obj.name] + [copy.deepcopy(obj)]
+            del self.earlier[edit.target]
+        else:
+            attribute = {"move": "position", "recolour": "colour", "resize": "size"}[edit.kind]
+            if edit.params.get("undo"):  # undone: nothing earlier to go back to ("back" twice is not a redo)
+                del self.earlier[edit.target][attribute]
+            else:
+                self.earlier[edit.target][attribute] = \
+                    {"position": (obj.cx, obj.cy), "colour": obj.colour, "size": obj.size}[attribute]
+
+
+def propose_undo(rng: np.random.Generator, scene: Scene, history: History, resolution: int) -> Edit | None:
+    """One random undo (see the module docstring), or None when nothing can be undone."""
+    used, n = {o.colour for o in scene.objects}, len(scene.objects)
+    options = [(index, attribute) for index, earlier in enumerate(history.earlier) for attribute in earlier
+               if attribute != "colour" or earlier["colour"] not in used]
+    options += [(None, obj) for obj in history.removed if obj.colour not in used and n < 6]
+    if not options:
+        return None
+    index, what = options[int(rng.integers(0, len(options)))]
+    after = Scene(scene.background, copy.deepcopy(scene.objects))
+    if index is None:  # a removed object back as it was, drawn on top
+        after.objects.append(copy.deepcopy(what))
+        text = str(rng.choice(UNDO_TEMPLATES["add"])).format(obj=what.name)
+        return Edit("add", n, after, text, {"object": what.name, "size": SIZE_NAMES[what.size],
+                                            "centre": [what.cx, what.cy], "undo": True})
+    obj, earlier = after.objects[index], history.earlier[index][what]
+    name = obj.name
+    if what == "position":
+        step = move_step(resolution)
+        direction = next(d for d, (dx, dy) in DIRECTIONS.items()
+                         if (obj.cx + dx * step, obj.cy + dy * step) == tuple(earlier))
+        obj.cx, obj.cy = earlier
+        kind, params = "move", {"direction": direction, "pixels": step}
+    elif what == "colour":
+        obj.colour = earlier
+        kind, params = "recolour", {"colour": earlier}
+    else:
+        kind, params = "resize", {"direction": "bigger" if earlier > obj.size else "smaller"}
+        obj.size = earlier
+    if not fits(obj, resolution):
+        return None
+    text = str(rng.choice(UNDO_TEMPLATES[kind])).format(obj=name)
+    return Edit(kind, index, after, text, {"object": name, **params, "undo": True})
+
+
+def propose_edit(rng: np.random.Generator, scene: Scene, kind: str, resolution: int,
+                 history: History | None = None) -> Edit | None:
+    """One random edit of `kind`, or None when this kind cannot apply to the scene (`history`: for undo)."""
+    if kind == "undo":
+        return propose_undo(rng, scene, history, resolution)
     after = Scene(scene.background, copy.deepcopy(scene.objects))
     n = len(scene.objects)
     if kind == "add":
@@ -323,12 +409,13 @@ def generate_session(cfg: SynthConfig, split: str, seed: int, index: int) -> Syn
     turns = 1 if cfg.pairs else int(rng.integers(cfg.min_turns, cfg.max_turns + 1))
     scene = random_scene(rng, cfg, margin)
     initial = [o.__dict__.copy() for o in scene.objects]
+    history = History.of(scene)
     image, ids = render(scene, res, margin)
     canvases, full_masks, instructions, transitions = [image], [], [], []
     for _ in range(turns):
         for _attempt in range(MAX_ATTEMPTS):
             kind = str(rng.choice(cfg.transitions))
-            edit = propose_edit(rng, scene, kind, res)
+            edit = propose_edit(rng, scene, kind, res, history)
             if edit is None:
                 continue
             new_image, new_ids = render(edit.after, res, margin)
@@ -343,6 +430,7 @@ def generate_session(cfg: SynthConfig, split: str, seed: int, index: int) -> Syn
             raise RuntimeError(f"no valid edit found for session {index} (transitions={cfg.transitions})")
         instructions.append(edit.instruction)
         transitions.append({"kind": edit.kind, **edit.params})
+        history.record(scene, edit)
         scene, image, ids = edit.after, new_image, new_ids
         canvases.append(image)
         full_masks.append((cur, nxt))
@@ -389,10 +477,13 @@ def replay_states(meta: dict) -> list[list[SceneObject]]:
         kind = transition["kind"]
         if kind == "add":
             colour, shape = transition["object"].split(" ", 1)
-            row, col = next((r, c) for r, names in enumerate(GRID_WHERE) for c, where in enumerate(names)
-                            if where == transition["where"])
-            objects.append(SceneObject(colour, shape, SIZE_NAMES.index(transition["size"]),
-                                       ninth_centre(col, resolution), ninth_centre(row, resolution)))
+            if "centre" in transition:  # an undone removal: where the object was
+                cx, cy = transition["centre"]
+            else:
+                row, col = next((r, c) for r, names in enumerate(GRID_WHERE) for c, where in enumerate(names)
+                                if where == transition["where"])
+                cx, cy = ninth_centre(col, resolution), ninth_centre(row, resolution)
+            objects.append(SceneObject(colour, shape, SIZE_NAMES.index(transition["size"]), cx, cy))
         else:
             target = next(o for o in objects if o.name == transition["object"])
             if kind == "remove":

@@ -41,6 +41,8 @@ def validate_synth(s: SynthConfig, prefix: str = "synth.") -> None:
     require(s.max_objects <= 6, prefix + "max_objects", f"must be <= 6 (one colour each), got {s.max_objects}")
     require(len(s.transitions) > 0, prefix + "transitions", "must name at least one transition")
     require(len(set(s.transitions)) == len(s.transitions), prefix + "transitions", "must not repeat a transition")
+    require(set(s.transitions) != {"undo"}, prefix + "transitions",
+            "must name an edit besides undo (a session's first turn has nothing to undo)")
     require(len(s.backgrounds) > 0, prefix + "backgrounds", "must name at least one background")
     require(len(set(s.backgrounds)) == len(s.backgrounds), prefix + "backgrounds", "must not repeat a background")
     require(s.noise_std >= 0, prefix + "noise_std", f"must be >= 0, got {s.noise_std}")

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-TRANSITIONS = ("move", "recolour", "resize", "add", "remove")
-Transition = Literal["move", "recolour", "resize", "add", "remove"]
+TRANSITIONS = ("move", "recolour", "resize", "add", "remove")  # the default; `undo` refers back (world.py)
+Transition = Literal["move", "recolour", "resize", "add", "remove", "undo"]
 BACKGROUNDS = ("flat", "gradient", "checker", "stripes", "noise")
 Background = Literal["flat", "gradient", "checker", "stripes", "noise"]
 

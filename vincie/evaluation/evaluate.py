@@ -93,12 +93,14 @@ def save_predictions(directory: str, sessions: list[Session], outputs: list[list
 
 
 def success_by_kind(sessions: list[Session], scores: list[list[TurnVerdict]]) -> dict[str, dict]:
-    """Per transition kind (move, recolour, ...): how many turns of that kind were edited and the share that
-    succeeded on their own (not cumulative), so a report shows which edits a model has learned."""
+    """Per transition kind (move, recolour, ..., and "undo move" etc. for the synthetic world's undo turns): how
+    many turns of that kind were edited and the share that succeeded on their own (not cumulative), so a report
+    shows which edits a model has learned."""
     table: dict[str, list[bool]] = {}
     for session, score in zip(sessions, scores):
         for transition, turn in zip(session.meta.get("transitions", []), score):
-            table.setdefault(transition["kind"], []).append(turn.success)
+            kind = ("undo " if transition.get("undo") else "") + transition["kind"]
+            table.setdefault(kind, []).append(turn.success)
     return {kind: {"turns": len(v), "success": float(np.mean(v))} for kind, v in sorted(table.items())}
 
 

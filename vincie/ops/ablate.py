@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from vincie import storage
-from vincie.config import load_config, to_yaml
+from vincie.config import TRANSITIONS, load_config, to_yaml
 from vincie.errors import VincieError
 
 TEST_SESSIONS = 64
@@ -68,6 +68,12 @@ class Ablation:
     arms: tuple[Arm, ...]
     paper: tuple[tuple[str, str], ...]  # (better arm, worse arm): the paper's ordering
     paper_says: str
+    transitions: tuple[str, ...] = TRANSITIONS  # the synthetic world's edits (synth.transitions), train and test
+
+    @property
+    def world(self) -> str:
+        """"" for the default world, else "-" and the edits it adds ("-undo"): in data and run names."""
+        return "".join(f"-{kind}" for kind in self.transitions if kind not in TRANSITIONS)
 
 
 BASE = Recipe()
@@ -105,6 +111,13 @@ ABLATIONS = {
          Arm("pairs-current-image", PAIRS, context="current")),
         (("session", "current-image"), ("session", "pairs-current-image")),
         "the session context improves multi-turn editing"),
+    "history": Ablation(
+        "the context ablation on a world whose instructions also refer back (undo: an object back where it was, to "
+        "its old colour or size, a removed one back), which the current image alone cannot answer",
+        (Arm("session", BASE), Arm("current-image", BASE, context="current"),
+         Arm("pairs-current-image", PAIRS, context="current")),
+        (("session", "current-image"), ("session", "pairs-current-image")),
+        "the session context improves multi-turn editing", transitions=(*TRANSITIONS, "undo")),
 }
 
 
@@ -128,13 +141,14 @@ class Runner:
         base = load_config(config, overrides)  # a bad config fails before anything runs
         self.resolution, self.config_steps = base.data.resolution, base.train.steps
         base_yaml = to_yaml(base)
+        self.test_data = os.path.join(self.out, "data", f"test{self.ablation.world}")
         self.run_names = {arm.recipe: self.run_name(arm.recipe, base_yaml) for arm in self.ablation.arms}
 
     def run_name(self, recipe: Recipe, base_yaml: str) -> str:
         """n{sessions}, then each override of the recipe that changes the config (its last key and value): a recipe
         asking for what the config already has trains the config's own run (no masks on a preset without them)."""
         changes = [o for o in recipe.overrides if to_yaml(load_config(self.config, [*self.overrides, o])) != base_yaml]
-        return "-".join([f"n{recipe.sessions or self.sessions}",
+        return "-".join([f"n{recipe.sessions or self.sessions}{self.ablation.world}",
                          *(key.split(".")[-1] + value for key, value in (o.split("=", 1) for o in changes))])
 
     def log(self, line: str) -> None:
@@ -146,14 +160,18 @@ class Runner:
 
         job = SynthJob(out=path, sessions=sessions, split=split, seed=seed,
                        synth=SynthConfig(resolution=self.resolution, min_turns=turns[0], max_turns=turns[1],
-                                         image_format="png"))
+                                         transitions=list(self.ablation.transitions), image_format="png"))
         with self.synth_lock:  # runs side by side may share a dataset: one writes it, the next finds it done
             run_synth(job, StorageConfig(), progress=False)  # resumes, and checks the settings of what is there
         return path
 
+    def make_test_data(self) -> str:
+        return self.synth(self.test_data, self.test_sessions, "test", 0, (self.turns, self.turns))
+
     def train_data(self, recipe: Recipe, seed: int) -> str:
         sessions = recipe.sessions or self.sessions
-        return self.synth(os.path.join(self.out, "data", f"train-{sessions}-s{seed}"), sessions, "train", seed, (2, 6))
+        return self.synth(os.path.join(self.out, "data", f"train-{sessions}{self.ablation.world}-s{seed}"), sessions,
+                          "train", seed, (2, 6))
 
     def run_dir(self, recipe: Recipe, seed: int) -> str:
         return os.path.join(self.out, "runs", f"{self.run_names[recipe]}-s{seed}")
@@ -217,8 +235,7 @@ class Runner:
                               "resumes)")
 
     def run(self) -> dict:
-        self.test_data = self.synth(os.path.join(self.out, "data", "test"), self.test_sessions, "test", 0,
-                                    (self.turns, self.turns))
+        self.make_test_data()
         # the arms of one run in order (a longer budget continues a shorter one's run); runs side by side
         chains: dict[str, list[tuple[Arm, int]]] = {}
         for arm in self.ablation.arms:
@@ -238,6 +255,7 @@ class Runner:
             arms[arm.name] = {"success": success,
                               "interval": [wilson(round(s * n), n) for s in success],
                               "per_seed": [r["success"]["model"] for r in reports], "outcomes": n,
+                              "by_kind": pooled_by_kind(reports),
                               "steps": steps, "train_minutes": sum(minutes) / len(minutes)}
         results = {"ablation": self.name, "question": self.ablation.question, "seeds": self.seeds,
                    "test_sessions": self.test_sessions, "turns": self.turns,
@@ -266,6 +284,16 @@ def training_minutes(run_dir: str, steps: int) -> float:
     return seconds / 60
 
 
+def pooled_by_kind(reports: list[dict]) -> dict:
+    """Each edit kind's turns and their success on their own (vincie eval's by_kind), pooled over the seeds."""
+    kinds: dict[str, list[float]] = {}
+    for report in reports:
+        for kind, row in report["by_kind"]["model"].items():
+            turns, passed = kinds.get(kind, [0, 0.0])
+            kinds[kind] = [turns + row["turns"], passed + row["success"] * row["turns"]]
+    return {kind: {"turns": turns, "success": passed / turns} for kind, (turns, passed) in sorted(kinds.items())}
+
+
 def ordering(arms: dict, better: str, worse: str) -> dict:
     """Whether `better` beat `worse` as the paper says: the mean difference over turns and where their intervals
     do not overlap."""
@@ -290,6 +318,10 @@ def format_results(results: dict) -> str:
     for name, arm in results["arms"].items():
         lines.append(f"{name:22s}{arm['steps']:7d}{arm['train_minutes']:6.1f}"
                      + "".join(f"{s:6.2f} [{lo:.2f},{hi:.2f}]" for s, (lo, hi) in zip(arm["success"], arm["interval"])))
+    lines.append("each edit kind on its own (its share of turns passed, over its turns):")
+    for name, arm in results["arms"].items():
+        lines.append(f"{name:22s}" + ", ".join(f"{kind} {row['success']:.2f} ({row['turns']})"
+                                             for kind, row in arm.get("by_kind", {}).items()))
     lines.append(f"the paper: {results['paper']}")
     for o in results["orderings"]:
         apart = f"; intervals apart at turns {', '.join(map(str, o['turns_apart']))}" if o["turns_apart"] else \
