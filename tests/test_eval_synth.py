@@ -68,6 +68,26 @@ def test_predictions_are_scored_without_a_model(tmp_path, held_out, capsys):
     assert sum(int(part.split()[-1]) for part in failures.split(": ", 1)[1].split(", ")) == 2  # the two wrong turns
 
 
+def test_the_ceiling_without_a_kind_is_what_an_editor_failing_only_that_kind_scores(tmp_path, held_out, capsys):
+    """An editor that passes every turn but those of one kind (there it returns its input) scores, turn by turn,
+    exactly the report's ceiling for that kind, which is computed from the sessions' metadata alone."""
+    sessions = held_out_sessions(held_out, TURNS, 32)
+    kinds = [t["kind"] for s in sessions for t in s.meta["transitions"][:TURNS]]
+    kind = max(set(kinds), key=kinds.count)
+
+    def pick(session, turn):
+        return session.images[turn - (session.meta["transitions"][turn - 1]["kind"] == kind)]
+
+    predictions = write_predictions(tmp_path / "one-kind-fails", sessions, pick)
+    result = scored(capsys, held_out, predictions, tmp_path / "a")
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["ceiling_without"][kind] == pytest.approx(result["success"])
+    assert result["success"][-1] < 1.0 and report["by_kind"]["model"][kind]["success"] == 0.0
+    assert all(row["success"] == 1.0 for other, row in report["by_kind"]["model"].items() if other != kind)
+    assert (f"with no {kind} passing (the weakest kind), success per turn is at most: "
+            + " ".join(f"{v:.2f}" for v in result["success"])) in format_table(report)
+
+
 def test_bad_predictions_get_one_line_errors(tmp_path, held_out, capsys):
     sessions = held_out_sessions(held_out, TURNS, 32)
     args = ["eval", "--bench", "synth", "--data", held_out, "--turns", str(TURNS), "--out", str(tmp_path / "out")]

@@ -92,16 +92,27 @@ def save_predictions(directory: str, sessions: list[Session], outputs: list[list
             storage.write_bytes_atomic(prediction_url(directory, session.key, turn), buffer.getvalue(), cfg)
 
 
+def kind_of(transition: dict) -> str:
+    """A synthetic transition's kind: move, recolour, ..., and "undo move" etc. for the world's undo turns."""
+    return ("undo " if transition.get("undo") else "") + transition["kind"]
+
+
 def success_by_kind(sessions: list[Session], scores: list[list[TurnVerdict]]) -> dict[str, dict]:
-    """Per transition kind (move, recolour, ..., and "undo move" etc. for the synthetic world's undo turns): how
-    many turns of that kind were edited and the share that succeeded on their own (not cumulative), so a report
-    shows which edits a model has learned."""
+    """Per transition kind: how many turns of that kind were edited and the share whose own verdict passed (not
+    cumulative), so a report shows which edits a model has learned."""
     table: dict[str, list[bool]] = {}
     for session, score in zip(sessions, scores):
         for transition, turn in zip(session.meta.get("transitions", []), score):
-            kind = ("undo " if transition.get("undo") else "") + transition["kind"]
-            table.setdefault(kind, []).append(turn.success)
+            table.setdefault(kind_of(transition), []).append(turn.success)
     return {kind: {"turns": len(v), "success": float(np.mean(v))} for kind, v in sorted(table.items())}
+
+
+def ceiling_without(sessions: list[Session], turns: int) -> dict[str, list[float]]:
+    """Per transition kind, for k = 1..turns: the share of sessions with no turn of that kind among turns 1..k, the
+    most cumulative success a model that never passes that kind can reach (what one unlearned kind costs)."""
+    kinds = [[kind_of(t) for t in s.meta.get("transitions", [])[:turns]] for s in sessions]
+    return {kind: [float(np.mean([kind not in session[:k + 1] for session in kinds])) for k in range(turns)]
+            for kind in sorted({kind for session in kinds for kind in session})}
 
 
 PROBE_TIMES = (0.9, 0.5, 0.2, 0.05)
@@ -277,6 +288,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
         "interval": "95 % Wilson score interval over sessions",
         "by_kind": {"model": success_by_kind(chosen, model_verdicts),
                     "copy_input": success_by_kind(chosen, copy_verdicts)},
+        "ceiling_without": ceiling_without(chosen, turns),
         "session_results": [{"id": s.key, "instructions": s.instructions,
                              "turns": [verdict_fields(v) for v in verdicts]}
                             for s, verdicts in zip(chosen, model_verdicts)],
@@ -323,6 +335,10 @@ def format_table(report: dict) -> str:
     kinds = report["by_kind"]["model"]
     lines.append("success per edit kind, over all turns (turns): "
                  + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
+    if "ceiling_without" in report and kinds:
+        weakest = min(kinds, key=lambda kind: kinds[kind]["success"])
+        lines.append(f"with no {weakest} passing (the weakest kind), success per turn is at most: "
+                     + " ".join(f"{v:.2f}" for v in report["ceiling_without"][weakest]))
     failed = [turn["reason"].split(":")[0] for session in report["session_results"] for turn in session["turns"]
               if not turn["success"]]
     if failed:
