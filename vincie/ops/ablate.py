@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vincie import storage
 from vincie.config import TRANSITIONS, load_config, to_yaml
@@ -79,6 +79,13 @@ class Ablation:
 BASE = Recipe()
 PAIRS = Recipe(overrides=("data.mode=pairs",))
 MASKS = Recipe(overrides=("sequence.masks_present=0.8",))
+CONTEXT = Ablation(
+    "each turn edited with the whole session as context against the current image only, at inference and for a "
+    "model trained on one-turn pairs",
+    (Arm("session", BASE), Arm("current-image", BASE, context="current"),
+     Arm("pairs-current-image", PAIRS, context="current")),
+    (("session", "current-image"), ("session", "pairs-current-image")),
+    "the session context improves multi-turn editing")
 # the tiny preset's steps in about 12, 30, 60 and 120 minutes with 2 processes on the 2-core EPYC: 3200 steps (its
 # train.steps, 13 min), then 5-turn steps (data.turn_curriculum) of 0.6-0.8 s; the arms report the minutes their
 # run took
@@ -104,20 +111,11 @@ ABLATIONS = {
          Arm("no-masks", Recipe(overrides=("sequence.masks_present=0.0",)))),
         (("masks", "no-masks"), ("masks-chained", "masks")),
         "the segmentation tasks help, and chained mask prediction helps more"),
-    "context": Ablation(
-        "each turn edited with the whole session as context against the current image only, at inference and for a "
-        "model trained on one-turn pairs",
-        (Arm("session", BASE), Arm("current-image", BASE, context="current"),
-         Arm("pairs-current-image", PAIRS, context="current")),
-        (("session", "current-image"), ("session", "pairs-current-image")),
-        "the session context improves multi-turn editing"),
-    "history": Ablation(
-        "the context ablation on a world whose instructions also refer back (undo: an object back where it was, to "
-        "its old colour or size, a removed one back), which the current image alone cannot answer",
-        (Arm("session", BASE), Arm("current-image", BASE, context="current"),
-         Arm("pairs-current-image", PAIRS, context="current")),
-        (("session", "current-image"), ("session", "pairs-current-image")),
-        "the session context improves multi-turn editing", transitions=(*TRANSITIONS, "undo")),
+    "context": CONTEXT,
+    # the same arms where the session's history matters
+    "history": replace(CONTEXT, question="the context ablation on a world whose instructions also refer back (undo: "
+                       "an object back where it was, to its old colour or size, a removed one back), which the "
+                       "current image alone cannot answer", transitions=(*TRANSITIONS, "undo")),
 }
 
 
