@@ -26,12 +26,15 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
     table = first.stdout
     assert "ablation pairs: multi-turn sessions against" in table
     assert "sessions - pairs: " in table and "the paper's order" in table
-    assert "each edit kind on its own" in table
+    assert "each edit kind: the share of its turns whose own verdict passed" in table
+    assert "turn-1 x0 error on the test sessions by noise level t" in table
     results = json.loads((out / "pairs" / "results.json").read_text())
     assert list(results["arms"]) == ["sessions", "pairs"] and results["steps"] == [2]
     for arm in results["arms"].values():
         assert len(arm["success"]) == 2 and arm["outcomes"] == 2
         assert all(lo <= s <= hi for s, (lo, hi) in zip(arm["success"], arm["interval"]))
+        assert set(arm["x0_error"]) == {"0.9", "0.5", "0.2", "0.05"} and set(arm["by_kind"]) <= {
+            "move", "recolour", "resize", "add", "remove"}
     assert (out / "pairs" / "ablation.png").stat().st_size > 0
     for slug in ("n16-s0", "n16-modepairs-s0"):  # each arm's whole config, which trains it anywhere
         cfg = load_config(str(out / "pairs" / "configs" / f"{slug}.yaml"))

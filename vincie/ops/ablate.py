@@ -254,6 +254,8 @@ class Runner:
                               "interval": [wilson(round(s * n), n) for s in success],
                               "per_seed": [r["success"]["model"] for r in reports], "outcomes": n,
                               "by_kind": pooled_by_kind(reports),
+                              "x0_error": {t: sum(r["denoising"]["x0_mse"][t] for r in reports) / len(reports)
+                                           for t in reports[0]["denoising"]["x0_mse"]},
                               "steps": steps, "train_minutes": sum(minutes) / len(minutes)}
         results = {"ablation": self.name, "question": self.ablation.question, "seeds": self.seeds,
                    "test_sessions": self.test_sessions, "turns": self.turns,
@@ -316,10 +318,13 @@ def format_results(results: dict) -> str:
     for name, arm in results["arms"].items():
         lines.append(f"{name:22s}{arm['steps']:7d}{arm['train_minutes']:6.1f}"
                      + "".join(f"{s:6.2f} [{lo:.2f},{hi:.2f}]" for s, (lo, hi) in zip(arm["success"], arm["interval"])))
-    lines.append("each edit kind on its own (its share of turns passed, over its turns):")
+    lines.append("each edit kind: the share of its turns whose own verdict passed (its turns):")
     for name, arm in results["arms"].items():
         lines.append(f"{name:22s}" + ", ".join(f"{kind} {row['success']:.2f} ({row['turns']})"
                                              for kind, row in arm.get("by_kind", {}).items()))
+    lines.append("turn-1 x0 error on the test sessions by noise level t (the denoising probe; lower is better):")
+    for name, arm in results["arms"].items():
+        lines.append(f"{name:22s}" + ", ".join(f"t={t} {v:.4f}" for t, v in arm.get("x0_error", {}).items()))
     lines.append(f"the paper: {results['paper']}")
     for o in results["orderings"]:
         apart = f"; intervals apart at turns {', '.join(map(str, o['turns_apart']))}" if o["turns_apart"] else \
