@@ -336,9 +336,10 @@ def format_table(report: dict) -> str:
     lines.append("success per edit kind, over all turns (turns): "
                  + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
     if "ceiling_without" in report and kinds:
-        weakest = min(kinds, key=lambda kind: kinds[kind]["success"])
+        ceiling = report["ceiling_without"]  # the weakest kind; of equally weak ones, the one that costs the most
+        weakest = min(kinds, key=lambda kind: (kinds[kind]["success"], ceiling[kind][-1]))
         lines.append(f"with no {weakest} passing (the weakest kind), success per turn is at most: "
-                     + " ".join(f"{v:.2f}" for v in report["ceiling_without"][weakest]))
+                     + " ".join(f"{v:.2f}" for v in ceiling[weakest]))
     failed = [turn["reason"].split(":")[0] for session in report["session_results"] for turn in session["turns"]
               if not turn["success"]]
     if failed:
