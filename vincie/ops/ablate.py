@@ -9,7 +9,8 @@ Training (`vincie launch local`) and evaluation (`vincie eval --bench synth`) ru
 their outputs; with --parallel N, N runs at a time (a run's arms stay in order). Everything is kept under --out,
 so a rerun (or a run of another ablation sharing a recipe) resumes:
 
-    OUT/data/test, OUT/data/train-N-sS          sessions (vincie data synth; resumable itself)
+    OUT/data/test, OUT/data/train-N-sS          sessions (vincie data synth; resumable itself); an ablation on
+                                                 another world adds its edits to the names (test-undo)
     OUT/runs/RUN/                                a training run (its config.yaml, checkpoints, metrics.jsonl);
                                                  an interrupted one resumes from its checkpoint. RUN names what the
                                                  recipe changes in the config, and the seed: n8192-modepairs-s0
