@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -94,6 +98,31 @@ def test_a_recipe_that_changes_nothing_trains_the_configs_own_run(tmp_path):
                                steps=None, sessions=16, nproc=1)
     assert with_masks.run_dir(ablate.MASKS, 0) == str(tmp_path / "runs" / "n16-s0")
     assert with_masks.run_dir(no_masks, 0) == str(tmp_path / "runs" / "n16-masks_present0.0-s0")
+
+
+def test_sigterm_stops_the_running_training_with_a_checkpoint_and_starts_nothing_more(tmp_path):
+    """SIGTERM to `vincie ablate` reaches its training (through `vincie launch local`), which stops after its step
+    with a checkpoint; the ablation evaluates nothing of the unfinished run, starts no other, and says so."""
+    from vincie.training import checkpoint
+
+    config = write_config(tmp_path / "micro.yaml", tmp_path / "unused", "unused")
+    out = tmp_path / "ablate"
+    ablate = subprocess.Popen([sys.executable, "-m", "vincie", "ablate", "pairs", "--out", str(out), "--config",
+                               config, "--seeds", "1", "--sessions", "16", "--nproc", "1", "--test-sessions", "2",
+                               "--turns", "2", "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    metrics = out / "runs" / "n16-s0" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # the training is past its start
+        assert ablate.poll() is None and time.monotonic() < deadline, ablate.communicate()
+        time.sleep(0.5)
+    ablate.send_signal(signal.SIGTERM)
+    stdout, stderr = ablate.communicate(timeout=300)
+    assert ablate.returncode != 0 and "SIGTERM: stopping the running trainings" in stdout
+    assert "training n16-s0 stopped at step" in stderr and "rerunning the command resumes" in stderr, stderr
+    stopped = checkpoint.step_of(checkpoint.latest(str(out / "runs" / "n16-s0")))
+    assert 0 < stopped < 100000
+    assert not (out / "runs" / "n16-modepairs-s0").exists() and not (out / "evals").exists()
 
 
 def test_the_history_ablation_trains_and_tests_on_a_world_with_undo_turns(tmp_path):

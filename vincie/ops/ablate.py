@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -137,6 +138,9 @@ class Runner:
         self.sessions, self.nproc, self.test_sessions, self.turns = sessions, nproc, test_sessions, turns
         self.parallel = parallel  # runs trained and evaluated at once
         self.synth_lock = threading.Lock()
+        # the subcommands running now; once `stopping` is set (SIGTERM, or a subcommand failed) none starts
+        self.running: set[subprocess.Popen] = set()
+        self.running_lock, self.stopping, self.signalled = threading.Lock(), threading.Event(), False
         base = load_config(config, overrides)  # a bad config fails before anything runs
         self.resolution, self.config_steps = base.data.resolution, base.train.steps
         base_yaml = to_yaml(base)
@@ -205,6 +209,10 @@ class Runner:
                  f"{run_dir}.log)")
         self.subcommand(["launch", "local", "--nproc", str(self.nproc), "--no-progress", "--config", config_path],
                         run_dir + ".log", f"training {run}")
+        done = checkpoint.step_of(checkpoint.latest(run_dir))
+        if done != cfg.train.steps:  # stopped early (SIGTERM to the training): its checkpoint is not the arm's
+            raise VincieError(f"ablate {self.name}: training {run} stopped at step {done} of {cfg.train.steps}; "
+                              "rerunning the command resumes it")
         return run_dir
 
     def evaluate(self, arm: Arm, seed: int) -> dict:
@@ -225,13 +233,32 @@ class Runner:
         return json.load(open(report))
 
     def subcommand(self, args: list[str], log_path: str, what: str) -> None:
-        """Runs `vincie ARGS` with its output appended to `log_path`; a failure names the log."""
+        """Runs `vincie ARGS` with its output appended to `log_path`; a failure names the log and starts no more."""
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "a") as log:
-            code = subprocess.call([sys.executable, "-m", "vincie", *args], stdout=log, stderr=subprocess.STDOUT)
+            with self.running_lock:
+                if self.stopping.is_set():
+                    raise VincieError(f"ablate {self.name}: stopped before {what} (rerunning the command resumes)")
+                process = subprocess.Popen([sys.executable, "-m", "vincie", *args], stdout=log,
+                                           stderr=subprocess.STDOUT)
+                self.running.add(process)
+            code = process.wait()
+            with self.running_lock:
+                self.running.discard(process)
         if code != 0:
-            raise VincieError(f"ablate {self.name}: {what} failed (exit {code}); see {log_path} (rerunning the command "
-                              "resumes)")
+            self.stopping.set()
+            raise VincieError(f"ablate {self.name}: {what} " + ("stopped by SIGTERM" if self.signalled else
+                              f"failed (exit {code}); see {log_path}") + " (rerunning the command resumes)")
+
+    def stop(self, signum, frame) -> None:
+        """SIGTERM: passed to every running training (it checkpoints after its step and exits) and evaluation (its
+        report is not written, so a rerun makes it); nothing new starts."""
+        with self.running_lock:
+            self.stopping.set()
+            self.signalled = True
+            for process in self.running:
+                process.send_signal(signal.SIGTERM)
+        self.log("SIGTERM: stopping the running trainings after their step (rerunning the command resumes)")
 
     def run(self) -> dict:
         self.make_test_data()
@@ -240,10 +267,14 @@ class Runner:
         for arm in self.ablation.arms:
             for seed in range(self.seeds):
                 chains.setdefault(self.run_dir(arm.recipe, seed), []).append((arm, seed))
-        with ThreadPoolExecutor(self.parallel) as pool:
-            done = pool.map(lambda chain: [((arm.name, seed), self.evaluate(arm, seed)) for arm, seed in chain],
-                            chains.values())
-            report_of = dict(pair for chain in done for pair in chain)
+        previous = signal.signal(signal.SIGTERM, self.stop)
+        try:
+            with ThreadPoolExecutor(self.parallel) as pool:
+                done = pool.map(lambda chain: [((arm.name, seed), self.evaluate(arm, seed)) for arm, seed in chain],
+                                chains.values())
+                report_of = dict(pair for chain in done for pair in chain)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         arms = {}
         for arm in self.ablation.arms:
             reports = [report_of[arm.name, seed] for seed in range(self.seeds)]
