@@ -125,6 +125,24 @@ def test_sigterm_stops_the_running_training_with_a_checkpoint_and_starts_nothing
     assert not (out / "runs" / "n16-modepairs-s0").exists() and not (out / "evals").exists()
 
 
+def test_an_error_in_one_run_lets_no_other_run_start_a_subcommand(tmp_path, monkeypatch):
+    from vincie.errors import VincieError
+    from vincie.ops import ablate
+
+    config = write_config(tmp_path / "micro.yaml", tmp_path / "unused", "unused")
+    runner = ablate.Runner("pairs", str(tmp_path), config, [], seeds=1, steps=None, sessions=16, nproc=1)
+
+    def train(recipe, seed):
+        raise VincieError("training n16-s0 broke")
+
+    monkeypatch.setattr(runner, "train", train)
+    with pytest.raises(VincieError, match="training n16-s0 broke"):
+        runner.run_chain([(runner.ablation.arms[0], 0)])  # a run's chain, as run() gives it to the pool
+    with pytest.raises(VincieError, match="stopped before training n16-modepairs-s0 .rerunning the command resumes"):
+        runner.subcommand(["--help"], str(tmp_path / "next.log"), "training n16-modepairs-s0")
+    assert not (tmp_path / "next.log").read_text()  # nothing ran
+
+
 def test_the_history_ablation_trains_and_tests_on_a_world_with_undo_turns(tmp_path):
     from vincie.ops import ablate
     from vincie.sessions.shards import iter_sessions
@@ -134,8 +152,9 @@ def test_the_history_ablation_trains_and_tests_on_a_world_with_undo_turns(tmp_pa
                             test_sessions=16)
     assert history.run_dir(ablate.BASE, 0) == str(tmp_path / "runs" / "n16-undo-s0")  # not the context ablation's
     assert history.run_dir(ablate.PAIRS, 0) == str(tmp_path / "runs" / "n16-undo-modepairs-s0")
-    for data in (history.make_test_data(), history.train_data(ablate.BASE, 0)):
-        assert os.path.basename(data) in ("test-undo", "train-16-undo-s0")
+    for data, name in ((history.make_test_data(), "test-undo"), (history.train_data(ablate.BASE, 0),
+                                                                 "train-16-undo-s0")):
+        assert data == str(tmp_path / "data" / name)
         assert any(t.get("undo") for s in iter_sessions(data) for t in s.meta["transitions"])
     context = ablate.Runner("context", str(tmp_path), config, [], seeds=1, steps=None, sessions=16, nproc=1)
     assert context.run_dir(ablate.BASE, 0) == str(tmp_path / "runs" / "n16-s0")

@@ -335,7 +335,7 @@ def format_table(report: dict) -> str:
     kinds = report["by_kind"]["model"]
     lines.append("success per edit kind, over all turns (turns): "
                  + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
-    if "ceiling_without" in report and kinds:
+    if kinds:
         ceiling = report["ceiling_without"]  # the weakest kind; of equally weak ones, the one that costs the most
         weakest = min(kinds, key=lambda kind: (kinds[kind]["success"], ceiling[kind][-1]))
         lines.append(f"with no {weakest} passing (the weakest kind), success per turn is at most: "

@@ -138,7 +138,7 @@ class Runner:
         self.sessions, self.nproc, self.test_sessions, self.turns = sessions, nproc, test_sessions, turns
         self.parallel = parallel  # runs trained and evaluated at once
         self.synth_lock = threading.Lock()
-        # the subcommands running now; once `stopping` is set (SIGTERM, or a subcommand failed) none starts
+        # the subcommands running now; once `stopping` is set (SIGTERM, or any run's error) none starts
         self.running: set[subprocess.Popen] = set()
         self.running_lock, self.stopping, self.signalled = threading.Lock(), threading.Event(), False
         base = load_config(config, overrides)  # a bad config fails before anything runs
@@ -233,7 +233,7 @@ class Runner:
         return json.load(open(report))
 
     def subcommand(self, args: list[str], log_path: str, what: str) -> None:
-        """Runs `vincie ARGS` with its output appended to `log_path`; a failure names the log and starts no more."""
+        """Runs `vincie ARGS` with its output appended to `log_path` (none once stopping); a failure names the log."""
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "a") as log:
             with self.running_lock:
@@ -246,7 +246,6 @@ class Runner:
             with self.running_lock:
                 self.running.discard(process)
         if code != 0:
-            self.stopping.set()
             raise VincieError(f"ablate {self.name}: {what} " + ("stopped by SIGTERM" if self.signalled else
                               f"failed (exit {code}); see {log_path}") + " (rerunning the command resumes)")
 
@@ -260,6 +259,14 @@ class Runner:
                 process.send_signal(signal.SIGTERM)
         self.log("SIGTERM: stopping the running trainings after their step (rerunning the command resumes)")
 
+    def run_chain(self, chain: list[tuple[Arm, int]]) -> list[tuple[tuple[str, int], dict]]:
+        """One run's arms in order; its error stops the other runs from starting more (a rerun resumes)."""
+        try:
+            return [((arm.name, seed), self.evaluate(arm, seed)) for arm, seed in chain]
+        except Exception:
+            self.stopping.set()
+            raise
+
     def run(self) -> dict:
         self.make_test_data()
         # the arms of one run in order (a longer budget continues a shorter one's run); runs side by side
@@ -270,8 +277,7 @@ class Runner:
         previous = signal.signal(signal.SIGTERM, self.stop)
         try:
             with ThreadPoolExecutor(self.parallel) as pool:
-                done = pool.map(lambda chain: [((arm.name, seed), self.evaluate(arm, seed)) for arm, seed in chain],
-                                chains.values())
+                done = pool.map(self.run_chain, chains.values())
                 report_of = dict(pair for chain in done for pair in chain)
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -353,10 +359,10 @@ def format_results(results: dict) -> str:
     lines.append("each edit kind: the share of its turns whose own verdict passed (its turns):")
     for name, arm in results["arms"].items():
         lines.append(f"{name:22s}" + ", ".join(f"{kind} {row['success']:.2f} ({row['turns']})"
-                                             for kind, row in arm.get("by_kind", {}).items()))
+                                             for kind, row in arm["by_kind"].items()))
     lines.append("turn-1 x0 error on the test sessions by noise level t (the denoising probe; lower is better):")
     for name, arm in results["arms"].items():
-        lines.append(f"{name:22s}" + ", ".join(f"t={t} {v:.4f}" for t, v in arm.get("x0_error", {}).items()))
+        lines.append(f"{name:22s}" + ", ".join(f"t={t} {v:.4f}" for t, v in arm["x0_error"].items()))
     lines.append(f"the paper: {results['paper']}")
     for o in results["orderings"]:
         apart = f"; intervals apart at turns {', '.join(map(str, o['turns_apart']))}" if o["turns_apart"] else \
