@@ -32,6 +32,7 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
     assert "sessions - pairs: " in table and "the paper's order" in table
     assert "each edit kind: the share of its turns whose own verdict passed" in table
     assert "turn-1 x0 error on the test sessions by noise level t" in table
+    assert "each turn alone from the true earlier images (teacher forcing" in table
     results = json.loads((out / "pairs" / "results.json").read_text())
     assert list(results["arms"]) == ["sessions", "pairs"] and results["steps"] == [2]
     for arm in results["arms"].values():
@@ -39,6 +40,10 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
         assert all(lo <= s <= hi for s, (lo, hi) in zip(arm["success"], arm["interval"]))
         assert set(arm["x0_error"]) == {"0.9", "0.5", "0.2", "0.05"} and set(arm["by_kind"]) <= {
             "move", "recolour", "resize", "add", "remove"}
+        assert len(arm["given_truth"]) == 2  # each of the 2 test sessions' 2 turns alone from the truth:
+        assert sum(row["turns"] for row in arm["by_kind_given_truth"].values()) == 4
+        assert sum(row["success"] * row["turns"] for row in arm["by_kind_given_truth"].values()) == \
+            pytest.approx(2 * sum(arm["given_truth"]))  # the same verdicts, by kind and by turn
     assert (out / "pairs" / "ablation.png").stat().st_size > 0
     for slug in ("n16-s0", "n16-modepairs-s0"):  # each arm's whole config, which trains it anywhere
         cfg = load_config(str(out / "pairs" / "configs" / f"{slug}.yaml"))

@@ -380,6 +380,10 @@ def test_edit_and_eval_end_to_end(tmp_path, trained_run):
                         "--turns", "3", "--sessions", "4", "--steps", "2", "--given-truth", check=True)
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert len(report["success_given_truth"]) == 3 and "given truth" in result.stdout
+    given = report["by_kind_given_truth"]  # the same teacher-forced verdicts counted by kind: 4 sessions x 3 turns
+    assert sum(v["turns"] for v in given.values()) == 12 and "given truth, per edit kind" in result.stdout
+    passed = sum(v["success"] * v["turns"] for v in given.values())
+    assert passed == pytest.approx(4 * sum(report["success_given_truth"]))
     assert report["sessions"] == 4 and report["success"]["ground_truth"] == [1.0, 1.0, 1.0]
     assert report["success"]["copy_input"] == [0.0, 0.0, 0.0]
     kinds = report["by_kind"]["copy_input"]

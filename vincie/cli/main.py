@@ -421,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "image and the turn's instruction only (the paper's context ablation)")
     evaluate.add_argument("--given-truth", action="store_true",
                           help="synth: also edit each turn from the true previous image (teacher forcing, as in "
-                               "training) and print that per-turn success: what the model does at a turn, without "
-                               "the drift of its own earlier edits (twice the editing time)")
+                               "training) and print that success per turn and per edit kind: what the model does at "
+                               "a turn, without the drift of its own earlier edits (twice the editing time)")
     evaluate.add_argument("--raw-weights", action="store_true",
                           help="training run directory: use the raw weights instead of the EMA")
     evaluate.add_argument("--clip-model", default="", metavar="DIR",

@@ -258,8 +258,8 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
     come from `editor`, each session edited turn by turn from its source, or, when editor is None, from the saved
     images in the directory `predictions` (read_predictions). save_predictions_to: also write the model's edits in
     that layout. given_truth (model only): also edit each turn from the true previous image (teacher forcing) and
-    report that per-turn success, which separates what the model can do at a turn from the drift of its own
-    earlier edits."""
+    report that success per turn and per edit kind, which separates what the model can do at a turn from the drift
+    of its own earlier edits (with the session as context, it sees the true earlier images)."""
     chosen = held_out_sessions(data_url, turns, sessions, storage_cfg)
     if editor is None:
         outputs = read_predictions(predictions, chosen, storage_cfg)
@@ -304,6 +304,7 @@ def evaluate_synth(editor, data_url: str, out_dir: str, sessions: int = 32, turn
                  zip(chosen, edit_synth(editor, chosen, True, steps, cfg_scale, seed, batch, chain_masks, progress,
                                         context))]
         report["success_given_truth"] = [float(np.mean([s[k].success for s in given])) for k in range(turns)]
+        report["by_kind_given_truth"] = success_by_kind(chosen, given)
     os.makedirs(out_dir, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1).encode())
     storage.write_bytes_atomic(os.path.join(out_dir, "grid.png"), grid_png(
@@ -324,6 +325,8 @@ def format_table(report: dict) -> str:
     if "success_given_truth" in report:
         lines.append(f"{'given truth':16s}" + "".join(f"{v:7.2f}" for v in report["success_given_truth"])
                      + "   (model, each turn alone from the true previous image)")
+        lines.append("given truth, per edit kind (turns): " + ", ".join(
+            f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in report["by_kind_given_truth"].items()))
     if "denoising" in report:
         probe = report["denoising"]
         lines.append("turn-1 x0 error by noise level t: "

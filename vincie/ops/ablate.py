@@ -3,7 +3,9 @@
 Each ablation is a few arms. An arm is a training recipe (how many distinct training sessions, config overrides)
 and how it is evaluated (each turn with the whole session as context or the current image only; CS -> NS -> I
 chained or direct). Every arm trains with several seeds (run.seed and the training data's seed), then edits the
-same held-out test sessions (split test, 5 turns) and is scored by the strict synthetic judge.
+same held-out test sessions (split test, 5 turns) and is scored by the strict synthetic judge, cumulatively (a
+session passes turn k when turns 1..k all pass) and each turn alone from the true earlier images (teacher forcing:
+what the arm does at a turn without the drift of its own edits).
 
 Training (`vincie launch local`) and evaluation (`vincie eval --bench synth`) run as subprocesses, logged beside
 their outputs; with --parallel N, N runs at a time (a run's arms stay in order). Everything is kept under --out,
@@ -228,7 +230,8 @@ class Runner:
                      f"{', CS -> NS -> I' if arm.chain_masks else ''})")
             self.subcommand(["eval", "--bench", "synth", "--model", run_dir, "--data", self.test_data, "--out", path,
                              "--sessions", str(self.test_sessions), "--turns", str(self.turns), "--context",
-                             arm.context, "--json", *(["--chain-masks"] if arm.chain_masks else [])], path + ".log",
+                             arm.context, "--given-truth", "--json", *(["--chain-masks"] if arm.chain_masks else [])],
+                            path + ".log",
                             f"evaluating {arm.name} seed {seed}")
         return json.load(open(report))
 
@@ -291,7 +294,10 @@ class Runner:
             arms[arm.name] = {"success": success,
                               "interval": [wilson(round(s * n), n) for s in success],
                               "per_seed": [r["success"]["model"] for r in reports], "outcomes": n,
-                              "by_kind": pooled_by_kind(reports),
+                              "by_kind": pooled_by_kind([r["by_kind"]["model"] for r in reports]),
+                              "given_truth": [sum(r["success_given_truth"][k] * r["sessions"] for r in reports) / n
+                                              for k in range(self.turns)],
+                              "by_kind_given_truth": pooled_by_kind([r["by_kind_given_truth"] for r in reports]),
                               "x0_error": {t: sum(r["denoising"]["x0_mse"][t] for r in reports) / len(reports)
                                            for t in reports[0]["denoising"]["x0_mse"]},
                               "steps": steps, "train_minutes": sum(minutes) / len(minutes)}
@@ -322,11 +328,12 @@ def training_minutes(run_dir: str, steps: int) -> float:
     return seconds / 60
 
 
-def pooled_by_kind(reports: list[dict]) -> dict:
-    """Each edit kind's turns and their success on their own (vincie eval's by_kind), pooled over the seeds."""
+def pooled_by_kind(tables: list[dict]) -> dict:
+    """Each edit kind's turns and their success on their own (a vincie eval report's by_kind table of each seed),
+    pooled over the seeds."""
     kinds: dict[str, list[float]] = {}
-    for report in reports:
-        for kind, row in report["by_kind"]["model"].items():
+    for table in tables:
+        for kind, row in table.items():
             turns, passed = kinds.get(kind, [0, 0.0])
             kinds[kind] = [turns + row["turns"], passed + row["success"] * row["turns"]]
     return {kind: {"turns": turns, "success": passed / turns} for kind, (turns, passed) in sorted(kinds.items())}
@@ -360,6 +367,12 @@ def format_results(results: dict) -> str:
     for name, arm in results["arms"].items():
         lines.append(f"{name:22s}" + ", ".join(f"{kind} {row['success']:.2f} ({row['turns']})"
                                              for kind, row in arm["by_kind"].items()))
+    lines.append("each turn alone from the true earlier images (teacher forcing; with the session as context the arm "
+                 "sees them), success per turn, then per edit kind (its turns):")
+    for name, arm in results["arms"].items():
+        lines.append(f"{name:22s}" + " ".join(f"{s:.2f}" for s in arm["given_truth"]) + "   "
+                     + ", ".join(f"{kind} {row['success']:.2f} ({row['turns']})"
+                                 for kind, row in arm["by_kind_given_truth"].items()))
     lines.append("turn-1 x0 error on the test sessions by noise level t (the denoising probe; lower is better):")
     for name, arm in results["arms"].items():
         lines.append(f"{name:22s}" + ", ".join(f"t={t} {v:.4f}" for t, v in arm["x0_error"].items()))
