@@ -125,6 +125,7 @@ def test_sigterm_stops_the_running_training_with_a_checkpoint_and_starts_nothing
     stdout, stderr = ablate.communicate(timeout=300)
     assert ablate.returncode != 0 and "SIGTERM: stopping the running trainings" in stdout
     assert "training n16-s0 stopped at step" in stderr and "rerunning the command resumes" in stderr, stderr
+    assert "training n16-modepairs-s0" not in stdout  # the next run is not begun, even in the log
     stopped = checkpoint.step_of(checkpoint.latest(str(out / "runs" / "n16-s0")))
     assert 0 < stopped < 100000
     assert not (out / "runs" / "n16-modepairs-s0").exists() and not (out / "evals").exists()
@@ -146,6 +147,8 @@ def test_an_error_in_one_run_lets_no_other_run_start_a_subcommand(tmp_path, monk
     with pytest.raises(VincieError, match="stopped before training n16-modepairs-s0 .rerunning the command resumes"):
         runner.subcommand(["--help"], str(tmp_path / "next.log"), "training n16-modepairs-s0")
     assert not (tmp_path / "next.log").read_text()  # nothing ran
+    with pytest.raises(VincieError, match="stopped before pairs seed 0"):  # a queued run's chain begins nothing
+        runner.run_chain([(runner.ablation.arms[1], 0)])
 
 
 def test_the_history_ablation_trains_and_tests_on_a_world_with_undo_turns(tmp_path):

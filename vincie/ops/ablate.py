@@ -264,8 +264,14 @@ class Runner:
 
     def run_chain(self, chain: list[tuple[Arm, int]]) -> list[tuple[tuple[str, int], dict]]:
         """One run's arms in order; its error stops the other runs from starting more (a rerun resumes)."""
+        results = []
         try:
-            return [((arm.name, seed), self.evaluate(arm, seed)) for arm, seed in chain]
+            for arm, seed in chain:
+                if self.stopping.is_set():  # no data made, nothing logged as started
+                    raise VincieError(f"ablate {self.name}: stopped before {arm.name} seed {seed} (rerunning the "
+                                      "command resumes)")
+                results.append(((arm.name, seed), self.evaluate(arm, seed)))
+            return results
         except Exception:
             self.stopping.set()
             raise
