@@ -40,7 +40,7 @@ def test_an_ablation_trains_evaluates_keeps_its_arms_and_resumes(tmp_path):
         assert all(lo <= s <= hi for s, (lo, hi) in zip(arm["success"], arm["interval"]))
         assert set(arm["x0_error"]) == {"0.9", "0.5", "0.2", "0.05"} and set(arm["by_kind"]) <= {
             "move", "recolour", "resize", "add", "remove"}
-        assert len(arm["given_truth"]) == 2  # each of the 2 test sessions' 2 turns alone from the truth:
+        assert len(arm["given_truth"]) == 2  # each turn of the 2 test sessions alone from the truth
         assert sum(row["turns"] for row in arm["by_kind_given_truth"].values()) == 4
         assert sum(row["success"] * row["turns"] for row in arm["by_kind_given_truth"].values()) == \
             pytest.approx(2 * sum(arm["given_truth"]))  # the same verdicts, by kind and by turn
