@@ -162,3 +162,24 @@ def test_current_image_context_edits_each_turn_as_a_session_of_its_own(tmp_path,
 
     assert all(np.array_equal(a, b) for a, b in zip(turn_two(sessions, "current"), turn_two(other, "current")))
     assert not all(np.array_equal(a, b) for a, b in zip(turn_two(sessions, "session"), turn_two(other, "session")))
+
+
+def test_given_truth_per_kind_counts_the_teacher_forced_verdicts(tmp_path, held_out, monkeypatch):
+    """The per-kind table of --given-truth counts the verdicts of the turns edited from the truth, not those of the
+    model's own path. The editing is stood in for (a test double of edit_synth: the true next image when a turn
+    starts from the truth, the input unchanged on the model's own path), so every kind passes given the truth and
+    none on the own path; the model itself only runs the denoising probe."""
+    from vincie.evaluation import evaluate
+    from vincie.inference.editor import Editor
+
+    def edits(editor, chosen, given, *args):
+        return [list(s.images[1:]) if given else [s.images[0]] * (len(s.images) - 1) for s in chosen]
+
+    monkeypatch.setattr(evaluate, "edit_synth", edits)
+    report = evaluate.evaluate_synth(Editor.load(make_plain_run(tmp_path)), held_out, str(tmp_path / "eval"),
+                                     sessions=6, turns=TURNS, progress=False, given_truth=True)
+    assert report["success_given_truth"] == [1.0] * TURNS and report["success"]["model"] == [0.0] * TURNS
+    given, own = report["by_kind_given_truth"], report["by_kind"]["model"]
+    assert set(given) == set(own) and sum(row["turns"] for row in given.values()) == 6 * TURNS
+    assert all(row["success"] == 1.0 for row in given.values()) and all(row["success"] == 0.0 for row in own.values())
+    assert "given truth, per edit kind (turns): " + evaluate.kinds_line(given) in evaluate.format_table(report)

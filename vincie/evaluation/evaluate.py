@@ -107,6 +107,11 @@ def success_by_kind(sessions: list[Session], scores: list[list[TurnVerdict]]) ->
     return {kind: {"turns": len(v), "success": float(np.mean(v))} for kind, v in sorted(table.items())}
 
 
+def kinds_line(table: dict[str, dict]) -> str:
+    """A by-kind table (success_by_kind) as one line: "add 0.70 (60), move 0.03 (60), ..."."""
+    return ", ".join(f"{kind} {row['success']:.2f} ({row['turns']})" for kind, row in table.items())
+
+
 def ceiling_without(sessions: list[Session], turns: int) -> dict[str, list[float]]:
     """Per transition kind, for k = 1..turns: the share of sessions with no turn of that kind among turns 1..k, the
     most cumulative success a model that never passes that kind can reach (what one unlearned kind costs)."""
@@ -325,8 +330,7 @@ def format_table(report: dict) -> str:
     if "success_given_truth" in report:
         lines.append(f"{'given truth':16s}" + "".join(f"{v:7.2f}" for v in report["success_given_truth"])
                      + "   (model, each turn alone from the true previous image)")
-        lines.append("given truth, per edit kind (turns): " + ", ".join(
-            f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in report["by_kind_given_truth"].items()))
+        lines.append("given truth, per edit kind (turns): " + kinds_line(report["by_kind_given_truth"]))
     if "denoising" in report:
         probe = report["denoising"]
         lines.append("turn-1 x0 error by noise level t: "
@@ -336,8 +340,7 @@ def format_table(report: dict) -> str:
                      + ", ".join(f"t={t} {v:.1e}" for t, v in probe["text_swap_change"].items())
                      + " (about copy-input when the instruction is followed, near 0 when it is ignored)")
     kinds = report["by_kind"]["model"]
-    lines.append("success per edit kind, over all turns (turns): "
-                 + ", ".join(f"{kind} {v['success']:.2f} ({v['turns']})" for kind, v in kinds.items()))
+    lines.append("success per edit kind, over all turns (turns): " + kinds_line(kinds))
     if kinds:
         ceiling = report["ceiling_without"]  # the weakest kind; of equally weak ones, the one that costs the most
         weakest = min(kinds, key=lambda kind: (kinds[kind]["success"], ceiling[kind][-1]))

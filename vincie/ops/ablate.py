@@ -239,9 +239,8 @@ class Runner:
         """Runs `vincie ARGS` with its output appended to `log_path` (none once stopping); a failure names the log."""
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "a") as log:
-            with self.running_lock:
-                if self.stopping.is_set():
-                    raise VincieError(f"ablate {self.name}: stopped before {what} (rerunning the command resumes)")
+            with self.running_lock:  # under the lock: stop() sees every process started
+                self.refuse_if_stopping(what)
                 process = subprocess.Popen([sys.executable, "-m", "vincie", *args], stdout=log,
                                            stderr=subprocess.STDOUT)
                 self.running.add(process)
@@ -251,6 +250,10 @@ class Runner:
         if code != 0:
             raise VincieError(f"ablate {self.name}: {what} " + ("stopped by SIGTERM" if self.signalled else
                               f"failed (exit {code}); see {log_path}") + " (rerunning the command resumes)")
+
+    def refuse_if_stopping(self, what: str) -> None:
+        if self.stopping.is_set():
+            raise VincieError(f"ablate {self.name}: stopped before {what} (rerunning the command resumes)")
 
     def stop(self, signum, frame) -> None:
         """SIGTERM: passed to every running training (it checkpoints after its step and exits) and evaluation (its
@@ -267,9 +270,7 @@ class Runner:
         results = []
         try:
             for arm, seed in chain:
-                if self.stopping.is_set():  # no data made, nothing logged as started
-                    raise VincieError(f"ablate {self.name}: stopped before {arm.name} seed {seed} (rerunning the "
-                                      "command resumes)")
+                self.refuse_if_stopping(f"{arm.name} seed {seed}")  # no data made, nothing logged as started
                 results.append(((arm.name, seed), self.evaluate(arm, seed)))
             return results
         except Exception:
@@ -294,15 +295,18 @@ class Runner:
         for arm in self.ablation.arms:
             reports = [report_of[arm.name, seed] for seed in range(self.seeds)]
             n = sum(r["sessions"] for r in reports)
-            success = [sum(r["success"]["model"][k] * r["sessions"] for r in reports) / n for k in range(self.turns)]
+
+            def pooled(rates_of) -> list[float]:  # per turn, over the seeds' sessions
+                return [sum(rates_of(r)[k] * r["sessions"] for r in reports) / n for k in range(self.turns)]
+
+            success = pooled(lambda r: r["success"]["model"])
             steps = self.arm_steps(arm.recipe)
             minutes = [training_minutes(self.run_dir(arm.recipe, seed), steps) for seed in range(self.seeds)]
             arms[arm.name] = {"success": success,
                               "interval": [wilson(round(s * n), n) for s in success],
                               "per_seed": [r["success"]["model"] for r in reports], "outcomes": n,
                               "by_kind": pooled_by_kind([r["by_kind"]["model"] for r in reports]),
-                              "given_truth": [sum(r["success_given_truth"][k] * r["sessions"] for r in reports) / n
-                                              for k in range(self.turns)],
+                              "given_truth": pooled(lambda r: r["success_given_truth"]),
                               "by_kind_given_truth": pooled_by_kind([r["by_kind_given_truth"] for r in reports]),
                               "x0_error": {t: sum(r["denoising"]["x0_mse"][t] for r in reports) / len(reports)
                                            for t in reports[0]["denoising"]["x0_mse"]},
@@ -361,6 +365,8 @@ def seed_count(results: dict) -> str:
 
 
 def format_results(results: dict) -> str:
+    from vincie.evaluation.evaluate import kinds_line
+
     turns = results["turns"]
     lines = [f"ablation {results['ablation']}: {results['question']}",
              f"({seed_count(results)} x {results['test_sessions']} test sessions; success per turn, mean over "
@@ -371,14 +377,12 @@ def format_results(results: dict) -> str:
                      + "".join(f"{s:6.2f} [{lo:.2f},{hi:.2f}]" for s, (lo, hi) in zip(arm["success"], arm["interval"])))
     lines.append("each edit kind: the share of its turns whose own verdict passed (its turns):")
     for name, arm in results["arms"].items():
-        lines.append(f"{name:22s}" + ", ".join(f"{kind} {row['success']:.2f} ({row['turns']})"
-                                             for kind, row in arm["by_kind"].items()))
+        lines.append(f"{name:22s}" + kinds_line(arm["by_kind"]))
     lines.append("each turn alone from the true earlier images (teacher forcing; with the session as context the arm "
                  "sees them), success per turn, then per edit kind (its turns):")
     for name, arm in results["arms"].items():
         lines.append(f"{name:22s}" + " ".join(f"{s:.2f}" for s in arm["given_truth"]) + "   "
-                     + ", ".join(f"{kind} {row['success']:.2f} ({row['turns']})"
-                                 for kind, row in arm["by_kind_given_truth"].items()))
+                     + kinds_line(arm["by_kind_given_truth"]))
     lines.append("turn-1 x0 error on the test sessions by noise level t (the denoising probe; lower is better):")
     for name, arm in results["arms"].items():
         lines.append(f"{name:22s}" + ", ".join(f"t={t} {v:.4f}" for t, v in arm["x0_error"].items()))
